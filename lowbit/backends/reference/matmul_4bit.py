@@ -1,0 +1,31 @@
+"""Matrix products with a 4-bit weight: ``A @ dequantize(B).T`` accumulated in float32."""
+
+from __future__ import annotations
+
+import torch
+
+from . import kernels
+from .quantize_4bit import decode_4bit
+
+
+def _product(A, B, shapeB, absmax, code, blocksize, bias=None) -> torch.Tensor:
+    weight = decode_4bit(B, absmax, code, blocksize, shapeB[0] * shapeB[1]).view(shapeB)
+    out = A.float() @ weight.t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(A.dtype)
+
+
+@kernels.register("gemv_4bit")
+def gemv_4bit(A, B, shapeB, absmax, code, blocksize):
+    return _product(A, B, shapeB, absmax, code, blocksize)
+
+
+@kernels.register("gemv_4bit.out")
+def gemv_4bit_out(A, B, shapeB, absmax, code, blocksize, out):
+    out.copy_(_product(A, B, shapeB, absmax, code, blocksize))
+
+
+@kernels.register("matmul_4bit")
+def matmul_4bit(A, B, shapeB, absmax, code, blocksize, bias=None):
+    return _product(A, B, shapeB, absmax, code, blocksize, bias)

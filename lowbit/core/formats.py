@@ -1,0 +1,164 @@
+"""The quantization formats, defined once for Python (DESIGN.md §4).
+
+The same constants live in ``csrc/common/lowbit_formats.h`` for the native backends;
+``tests/test_formats.py`` checks the two against each other through the C ABI.
+
+Everything here is bit-compatible with bitsandbytes 0.50.2 on CPU. Where that library's
+behaviour is surprising, the surprise is kept on purpose (byte-identical checkpoints are the
+point) and explained next to the constant that encodes it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+#: Blocksizes accepted by the 4-bit and 8-bit blockwise formats.
+BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+DEFAULT_BLOCKSIZE_4BIT = 64
+DEFAULT_BLOCKSIZE_8BIT = 4096
+#: Blocksize of the nested (double-quantized) absmax and of 8-bit optimizer state.
+NESTED_BLOCKSIZE = 256
+
+QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
+FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+#: Storage dtypes for packed 4-bit data. Non-uint8 storage views the same bytes (FSDP needs the
+#: packed weight to share the dtype of the rest of the model).
+QUANT_STORAGE_DTYPES: tuple[torch.dtype, ...] = (
+    torch.uint8,
+    torch.int8,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+)
+
+# NF4: quantiles of N(0, 1) normalised to [-1, 1] (QLoRA), index = code.
+NF4_CODE: tuple[float, ...] = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+
+# FP4 (E2M1 variant, exponent bias 2): bit 3 is the sign, bits 2..0 a magnitude. The raw values
+# are divided by 12 in float32 so that the largest magnitude is 1.
+_FP4_RAW = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+FP4_CODE: tuple[float, ...] = tuple(
+    (torch.tensor(_FP4_RAW, dtype=torch.float32) / torch.tensor(12.0)).tolist()
+)
+
+# Codes sorted by value. Encoding picks the sorted position by midpoint thresholds and maps it
+# back through this order. For FP4, +0 (code 0) sits before -0 (code 8): bitsandbytes derives
+# the order from an argsort that puts them so, with the consequence that a value in
+# (0, 0.0026] encodes as code 8 ("-0") and exact zero as code 0. Both decode to zero.
+NF4_ORDER: tuple[int, ...] = tuple(range(16))
+FP4_ORDER: tuple[int, ...] = (11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3)
+
+CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
+ORDERS = {"nf4": NF4_ORDER, "fp4": FP4_ORDER}
+
+#: Smallest absmax used as a divisor (a float32 subnormal, as in bitsandbytes). All-zero blocks
+#: therefore quantize to the code of 0.0 instead of NaN.
+ABSMAX_FLOOR = 1e-38
+
+#: 8-bit blockwise quantization maps x/absmax in [-1, 1] onto this many uniform bins and looks
+#: the code index up in a table built from the code's midpoints (bitsandbytes' CPU kernel).
+BLOCKWISE_LUT_BINS = 65536
+
+#: LLM.int8: dequantize an int32 product with row_stats * col_stats * (1/127^2).
+INT8_MM_DEQUANT_SCALE = 6.200124e-05
+#: 1/127 in float32, the int8 vectorwise dequantization factor.
+INT8_DEQUANT_SCALE = 7.874015718698502e-3
+
+
+def code_tensor(quant_type: str, device: torch.device | str | None = None) -> torch.Tensor:
+    """The 16-entry float32 codebook of ``quant_type`` (index = 4-bit code)."""
+    return _code_tensor(quant_type, torch.device(device or "cpu"))
+
+
+@functools.lru_cache(maxsize=None)
+def _code_tensor(quant_type: str, device: torch.device) -> torch.Tensor:
+    return torch.tensor(CODES[quant_type], dtype=torch.float32, device=device)
+
+
+def sorted_midpoints(quant_type: str) -> torch.Tensor:
+    """The 15 float32 thresholds between neighbouring codes, ascending.
+
+    A scaled value ``s`` encodes to ``ORDERS[quant_type][count(midpoints < s)]``: a value exactly
+    on a threshold takes the lower sorted position.
+    """
+    ordered = torch.tensor(CODES[quant_type], dtype=torch.float32)[list(ORDERS[quant_type])]
+    return (ordered[:-1] + ordered[1:]) / 2
+
+
+def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+    """The dynamic-exponent 8-bit code (Dettmers, "8-bit approximations for parallelism").
+
+    Each exponent level ``i`` holds a linear fraction grid of ``10**(i - max_exponent_bits + 1)``
+    times the midpoints of ``linspace(0.1, 1)``; the sign (when ``signed``) doubles the levels;
+    0 and 1 are added and the result sorted. Computed in float32 exactly as bitsandbytes does so
+    that the 256 values agree bit for bit (tests pin them).
+    """
+    values: list[float] = []
+    non_sign_bits = total_bits - 1
+    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    for level in range(max_exponent_bits):
+        n_fraction = 2 ** (level + non_sign_bits - max_exponent_bits + (0 if signed else 1)) + 1
+        values += _scaled_means(n_fraction, 10 ** (-(max_exponent_bits - 1) + level), signed)
+    if additional_items > 0:
+        # the level where every exponent bit is zero and no indicator bit is present
+        values += _scaled_means(additional_items + 1, 10 ** (-(max_exponent_bits - 1) + level), signed)
+    values += [0.0, 1.0]
+    if len(values) != 2**total_bits:
+        raise ValueError(
+            f"create_dynamic_map: signed={signed}, max_exponent_bits={max_exponent_bits} "
+            f"gives {len(values)} values, not 2**total_bits={2**total_bits}"
+        )
+    values.sort()
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def _scaled_means(n_boundaries: int, scale: float, signed: bool) -> list[float]:
+    boundaries = torch.linspace(0.1, 1, n_boundaries, dtype=torch.float32)
+    means = (boundaries[:-1] + boundaries[1:]) / 2.0
+    out = (scale * means).tolist()
+    if signed:
+        out += (-scale * means).tolist()
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _dynamic_map_cached(signed: bool) -> torch.Tensor:
+    return create_dynamic_map(signed=signed)
+
+
+def dynamic_map(signed: bool = True, device: torch.device | str | None = None) -> torch.Tensor:
+    """The default 8-bit code (signed: tensors and first moments; unsigned: second moments)."""
+    return _dynamic_map_cached(signed).to(device or "cpu", copy=True)
+
+
+def packed_numel(n: int, quant_storage: torch.dtype) -> int:
+    """Number of ``quant_storage`` elements holding ``n`` packed 4-bit values."""
+    itemsize = torch.empty((), dtype=quant_storage).element_size()
+    return (n + 1) // (2 * itemsize)
+
+
+def num_blocks(n: int, blocksize: int) -> int:
+    return -(-n // blocksize)

@@ -1,0 +1,286 @@
+"""``QuantState``: everything needed to undo a 4-bit or 8-bit blockwise quantization.
+
+Serialization uses bitsandbytes' exact keys (DESIGN.md §4) so that a state dict written by
+either library loads in the other: tensors under their own keys, the non-tensor fields packed
+as UTF-8 JSON into one uint8 tensor under ``quant_state.bitsandbytes__<quant_type>``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Optional
+
+import torch
+
+from . import formats
+
+_PACKED_PREFIX = "quant_state.bitsandbytes__"
+_VALID_KEYS = frozenset(
+    {
+        "absmax",
+        "quant_map",
+        "nested_absmax",
+        "nested_quant_map",
+        "quant_state",
+        "quant_type",
+        "blocksize",
+        "dtype",
+        "shape",
+        "nested_blocksize",
+        "nested_dtype",
+        "nested_offset",
+    }
+)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_from_name(name: Any, key: str) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"quant state: {key!r} must name a torch dtype, got {name!r}")
+    return dtype
+
+
+def pack_dict_to_tensor(source: dict[str, Any]) -> torch.Tensor:
+    """JSON-encode ``source`` into a uint8 tensor (the bitsandbytes packing, byte for byte)."""
+    return torch.tensor(list(json.dumps(source).encode("utf-8")), dtype=torch.uint8)
+
+
+def unpack_tensor_to_dict(packed: torch.Tensor) -> dict[str, Any]:
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise ValueError("quant state: the packed 'quant_state.bitsandbytes__*' entry must be a 1-D uint8 tensor")
+    try:
+        unpacked = json.loads(bytes(packed.cpu().tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"quant state: the packed 'quant_state.bitsandbytes__*' entry is not valid JSON ({err})") from None
+    if not isinstance(unpacked, dict):
+        raise ValueError("quant state: the packed 'quant_state.bitsandbytes__*' entry must hold a JSON object")
+    return unpacked
+
+
+class QuantState:
+    """Quantization state of a tensor: absmax per block, codebook, and the original shape/dtype.
+
+    When ``state2`` is set the absmax itself is 8-bit quantized (double quantization):
+    ``absmax = dequantize_blockwise(self.absmax, state2) + offset``.
+    """
+
+    valid_quant_types = formats.QUANT_TYPES
+    valid_qs_type_keys = [f"bitsandbytes__{t}" for t in formats.QUANT_TYPES]
+    valid_qs_keys = sorted(_VALID_KEYS)
+
+    def __init__(
+        self,
+        absmax: torch.Tensor,
+        shape: Optional[torch.Size] = None,
+        code: Optional[torch.Tensor] = None,
+        blocksize: Optional[int] = None,
+        quant_type: Optional[str] = None,
+        dtype: Optional[torch.dtype] = None,
+        offset: Optional[torch.Tensor] = None,
+        state2: Optional[QuantState] = None,
+    ):
+        self.absmax = absmax
+        self.shape = shape
+        self.code = code
+        self.dtype = dtype
+        self.blocksize = blocksize
+        self.quant_type = quant_type
+        self.offset = offset
+        self.state2 = state2
+
+    @property
+    def nested(self) -> bool:
+        return self.state2 is not None
+
+    def __getattr__(self, name: str):
+        # FSDP's state-dict traversal resolves the dotted key "quant_state.bitsandbytes__nf4"
+        # with getattr on this object.
+        if name.startswith("bitsandbytes__"):
+            packed = self.as_dict(packed=True)
+            key = "quant_state." + name
+            if key in packed:
+                return packed[key]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    def __getitem__(self, idx):
+        """The legacy list layout: [absmax, shape, dtype, blocksize, [offset, state2] | None, quant_type]."""
+        nested = [self.offset, self.state2] if self.nested else None
+        return [self.absmax, self.shape, self.dtype, self.blocksize, nested, self.quant_type][idx]
+
+    # -- serialization -------------------------------------------------------------------
+    def as_dict(self, packed: bool = False) -> dict[str, Any]:
+        """The state as a flat dict; with ``packed=True`` only tensors (safetensors-ready)."""
+        out: dict[str, Any] = {
+            "quant_type": self.quant_type,
+            "absmax": self.absmax,
+            "blocksize": self.blocksize,
+            "quant_map": self.code,
+            "dtype": _dtype_name(self.dtype),
+            "shape": tuple(self.shape) if self.shape is not None else None,
+        }
+        if self.nested:
+            out.update(
+                {
+                    "nested_absmax": self.state2.absmax,
+                    "nested_blocksize": self.state2.blocksize,
+                    # a copy: safetensors refuses tensors that share storage
+                    "nested_quant_map": self.state2.code.clone(),
+                    "nested_dtype": _dtype_name(self.state2.dtype),
+                    "nested_offset": self.offset.item(),
+                }
+            )
+        if not packed or self.quant_type is None:
+            return out
+        tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+        tensors[_PACKED_PREFIX + self.quant_type] = pack_dict_to_tensor(
+            {k: v for k, v in out.items() if not isinstance(v, torch.Tensor)}
+        )
+        return tensors
+
+    @classmethod
+    def from_dict(cls, qs_dict: dict[str, Any], device: torch.device | str = "cpu") -> QuantState:
+        """Rebuild a 4-bit state from ``as_dict`` output (packed or not, key prefixes allowed).
+
+        Every field is checked, so a truncated or corrupted checkpoint raises ``ValueError``
+        naming the bad entry instead of producing garbage at the first forward pass.
+        """
+        qs_dict = dict(qs_dict)
+        packed_keys = [k for k, v in qs_dict.items() if "quant_state" in k and isinstance(v, torch.Tensor)]
+        if "quant_type" not in qs_dict and not any(k.split(".")[-1] == "quant_type" for k in qs_dict):
+            if not packed_keys:
+                raise ValueError("quant state: expected packed or unpacked quant_state items, found neither")
+            if len(packed_keys) != 1 or packed_keys[0].split(".")[-1] not in cls.valid_qs_type_keys:
+                raise ValueError(
+                    f"quant state: expected exactly one 'quant_state' entry ending in one of "
+                    f"{cls.valid_qs_type_keys}, found {packed_keys}"
+                )
+        if len(packed_keys) == 1:
+            qs_dict.update(unpack_tensor_to_dict(qs_dict.pop(packed_keys[0])))
+
+        fields = {k.split(".")[-1]: v for k, v in qs_dict.items()}
+        unknown = set(fields) - _VALID_KEYS
+        if unknown:
+            raise ValueError(f"quant state: unexpected keys {sorted(unknown)}")
+        for key in ("quant_type", "absmax", "blocksize", "quant_map", "dtype", "shape"):
+            if key not in fields:
+                raise ValueError(f"quant state: missing {key!r}")
+
+        quant_type = fields["quant_type"]
+        if quant_type not in formats.QUANT_TYPES:
+            raise ValueError(f"quant state: 'quant_type' must be one of {formats.QUANT_TYPES}, got {quant_type!r}")
+        blocksize = _check_blocksize(fields["blocksize"], "blocksize")
+        dtype = _dtype_from_name(fields["dtype"], "dtype")
+        shape = fields["shape"]
+        if shape is not None:
+            if not isinstance(shape, (list, tuple)) or not all(isinstance(s, int) and s >= 0 for s in shape):
+                raise ValueError(f"quant state: 'shape' must be a list of non-negative ints, got {shape!r}")
+            shape = torch.Size(shape)
+        code = _check_tensor(fields["quant_map"], "quant_map", torch.float32, 16)
+        n_blocks = formats.num_blocks(math.prod(shape), blocksize) if shape is not None else None
+
+        offset = state2 = None
+        if "nested_absmax" in fields:
+            for key in ("nested_blocksize", "nested_quant_map", "nested_dtype", "nested_offset"):
+                if key not in fields:
+                    raise ValueError(f"quant state: nested state is missing {key!r}")
+            absmax = _check_tensor(fields["absmax"], "absmax", torch.uint8, n_blocks)
+            nested_blocksize = _check_blocksize(fields["nested_blocksize"], "nested_blocksize")
+            nested_offset = fields["nested_offset"]
+            if not isinstance(nested_offset, (int, float)) or not math.isfinite(nested_offset):
+                raise ValueError(f"quant state: 'nested_offset' must be a finite number, got {nested_offset!r}")
+            state2 = cls(
+                absmax=_check_tensor(
+                    fields["nested_absmax"],
+                    "nested_absmax",
+                    torch.float32,
+                    formats.num_blocks(absmax.numel(), nested_blocksize),
+                ).to(device),
+                blocksize=nested_blocksize,
+                code=_check_tensor(fields["nested_quant_map"], "nested_quant_map", torch.float32, 256).to(device),
+                dtype=_dtype_from_name(fields["nested_dtype"], "nested_dtype"),
+            )
+            offset = torch.tensor(float(nested_offset), device=device)
+        else:
+            absmax = _check_tensor(fields["absmax"], "absmax", torch.float32, n_blocks)
+
+        return cls(
+            absmax=absmax.to(device),
+            shape=shape,
+            code=code.to(device),
+            blocksize=blocksize,
+            quant_type=quant_type,
+            dtype=dtype,
+            offset=offset,
+            state2=state2,
+        )
+
+    # -- device movement and comparison ---------------------------------------------------
+    def to(self, device: torch.device | str) -> QuantState:
+        """Move every tensor to ``device`` in place (and return self, for chaining)."""
+        self.code = self.code.to(device)
+        self.absmax = self.absmax.to(device)
+        if self.nested:
+            self.offset = self.offset.to(device)
+            self.state2.absmax = self.state2.absmax.to(device)
+            self.state2.code = self.state2.code.to(device)
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, QuantState):
+            return False
+        return (
+            _tensors_equal(self.absmax, other.absmax)
+            and self.shape == other.shape
+            and _tensors_equal(self.code, other.code)
+            and self.dtype == other.dtype
+            and self.blocksize == other.blocksize
+            and self.quant_type == other.quant_type
+            and (
+                self.offset is other.offset
+                if self.offset is None or other.offset is None
+                else bool(self.offset.cpu() == other.offset.cpu())
+            )
+            and (
+                self.state2 is other.state2
+                if self.state2 is None or other.state2 is None
+                else self.state2 == other.state2
+            )
+        )
+
+    __hash__ = None  # mutable, compared by value
+
+    def __repr__(self) -> str:
+        nested = f", nested(blocksize={self.state2.blocksize})" if self.nested else ""
+        return (
+            f"QuantState(quant_type={self.quant_type!r}, shape={tuple(self.shape) if self.shape else None}, "
+            f"dtype={self.dtype}, blocksize={self.blocksize}{nested})"
+        )
+
+
+def _tensors_equal(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
+
+
+def _check_blocksize(value: Any, key: str) -> int:
+    if not isinstance(value, int) or value not in formats.BLOCKSIZES:
+        raise ValueError(f"quant state: {key!r} must be one of {formats.BLOCKSIZES}, got {value!r}")
+    return value
+
+
+def _check_tensor(value: Any, key: str, dtype: torch.dtype, numel: Optional[int]) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"quant state: {key!r} must be a tensor, got {type(value).__name__}")
+    if value.dtype != dtype:
+        raise ValueError(f"quant state: {key!r} must be {dtype}, got {value.dtype}")
+    if numel is not None and value.numel() != numel:
+        raise ValueError(f"quant state: {key!r} has {value.numel()} elements, expected {numel}")
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"quant state: {key!r} contains NaN or Inf")
+    return value

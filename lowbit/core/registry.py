@@ -1,0 +1,235 @@
+"""Backend registry: which backend runs each op, per device type, and why.
+
+A backend lives in ``lowbit/backends/<name>/`` and exposes two things (see
+``lowbit/backends/reference/__init__.py`` for the smallest complete example):
+
+* ``kernels``: a :class:`KernelTable` mapping op names (DESIGN.md §5) to Python callables;
+* ``probe()``: ``None`` when the backend can run here, else the reason it cannot.
+  An optional ``details()`` returns a dict that ``python -m lowbit`` prints.
+
+Selection (DESIGN.md §3): the backend for a device type is chosen on first use — for ``cpu``
+the native backend when its library loads, else ``reference``; for ``cuda`` the ``hip``
+backend on ROCm builds of torch, else ``cuda``; for ``xpu`` the ``xpu`` backend. An op the
+chosen backend lacks runs the reference kernel. ``LOWBIT_BACKEND`` forces one backend (the
+import fails with the reason if it cannot load) and :func:`use` overrides it in a block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import importlib
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
+
+import torch
+
+logger = logging.getLogger("lowbit")
+
+BACKEND_NAMES: tuple[str, ...] = ("reference", "cpu", "cuda", "hip", "xpu")
+#: Device type each backend serves; the reference backend serves every device type.
+_DEVICE_TYPE: dict[str, Optional[str]] = {
+    "reference": None,
+    "cpu": "cpu",
+    "cuda": "cuda",
+    "hip": "cuda",  # ROCm builds of torch expose AMD GPUs as device type "cuda"
+    "xpu": "xpu",
+}
+ENV_BACKEND = "LOWBIT_BACKEND"
+
+
+class BackendError(RuntimeError):
+    """A requested backend does not exist or cannot load here."""
+
+
+class LowbitWarning(UserWarning):
+    """lowbit fell back to a slower path; the message says why."""
+
+
+class KernelTable:
+    """The kernels one backend implements, keyed by op name."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self._kernels: dict[str, Callable[..., Any]] = {}
+
+    def register(self, op_name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+            if op_name in self._kernels:
+                raise RuntimeError(f"backend {self.backend!r} registers {op_name!r} twice")
+            self._kernels[op_name] = fn
+            return fn
+
+        return decorator
+
+    def get(self, op_name: str) -> Optional[Callable[..., Any]]:
+        return self._kernels.get(op_name)
+
+    def names(self) -> list[str]:
+        return sorted(self._kernels)
+
+
+@dataclasses.dataclass
+class BackendStatus:
+    """What :func:`available` reports for one backend."""
+
+    name: str
+    device_type: str  # "any" for the reference backend
+    available: bool
+    reason: str  # why it is unavailable, or "" when available
+    ops: list[str]
+    details: dict[str, Any]
+
+
+class _Backend:
+    """One backend module, loaded at most once."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._lock = threading.Lock()
+        self._loaded = False
+        self.available = False
+        self.reason = "not loaded yet"
+        self.kernels = KernelTable(name)
+        self.details: dict[str, Any] = {}
+
+    def load(self) -> _Backend:
+        with self._lock:
+            if self._loaded:
+                return self
+            self._loaded = True
+            try:
+                module = importlib.import_module(f"lowbit.backends.{self.name}")
+                reason = module.probe()
+                self.details = module.details() if hasattr(module, "details") else {}
+            except Exception as err:  # a broken backend must never break `import lowbit`
+                reason = f"loading lowbit.backends.{self.name} failed: {type(err).__name__}: {err}"
+                module = None
+            if reason is None:
+                self.available, self.reason, self.kernels = True, "", module.kernels
+            else:
+                self.available, self.reason = False, reason
+            return self
+
+    def status(self, active: bool = False) -> BackendStatus:
+        self.load()
+        return BackendStatus(
+            name=self.name,
+            device_type=_DEVICE_TYPE[self.name] or "any",
+            available=self.available,
+            reason=self.reason,
+            ops=self.kernels.names() if self.available else [],
+            details=self.details,
+        )
+
+
+_BACKENDS = {name: _Backend(name) for name in BACKEND_NAMES}
+_forced: Optional[str] = None
+_auto: dict[str, str] = {}  # device type -> backend chosen on first use
+_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("lowbit_backend", default=None)
+_fallback_logged: set[tuple[str, str]] = set()
+
+
+def _check_name(name: str, source: str) -> None:
+    if name not in _BACKENDS:
+        raise BackendError(f"{source}={name!r} is not a lowbit backend; valid names: {', '.join(BACKEND_NAMES)}")
+
+
+def _require(name: str, source: str) -> _Backend:
+    _check_name(name, source)
+    backend = _BACKENDS[name].load()
+    if not backend.available:
+        raise BackendError(f"{source}={name!r} was requested but the {name} backend cannot run: {backend.reason}")
+    return backend
+
+
+def initialize() -> None:
+    """Apply ``LOWBIT_BACKEND`` and pick the CPU backend. Called once by ``import lowbit``."""
+    global _forced
+    requested = os.environ.get(ENV_BACKEND, "").strip()
+    if requested:
+        _require(requested, ENV_BACKEND)
+        _forced = requested
+        return
+    cpu = _BACKENDS["cpu"].load()
+    if not cpu.available:
+        warnings.warn(
+            f"lowbit: the native CPU backend is unavailable ({cpu.reason}); using the slower reference "
+            "backend. Run `python -m lowbit` for details.",
+            LowbitWarning,
+            stacklevel=3,
+        )
+
+
+def forced() -> Optional[str]:
+    """The backend forced by ``LOWBIT_BACKEND``, or None."""
+    return _forced
+
+
+def _serves(name: str, device_type: str) -> bool:
+    served = _DEVICE_TYPE[name]
+    return served is None or served == device_type
+
+
+def _auto_choice(device_type: str) -> str:
+    if device_type == "cpu":
+        preferred = "cpu"
+    elif device_type == "cuda":
+        preferred = "hip" if torch.version.hip else "cuda"
+    elif device_type == "xpu":
+        preferred = "xpu"
+    else:
+        return "reference"
+    return preferred if _BACKENDS[preferred].load().available else "reference"
+
+
+def active(device_type: str) -> str:
+    """Name of the backend that runs ops on tensors of ``device_type`` right now."""
+    override = _override.get()
+    if override is not None and _serves(override, device_type):
+        return override
+    if _forced is not None and _serves(_forced, device_type):
+        return _forced
+    if device_type not in _auto:
+        _auto[device_type] = _auto_choice(device_type)
+    return _auto[device_type]
+
+
+def kernel_for(op_name: str, device_type: str) -> Callable[..., Any]:
+    """The kernel for ``op_name`` on ``device_type``; the reference kernel when the backend lacks it."""
+    name = active(device_type)
+    kernel = _BACKENDS[name].kernels.get(op_name)
+    if kernel is None:
+        if (name, op_name) not in _fallback_logged:
+            _fallback_logged.add((name, op_name))
+            logger.debug("lowbit: backend %r has no %s kernel; using the reference kernel", name, op_name)
+        kernel = _BACKENDS["reference"].load().kernels.get(op_name)
+        if kernel is None:
+            raise NotImplementedError(f"lowbit: no backend implements {op_name}")
+    return kernel
+
+
+def get(name: str) -> _Backend:
+    """The loaded backend ``name`` (for tests that call one backend's kernel directly)."""
+    return _require(name, "backend")
+
+
+def available() -> list[BackendStatus]:
+    """Every known backend with its availability and, when unavailable, the reason."""
+    return [_BACKENDS[name].status() for name in BACKEND_NAMES]
+
+
+@contextlib.contextmanager
+def use(name: str) -> Iterator[None]:
+    """Run the ops in this block on backend ``name`` (for its device type; ``reference``: all)."""
+    _require(name, "backend")
+    token = _override.set(name)
+    try:
+        yield
+    finally:
+        _override.reset(token)

@@ -1,0 +1,283 @@
+"""User-facing ops with ``bitsandbytes.functional``'s names and signatures.
+
+Each function validates its arguments, calls the ``torch.ops.lowbit`` op (which runs on the
+active backend) and builds or reads the :class:`QuantState`. Double quantization
+(``compress_statistics`` / ``nested``) is composed here from the blockwise ops, in the same
+order of operations as bitsandbytes, so the nested absmax bytes agree too.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .core import checks, formats
+from .core.formats import create_dynamic_map
+from .core.quant_state import QuantState
+
+__all__ = [
+    "QuantState",
+    "create_dynamic_map",
+    "dequantize_4bit",
+    "dequantize_blockwise",
+    "dequantize_fp4",
+    "dequantize_nf4",
+    "gemv_4bit",
+    "get_4bit_type",
+    "int8_double_quant",
+    "int8_linear_matmul",
+    "int8_mm_dequant",
+    "int8_vectorwise_dequant",
+    "int8_vectorwise_quant",
+    "quantize_4bit",
+    "quantize_blockwise",
+    "quantize_fp4",
+    "quantize_nf4",
+]
+
+
+def get_4bit_type(typename: str, device: Optional[torch.device | str] = None, blocksize: int = 64) -> torch.Tensor:
+    """The 16-value codebook of ``typename`` ('nf4' or 'fp4') as float32, index = 4-bit code."""
+    checks.quant_type(typename, "typename")
+    return formats.code_tensor(typename, device).clone()
+
+
+# ----------------------------------------------------------------------------------------
+# 8-bit blockwise
+# ----------------------------------------------------------------------------------------
+def quantize_blockwise(
+    A: torch.Tensor,
+    code: Optional[torch.Tensor] = None,
+    absmax: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    blocksize: int = formats.DEFAULT_BLOCKSIZE_8BIT,
+    nested: bool = False,
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantize ``A`` to 8 bits in blocks of ``blocksize`` values against ``code``
+    (default: the signed dynamic map). Returns the uint8 tensor and its state."""
+    checks.tensor(A, "A", formats.FLOAT_DTYPES)
+    if code is None:
+        code = formats.dynamic_map(signed=True, device=A.device)
+    q, block_absmax = torch.ops.lowbit.quantize_blockwise(A, code.to(A.device), blocksize)
+    if nested:
+        offset = block_absmax.mean()
+        block_absmax -= offset
+        nested_absmax, state2 = quantize_blockwise(block_absmax, blocksize=blocksize, nested=False)
+        state = QuantState(
+            absmax=nested_absmax,
+            code=code.to(A.device, copy=True),
+            blocksize=blocksize,
+            dtype=A.dtype,
+            offset=offset,
+            state2=state2,
+        )
+    else:
+        state = QuantState(absmax=block_absmax, code=code.to(A.device, copy=True), blocksize=blocksize, dtype=A.dtype)
+    if out is not None:
+        q = out.copy_(q)
+    if absmax is not None:
+        state.absmax = absmax.copy_(state.absmax)
+    return q, state
+
+
+def _resolved_absmax(state: QuantState) -> torch.Tensor:
+    """The float32 per-block absmax of a state, undoing double quantization if present."""
+    if not state.nested:
+        return state.absmax
+    absmax = dequantize_blockwise(state.absmax, state.state2)
+    absmax += state.offset
+    return absmax.float()
+
+
+def dequantize_blockwise(
+    A: torch.Tensor,
+    quant_state: Optional[QuantState] = None,
+    absmax: Optional[torch.Tensor] = None,
+    code: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    blocksize: int = formats.DEFAULT_BLOCKSIZE_8BIT,
+    nested: bool = False,
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_blockwise`; needs ``quant_state`` or ``absmax``."""
+    checks.tensor(A, "A", (torch.uint8,))
+    if quant_state is None:
+        if absmax is None:
+            raise ValueError("dequantize_blockwise needs quant_state or absmax")
+        if code is None:
+            code = formats.dynamic_map(signed=True, device=A.device)
+        quant_state = QuantState(absmax=absmax, code=code, blocksize=blocksize, dtype=torch.float32)
+    block_absmax = _resolved_absmax(quant_state)
+    if out is not None:
+        torch.ops.lowbit.dequantize_blockwise.out(
+            A, block_absmax, quant_state.code.to(A.device), quant_state.blocksize, quant_state.dtype, out
+        )
+        return out
+    return torch.ops.lowbit.dequantize_blockwise(
+        A, block_absmax, quant_state.code.to(A.device), quant_state.blocksize, quant_state.dtype
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# 4-bit NF4 / FP4
+# ----------------------------------------------------------------------------------------
+def quantize_4bit(
+    A: torch.Tensor,
+    absmax: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    blocksize: Optional[int] = None,
+    compress_statistics: bool = False,
+    quant_type: str = "fp4",
+    quant_storage: torch.dtype = torch.uint8,
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantize ``A`` to packed 4-bit values (two per byte) in blocks of ``blocksize``.
+
+    ``compress_statistics=True`` additionally quantizes the per-block absmax to 8 bits
+    (blocksize 256) around its mean (double quantization).
+    """
+    blocksize = formats.DEFAULT_BLOCKSIZE_4BIT if blocksize is None else blocksize
+    checks.tensor(A, "A", formats.FLOAT_DTYPES)
+    packed, block_absmax = torch.ops.lowbit.quantize_4bit(A, blocksize, quant_type, quant_storage)
+    code = get_4bit_type(quant_type, device=A.device)
+    if compress_statistics:
+        offset = block_absmax.mean()
+        nested_absmax, state2 = quantize_blockwise(block_absmax - offset, blocksize=formats.NESTED_BLOCKSIZE)
+        state = QuantState(
+            absmax=nested_absmax,
+            shape=A.shape,
+            dtype=A.dtype,
+            blocksize=blocksize,
+            code=code,
+            quant_type=quant_type,
+            offset=offset,
+            state2=state2,
+        )
+    else:
+        state = QuantState(
+            absmax=block_absmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize, code=code, quant_type=quant_type
+        )
+    if out is not None:
+        packed = out.copy_(packed)
+    if absmax is not None:
+        state.absmax = absmax.copy_(state.absmax)
+    return packed, state
+
+
+def quantize_nf4(A, absmax=None, out=None, blocksize=None, compress_statistics=False, quant_storage=torch.uint8):
+    return quantize_4bit(A, absmax, out, blocksize, compress_statistics, "nf4", quant_storage)
+
+
+def quantize_fp4(A, absmax=None, out=None, blocksize=None, compress_statistics=False, quant_storage=torch.uint8):
+    return quantize_4bit(A, absmax, out, blocksize, compress_statistics, "fp4", quant_storage)
+
+
+def dequantize_4bit(
+    A: torch.Tensor,
+    quant_state: Optional[QuantState] = None,
+    absmax: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    blocksize: Optional[int] = None,
+    quant_type: str = "fp4",
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_4bit`; needs ``quant_state``, or ``absmax`` and ``out``."""
+    checks.tensor(A, "A")
+    if quant_state is None:
+        if absmax is None or out is None:
+            raise ValueError("dequantize_4bit needs quant_state, or both absmax and out")
+        quant_state = QuantState(
+            absmax=absmax,
+            shape=out.shape,
+            dtype=out.dtype,
+            blocksize=formats.DEFAULT_BLOCKSIZE_4BIT if blocksize is None else blocksize,
+            quant_type=quant_type,
+        )
+    if not isinstance(quant_state, QuantState):
+        raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
+    block_absmax = _resolved_absmax(quant_state)
+    args = (A, block_absmax, quant_state.blocksize, quant_state.quant_type, list(quant_state.shape), quant_state.dtype)
+    if out is not None:
+        torch.ops.lowbit.dequantize_4bit.out(*args, out)
+    else:
+        out = torch.ops.lowbit.dequantize_4bit(*args)
+    # A packed weight passed transposed, as [1, n_bytes], comes back transposed (bitsandbytes does this).
+    if A.dim() == 2 and A.shape[0] == 1 and A.shape[1] > 1:
+        return out.t()
+    return out
+
+
+def dequantize_nf4(A, quant_state=None, absmax=None, out=None, blocksize=None):
+    return dequantize_4bit(A, quant_state, absmax, out, blocksize, "nf4")
+
+
+def dequantize_fp4(A, quant_state=None, absmax=None, out=None, blocksize=None):
+    return dequantize_4bit(A, quant_state, absmax, out, blocksize, "fp4")
+
+
+def gemv_4bit(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    out: Optional[torch.Tensor] = None,
+    transposed_A: bool = False,
+    transposed_B: bool = False,
+    state: Optional[QuantState] = None,
+) -> torch.Tensor:
+    """``A @ dequantize_4bit(B).T`` for a few rows of A, without materializing the weight."""
+    if state is None:
+        raise ValueError("gemv_4bit needs state, the QuantState returned by quantize_4bit")
+    args = (A, B, list(state.shape), _resolved_absmax(state), state.code.to(A.device), state.blocksize)
+    if out is not None:
+        torch.ops.lowbit.gemv_4bit.out(*args, out)
+        return out
+    return torch.ops.lowbit.gemv_4bit(*args)
+
+
+# ----------------------------------------------------------------------------------------
+# LLM.int8
+# ----------------------------------------------------------------------------------------
+def int8_vectorwise_quant(A: torch.Tensor, threshold: float = 0.0):
+    """Row-wise int8 quantization; with ``threshold > 0`` columns holding |x| >= threshold are
+    returned as outlier columns (and zeroed in the int8 matrix)."""
+    return torch.ops.lowbit.int8_vectorwise_quant(A, threshold)
+
+
+def int8_vectorwise_dequant(A: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    return torch.ops.lowbit.int8_vectorwise_dequant(A, stats)
+
+
+def int8_double_quant(
+    A: torch.Tensor,
+    col_stats: Optional[torch.Tensor] = None,
+    row_stats: Optional[torch.Tensor] = None,
+    out_col: Optional[torch.Tensor] = None,
+    out_row: Optional[torch.Tensor] = None,
+    threshold: float = 0.0,
+):
+    """Row-wise and column-wise int8 quantization: (q_row, q_col, row_stats, col_stats, outlier_cols)."""
+    for name, value in (("col_stats", col_stats), ("row_stats", row_stats), ("out_col", out_col), ("out_row", out_row)):
+        if value is not None:
+            raise ValueError(f"{name} must be None: int8_double_quant does not take pre-allocated outputs")
+    return torch.ops.lowbit.int8_double_quant(A, threshold)
+
+
+def int8_linear_matmul(
+    A: torch.Tensor, B: torch.Tensor, out: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.int32
+) -> torch.Tensor:
+    """Exact ``A @ B.T`` of int8 matrices, in int32."""
+    if dtype != torch.int32:
+        raise ValueError(f"dtype must be torch.int32, got {dtype}")
+    if out is not None:
+        torch.ops.lowbit.int8_linear_matmul.out(A, B, out)
+        return out
+    return torch.ops.lowbit.int8_linear_matmul(A, B)
+
+
+def int8_mm_dequant(
+    A: torch.Tensor,
+    row_stats: torch.Tensor,
+    col_stats: torch.Tensor,
+    out: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Scale an int32 product back to float16: ``A * row_stats * col_stats / 127**2 + bias``."""
+    result = torch.ops.lowbit.int8_mm_dequant(A, row_stats, col_stats, torch.float16, bias)
+    return out.copy_(result) if out is not None else result
