@@ -93,7 +93,7 @@ def code_tensor(quant_type: str, device: torch.device | str | None = None) -> to
     return _code_tensor(quant_type, torch.device(device or "cpu"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _code_tensor(quant_type: str, device: torch.device) -> torch.Tensor:
     return torch.tensor(CODES[quant_type], dtype=torch.float32, device=device)
 
@@ -120,7 +120,7 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     non_sign_bits = total_bits - 1
     additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
     for level in range(max_exponent_bits):
-        n_fraction = 2 ** (level + non_sign_bits - max_exponent_bits + (0 if signed else 1)) + 1
+        n_fraction = int(2 ** (level + non_sign_bits - max_exponent_bits + (0 if signed else 1)) + 1)
         values += _scaled_means(n_fraction, 10 ** (-(max_exponent_bits - 1) + level), signed)
     if additional_items > 0:
         # the level where every exponent bit is zero and no indicator bit is present

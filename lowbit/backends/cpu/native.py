@@ -1,5 +1,8 @@
 """Loading ``liblowbit_cpu.so`` and calling it: the only place that touches ctypes.
 
+The library is looked up next to this package (``lowbit/_native/``), then in the installed
+``lowbit`` distribution: run from a source checkout, ``python -m lowbit`` imports the package
+from the checkout but still finds the library that ``pip install .`` built.
 ``LOWBIT_CPU_LIBRARY`` points at another build of the library (a sanitizer build, say).
 """
 
@@ -7,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.metadata
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -47,7 +51,14 @@ def library_path() -> Path:
     override = os.environ.get(ENV_LIBRARY)
     if override:
         return Path(override)
-    return Path(__file__).resolve().parents[2] / "_native" / LIBRARY_NAME
+    beside_package = Path(__file__).resolve().parents[2] / "_native" / LIBRARY_NAME
+    if beside_package.is_file():
+        return beside_package
+    try:
+        installed = Path(importlib.metadata.distribution("lowbit").locate_file(f"lowbit/_native/{LIBRARY_NAME}"))
+    except importlib.metadata.PackageNotFoundError:
+        return beside_package
+    return installed if installed.is_file() else beside_package
 
 
 @functools.lru_cache(maxsize=1)

@@ -5,8 +5,8 @@ Until then the backend only reports why it cannot run, so that ``python -m lowbi
 kernels, which are device-agnostic torch.
 """
 
-from ..gpu_probe import NATIVE_GPU_LIBRARY_MISSING, cuda_device_problem
 from ...core.registry import KernelTable
+from ..gpu_probe import NATIVE_GPU_LIBRARY_MISSING, cuda_device_problem
 
 kernels = KernelTable("cuda")
 

@@ -1,7 +1,7 @@
 """The HIP backend (AMD GPUs through ROCm), built by hipcc from the csrc/cuda sources (issue 6)."""
 
-from ..gpu_probe import NATIVE_GPU_LIBRARY_MISSING, cuda_device_problem
 from ...core.registry import KernelTable
+from ..gpu_probe import NATIVE_GPU_LIBRARY_MISSING, cuda_device_problem
 
 kernels = KernelTable("hip")
 

@@ -3,7 +3,7 @@
 "Nearest code" is defined the way bitsandbytes' CPU kernel computes it, so that bytes agree:
 ``x / absmax`` in [-1, 1] is mapped onto 65536 uniform bins, and each bin holds the index of
 the code whose midpoint interval contains the bin's left edge. Near 0 the bins are wider than
-the code spacing, so e.g. 0.0 maps to index 131 of the signed dynamic code, not to index 127.
+the code spacing, so e.g. 0.0 maps to index 131 (2.1e-5) of the signed dynamic code, not to index 127 (0.0).
 """
 
 from __future__ import annotations
@@ -41,8 +41,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
     blocks = _blocks(x, blocksize)
     absmax = blocks.abs().amax(dim=1)  # NaN propagates; the op layer raises on it
     usable = torch.isfinite(absmax) & (absmax > 0)  # zero (or non-finite) blocks encode as 0
-    inverse = torch.where(usable, 1.0 / absmax, torch.zeros_like(absmax))
-    t = (blocks * inverse.unsqueeze(1)).clamp(-1.0, 1.0)
+    t = torch.where(usable.unsqueeze(1), blocks * (1.0 / absmax).unsqueeze(1), 0.0).clamp(-1.0, 1.0)
     # each step rounds to float32 separately, as the C kernel does (no fused multiply-add)
     bins = (((t + 1.0) * 0.5) * float(_BINS - 1) + 0.5).to(torch.int64)
     q = lookup_table(code)[bins]

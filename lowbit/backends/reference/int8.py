@@ -48,7 +48,7 @@ def int8_double_quant(A: torch.Tensor, threshold: float = 0.0):
     q_rows, row_stats, outlier_cols = int8_vectorwise_quant(A, threshold)
     A2d = A.reshape(-1, A.shape[-1])
     q_cols_t, col_stats = _quantize_rows(A2d.t(), None if threshold <= 0.0 else _outliers(A2d.t(), threshold))
-    return q_rows, q_cols_t.t().reshape(A.shape), row_stats, col_stats, outlier_cols
+    return q_rows, q_cols_t.t().contiguous().reshape(A.shape), row_stats, col_stats, outlier_cols
 
 
 @kernels.register("int8_linear_matmul")
@@ -81,9 +81,9 @@ def int8_scaled_mm(A, B, row_stats, col_stats, bias=None, dtype=None):
 def int8_mixed_scaled_mm(A, CA, CB, SCA, SCB, outlier_cols=None, bias=None):
     """LLM.int8 forward: int8 product of the regular columns + 16-bit product of the outlier columns."""
     out = int8_scaled_mm(CA, CB, SCA, SCB, bias, A.dtype)
-    if outlier_cols is None or outlier_cols.numel() == 0:
-        return out, A.new_empty(0)
     A2d = A.reshape(-1, A.shape[-1])
+    if outlier_cols is None or outlier_cols.numel() == 0:
+        return out, A2d.new_empty((A2d.shape[0], 0))
     sub_a = A2d[:, outlier_cols].contiguous()
     sub_b = int8_vectorwise_dequant(CB[:, outlier_cols].contiguous(), SCB).to(A.dtype)
     out2d = out.reshape(-1, out.shape[-1]).addmm(sub_a, sub_b.t())

@@ -1,0 +1,124 @@
+"""``python -m lowbit``: what lowbit can run here and why; ``python -m lowbit demo``: a short demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import torch
+
+import lowbit
+from lowbit import functional as F
+from lowbit.core import registry
+
+_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
+
+
+def cpu_features() -> list[str]:
+    """The SIMD features of this CPU that lowbit's kernels care about."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [flag for flag in _ISA_FLAGS if flag in flags]
+    except OSError:
+        pass
+    return [f"torch capability: {torch.backends.cpu.get_cpu_capability()}"]
+
+
+def self_test(backend: str) -> str:
+    """Run quantize/dequantize 4-bit and 8-bit on ``backend`` and compare with the reference."""
+    torch.manual_seed(0)
+    A = torch.randn(4099, dtype=torch.float32)
+    reference = registry.get("reference").kernels
+    kernels = registry.get(backend).kernels
+    if kernels.get("quantize_4bit") is None and backend != "reference":
+        return "no kernels of its own (ops run on the reference backend)"
+    results = []
+    q = kernels.get("quantize_4bit") or reference.get("quantize_4bit")
+    packed, absmax = q(A, 64, "nf4", torch.uint8)
+    ref_packed, ref_absmax = reference.get("quantize_4bit")(A, 64, "nf4", torch.uint8)
+    results.append(torch.equal(packed, ref_packed) and torch.equal(absmax, ref_absmax))
+    qb = kernels.get("quantize_blockwise") or reference.get("quantize_blockwise")
+    code = lowbit.core.formats.dynamic_map()
+    results.append(all(torch.equal(a, b) for a, b in zip(qb(A, code, 256), reference.get("quantize_blockwise")(A, code, 256))))
+    return "pass (quantize_4bit, quantize_blockwise bit-exact vs reference)" if all(results) else "FAIL: differs from reference"
+
+
+def report() -> int:
+    print(f"lowbit {lowbit.__version__}  torch {torch.__version__}  python {platform.python_version()}  {platform.machine()}")
+    print(f"CPU: {platform.processor() or 'unknown'}; features: {' '.join(cpu_features())}; torch threads: {torch.get_num_threads()}")
+    forced = registry.forced()
+    print(f"LOWBIT_BACKEND: {os.environ.get(registry.ENV_BACKEND) or '(unset)'}" + (f" -> {forced} forced" if forced else ""))
+    print()
+    print(f"{'backend':<10} {'device':<6} {'status':<12} {'active for':<10} detail")
+    status_ok = True
+    for status in registry.available():
+        active_for = [d for d in ("cpu", "cuda", "xpu") if registry.active(d) == status.name]
+        state = "available" if status.available else "unavailable"
+        if status.name == forced:
+            state = "forced"
+        detail = status.reason if not status.available else ", ".join(f"{k}: {v}" for k, v in status.details.items())
+        print(f"{status.name:<10} {status.device_type:<6} {state:<12} {','.join(active_for) or '-':<10} {detail}")
+    print()
+    print("self-test:")
+    for status in registry.available():
+        if status.available:
+            result = self_test(status.name)
+            status_ok &= not result.startswith("FAIL")
+            print(f"  {status.name:<10} {result}")
+    return 0 if status_ok else 1
+
+
+def demo() -> int:
+    """Quantize one 4096x4096 weight every way lowbit can and show size and error."""
+    torch.manual_seed(0)
+    weight = torch.randn(4096, 4096) * 0.02
+    dense_bytes = weight.numel() * 2  # what a bf16 copy would take
+    print(f"weight 4096x4096, bf16 size {dense_bytes / 2**20:.1f} MiB, backend for cpu: {registry.active('cpu')}")
+    print(f"{'format':<16} {'MiB':>7} {'saved':>7} {'mean |err|':>11} {'time ms':>8}")
+    for name, run in (
+        ("nf4", lambda: _roundtrip_4bit(weight, "nf4", False)),
+        ("nf4 + dq", lambda: _roundtrip_4bit(weight, "nf4", True)),
+        ("fp4", lambda: _roundtrip_4bit(weight, "fp4", False)),
+        ("int8 blockwise", lambda: _roundtrip_8bit(weight)),
+    ):
+        start = time.perf_counter()
+        nbytes, restored = run()
+        elapsed = (time.perf_counter() - start) * 1e3
+        error = (restored - weight).abs().mean().item()
+        print(f"{name:<16} {nbytes / 2**20:7.2f} {1 - nbytes / dense_bytes:7.1%} {error:11.2e} {elapsed:8.1f}")
+    print()
+    return report()
+
+
+def _state_bytes(state) -> int:
+    total = state.absmax.numel() * state.absmax.element_size()
+    if state.nested:
+        total += state.state2.absmax.numel() * 4 + 4
+    return total
+
+
+def _roundtrip_4bit(weight, quant_type, double_quant):
+    packed, state = F.quantize_4bit(weight, quant_type=quant_type, compress_statistics=double_quant)
+    return packed.numel() * packed.element_size() + _state_bytes(state), F.dequantize_4bit(packed, state)
+
+
+def _roundtrip_8bit(weight):
+    q, state = F.quantize_blockwise(weight)
+    return q.numel() + _state_bytes(state), F.dequantize_blockwise(q, state)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lowbit", description=__doc__)
+    parser.add_argument("command", nargs="?", choices=("report", "demo"), default="report")
+    args = parser.parse_args(argv)
+    return demo() if args.command == "demo" else report()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""Helpers shared by the tests: the backends that can run on this machine, seeded inputs."""
+
+from __future__ import annotations
+
+import torch
+
+import lowbit
+
+CPU_BACKENDS = [
+    s.name for s in lowbit.backends.available() if s.available and s.device_type in ("cpu", "any")
+]
+NATIVE_CPU_BACKENDS = [name for name in CPU_BACKENDS if name != "reference"]
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def randn(*shape, dtype=torch.float32, generator=None, scale=1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=generator) * scale).to(dtype)
