@@ -58,8 +58,10 @@ NF4_CODE: tuple[float, ...] = (
 )
 
 # FP4 (E2M1 variant, exponent bias 2): bit 3 is the sign, bits 2..0 a magnitude. The raw values
-# are divided by 12 in float32 so that the largest magnitude is 1.
-_FP4_RAW = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+# are divided by 12 in float32 so that the largest magnitude is 1. Code 8 is +0.0, not -0.0:
+# bitsandbytes writes it as the integer literal `-0` (which is 0), and its saved quant_map and
+# dequantized zeros carry a positive sign.
+_FP4_RAW = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 FP4_CODE: tuple[float, ...] = tuple(
     (torch.tensor(_FP4_RAW, dtype=torch.float32) / torch.tensor(12.0)).tolist()
 )
