@@ -1,4 +1,4 @@
-"""Checks that matter (DESIGN.md §6). `.ci/run` runs `nox -s lint tests parity compat`.
+"""Checks that matter (DESIGN.md §6). `.ci/run` runs `nox -s lint sanitize tests parity compat`.
 
 Every session builds lowbit from this checkout into its own virtualenv. torch always comes
 from the pinned local CPU wheel: an unpinned torch would pull several GB of CUDA packages.
@@ -50,3 +50,16 @@ def compat(session: nox.Session) -> None:
     """Byte-for-byte agreement with the real bitsandbytes package, and checkpoint interchange."""
     install_lowbit(session, BITSANDBYTES)
     session.run("pytest", "tests/compat", *session.posargs, env=REQUIRE_NATIVE)
+
+
+@nox.session
+def sanitize(session: nox.Session) -> None:
+    """The native library and its C++ self-test under AddressSanitizer + UBSan."""
+    session.install("cmake", "ninja")
+    build = session.create_tmp()
+    session.run(
+        "cmake", "-S", ".", "-B", build, "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Debug",
+        "-DLOWBIT_SANITIZE=ON", "-DLOWBIT_BUILD_TESTS=ON",
+    )  # fmt: skip
+    session.run("cmake", "--build", build)
+    session.run("ctest", "--test-dir", build, "--output-on-failure")

@@ -7,6 +7,16 @@
  * Every entry point returns a lowbit_status. Arguments are validated in Python before a
  * pointer is passed; the checks here are a second line of defence against segfaults, not
  * the user-facing error messages.
+ *
+ * Conventions shared by the quantization entry points (implemented in lowbit_capi.cpp):
+ *  - dtype, quant_type, blocksize (32..4096, powers of two) and n >= 0 are checked first
+ *    (LOWBIT_ERR_ARGUMENT); then n == 0 returns LOWBIT_OK without touching any pointer (null is
+ *    fine for empty tensors); then every pointer must be non-null.
+ *  - num_threads <= 1 runs on the calling thread; larger values allow up to that many threads,
+ *    but only with at least 2^16 elements per thread. Results never depend on num_threads.
+ *  - The caller's FTZ/DAZ or rounding-mode settings are ignored (IEEE round-to-nearest with
+ *    subnormals is used, then the caller's state is restored).
+ *  - LOWBIT_ERR_UNSUPPORTED from these functions means an internal allocation failed.
  */
 #ifndef LOWBIT_CAPI_H
 #define LOWBIT_CAPI_H
@@ -39,7 +49,8 @@ typedef enum lowbit_dtype {
     LOWBIT_BFLOAT16 = 2,
 } lowbit_dtype;
 
-/* 4-bit codebooks (csrc/common/lowbit_formats.h). */
+/* 4-bit codebooks (csrc/common/lowbit_formats.h). Note FP4 code 8 is +0.0, as in bitsandbytes'
+ * table (its Python source writes the integer `-0`). */
 typedef enum lowbit_quant_type {
     LOWBIT_FP4 = 0,
     LOWBIT_NF4 = 1,

@@ -1,0 +1,96 @@
+/* cpu_kernels.h -- internal C++ interface of the CPU kernels (called by csrc/capi only).
+ *
+ * Kernels live in namespace lowbit::cpu::LOWBIT_CPU_ISA (default `scalar`). The plan for the
+ * SIMD issue: compile each kernel source once per ISA with -DLOWBIT_CPU_ISA=avx2 -mavx2 ... ,
+ * so every build's symbols are distinct, and let the C ABI pick one at run time. Everything a
+ * kernel TU instantiates is either in that namespace or has internal linkage (the format
+ * helpers are `static inline`), so ISA-specific code can never leak into another build.
+ *
+ * Preconditions (checked by the C ABI before calling): dtype in {0,1,2} (lowbit_dtype),
+ * quant_type in {0,1} (lowbit_quant_type), blocksize supported, n > 0, pointers valid for the
+ * sizes below. Kernels do not throw.
+ *
+ * Memory layout shared by all kernels:
+ *   A / out (the float side): n contiguous elements of dtype; fp16 and bf16 are raw uint16 bits.
+ *   Blocks: block b covers elements [b*blocksize, min((b+1)*blocksize, n)); the last block may
+ *   be shorter (the "tail"). absmax holds ceil(n / blocksize) float32 values, one per block.
+ *   4-bit packed: (n+1)/2 bytes; element 2i is the high nibble of byte i, element 2i+1 the low
+ *   nibble; an odd n leaves a padding nibble (the code of 0.0) in the low half of the last byte.
+ *   Blocksizes are even, so a block starts on a byte boundary and blocks never share a byte.
+ *   8-bit: n bytes, one code index per element.
+ */
+#ifndef LOWBIT_CPU_KERNELS_H
+#define LOWBIT_CPU_KERNELS_H
+
+#include <stdint.h>
+
+#include "lowbit_formats.h"
+
+#ifndef LOWBIT_CPU_ISA
+#define LOWBIT_CPU_ISA scalar
+#endif
+
+namespace lowbit {
+namespace cpu {
+namespace LOWBIT_CPU_ISA {
+
+/* ---- element types of the float side, numbered as lowbit_dtype ---- */
+enum : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct ElemF32 {
+    using T = float;
+    static inline float load(T v) { return v; }
+    static inline T store(float f) { return f; }
+};
+struct ElemF16 {
+    using T = uint16_t; /* IEEE binary16 bits */
+    static inline float load(T v) { return fmt::half_bits_to_float(v); }
+    static inline T store(float f) { return fmt::float_to_half_bits(f); }
+};
+struct ElemBF16 {
+    using T = uint16_t; /* bfloat16 bits */
+    static inline float load(T v) { return fmt::bf16_bits_to_float(v); }
+    static inline T store(float f) { return fmt::float_to_bf16_bits(f); }
+};
+
+/* Calls fn(ElemXX{}) for a validated dtype. */
+template <class Fn>
+inline void dispatch_dtype(int32_t dtype, Fn &&fn) {
+    switch (dtype) {
+    case kFloat16: fn(ElemF16{}); break;
+    case kBFloat16: fn(ElemBF16{}); break;
+    default: fn(ElemF32{}); break;
+    }
+}
+
+/* Number of blocks, ceil(n / blocksize), without overflow. */
+inline int64_t num_blocks(int64_t n, int64_t blocksize) {
+    return n / blocksize + (n % blocksize != 0 ? 1 : 0);
+}
+
+/* ---- 4-bit (quantize_4bit.cpp) ---- */
+
+/* A: n elements -> out: (n+1)/2 packed bytes, absmax: num_blocks floats. */
+void quantize_4bit(int32_t dtype, const void *A, int64_t n, int64_t blocksize, int32_t quant_type,
+                   uint8_t *out, float *absmax, int num_threads);
+
+/* A: (n+1)/2 packed bytes, absmax: num_blocks floats -> out: n elements. */
+void dequantize_4bit(int32_t dtype, const uint8_t *A, const float *absmax, int64_t n,
+                     int64_t blocksize, int32_t quant_type, void *out, int num_threads);
+
+/* ---- 8-bit blockwise (blockwise_8bit.cpp) ---- */
+
+/* code: 256 floats; A: n elements -> out: n bytes, absmax: num_blocks floats.
+ * Returns false only when the 64 KiB lookup table cannot be allocated (nothing written). */
+bool quantize_blockwise(int32_t dtype, const float *code, const void *A, int64_t n,
+                        int64_t blocksize, uint8_t *out, float *absmax, int num_threads);
+
+/* code: 256 floats; A: n bytes, absmax: num_blocks floats -> out: n elements. */
+void dequantize_blockwise(int32_t dtype, const float *code, const uint8_t *A, const float *absmax,
+                          int64_t n, int64_t blocksize, void *out, int num_threads);
+
+} // namespace LOWBIT_CPU_ISA
+} // namespace cpu
+} // namespace lowbit
+
+#endif /* LOWBIT_CPU_KERNELS_H */

@@ -1,0 +1,463 @@
+/* selftest.cpp -- native self-test (built with -DLOWBIT_BUILD_TESTS=ON, run by ctest).
+ *
+ * Checks what the Python suite cannot see directly and what the sanitizer build should run:
+ *   - the format literals against their definitions (FP4 = raw / 12.0f with the sign of zero,
+ *     midpoint formula, order, encode on and next to every threshold);
+ *   - fp16/bf16 conversions against independent references (sampled; `--exhaustive` walks all
+ *     2^32 floats);
+ *   - the 8-bit lookup: sweep == counting definition;
+ *   - the C ABI: argument validation, n == 0, known bytes for special blocks, NaN/Inf blocks,
+ *     results independent of the thread count and of the caller's FTZ/DAZ state.
+ * Exit status 0 when everything passes; each failure prints one line.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "lowbit_capi.h"
+#include "lowbit_formats.h"
+
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
+namespace fmt = lowbit::fmt;
+
+static int g_failures = 0;
+static long g_checks = 0;
+
+#define CHECK(cond, ...)                                                                      \
+    do {                                                                                       \
+        ++g_checks;                                                                            \
+        if (!(cond)) {                                                                         \
+            if (++g_failures <= 50) {                                                          \
+                printf("FAIL %s:%d: %s -- ", __FILE__, __LINE__, #cond);                       \
+                printf(__VA_ARGS__);                                                           \
+                printf("\n");                                                                  \
+            }                                                                                  \
+        }                                                                                      \
+    } while (0)
+
+static uint32_t fbits(float f) { return fmt::float_bits(f); }
+
+/* ---------------------------------------------------------------------------------------- */
+static void test_format_literals() {
+    for (int i = 0; i < 16; ++i) {
+        const float want = fmt::kFP4Raw[i] / 12.0f;
+        CHECK(fbits(fmt::kFP4Code[i]) == fbits(want), "FP4 code %d", i);
+        CHECK(fbits(fmt::decode_4bit(i, fmt::kFP4)) == fbits(want), "decode FP4 %d", i);
+        CHECK(fbits(fmt::decode_4bit(i, fmt::kNF4)) == fbits(fmt::kNF4Code[i]), "decode NF4 %d", i);
+    }
+    /* the NF4 literals are the float32 values of the given decimal (double) strings */
+    const double nf4_doubles[16] = {-1.0, -0.6961928009986877, -0.5250730514526367,
+                                    -0.39491748809814453, -0.28444138169288635,
+                                    -0.18477343022823334, -0.09105003625154495, 0.0,
+                                    0.07958029955625534, 0.16093020141124725,
+                                    0.24611230194568634, 0.33791524171829224,
+                                    0.44070982933044434, 0.5626170039176941,
+                                    0.7229568362236023, 1.0};
+    for (int i = 0; i < 16; ++i)
+        CHECK((double)fmt::kNF4Code[i] == nf4_doubles[i], "NF4 literal %d is exact", i);
+
+    const uint8_t fp4_order[16] = {11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3};
+    for (int i = 0; i < 16; ++i) {
+        CHECK(fmt::kFP4Order[i] == fp4_order[i], "FP4 order %d", i);
+        CHECK(fmt::kNF4Order[i] == i, "NF4 order %d", i);
+    }
+    /* both FP4 zeros are +0.0 (bitsandbytes' table), codes 0 and 8 at positions 7 and 8 */
+    CHECK(fmt::kFP4Order[7] == 0 && fbits(fmt::kFP4Code[0]) == 0u, "position 7 is code 0, +0");
+    CHECK(fmt::kFP4Order[8] == 8 && fbits(fmt::kFP4Code[8]) == 0u, "position 8 is code 8, +0");
+    CHECK(fbits(fmt::kFP4Midpoints[7]) == 0u, "FP4 midpoint 7 is +0");
+
+    const struct {
+        const float *code, *mids;
+        const uint8_t *order;
+        int qt;
+        const char *name;
+    } types[2] = {{fmt::kNF4Code, fmt::kNF4Midpoints, fmt::kNF4Order, fmt::kNF4, "NF4"},
+                  {fmt::kFP4Code, fmt::kFP4Midpoints, fmt::kFP4Order, fmt::kFP4, "FP4"}};
+    for (const auto &t : types) {
+        for (int p = 0; p < 15; ++p) {
+            const float m = (t.code[t.order[p]] + t.code[t.order[p + 1]]) / 2.0f;
+            CHECK(fbits(t.mids[p]) == fbits(m), "%s midpoint %d", t.name, p);
+            /* on a threshold: lower position; just above: upper */
+            CHECK(fmt::encode_4bit(m, t.qt) == t.order[p], "%s encode(mid %d)", t.name, p);
+            CHECK(fmt::encode_4bit(nextafterf(m, 2.0f), t.qt) == t.order[p + 1],
+                  "%s encode(above mid %d)", t.name, p);
+        }
+        for (int c = 0; c < 16; ++c) /* each code value encodes to a code of the same value */
+            CHECK(fmt::decode_4bit(fmt::encode_4bit(t.code[c], t.qt), t.qt) == t.code[c],
+                  "%s encode(code %d)", t.name, c);
+        CHECK(fmt::encode_4bit(-1.0f, t.qt) == t.order[0], "%s -1", t.name);
+        CHECK(fmt::encode_4bit(1.0f, t.qt) == t.order[15], "%s +1", t.name);
+        CHECK(fmt::encode_4bit(NAN, t.qt) == t.order[0], "%s NaN", t.name);
+    }
+    CHECK(fmt::encode_4bit(0.0f, fmt::kFP4) == 0, "FP4 +0");
+    CHECK(fmt::encode_4bit(-0.0f, fmt::kFP4) == 0, "FP4 -0");
+    CHECK(fmt::encode_4bit(0.001f, fmt::kFP4) == 8, "FP4 0.001 -> code 8");
+    CHECK(fmt::encode_4bit(0.0f, fmt::kNF4) == 7, "NF4 0");
+
+    for (int64_t bs = 1; bs <= 8192; ++bs) {
+        bool listed = false;
+        for (int64_t s : fmt::kBlocksizes) listed |= (s == bs);
+        CHECK(fmt::is_supported_blocksize(bs) == listed, "blocksize %lld", (long long)bs);
+    }
+    CHECK(!fmt::is_supported_blocksize(0) && !fmt::is_supported_blocksize(-64), "bad blocksizes");
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Independent bf16 reference: pick the nearer of the two neighbouring bf16 values (doubles),
+ * ties to even; the step past the largest finite value is 2^128 (-> Inf). */
+static uint16_t bf16_reference(float f) {
+    const uint32_t x = fbits(f);
+    const uint32_t lo = x >> 16, hi = lo + 1;
+    const double vlo = (double)fmt::bits_float(lo << 16);
+    const double vhi = ((hi & 0x7FFFu) == 0x7F80u) ? copysign(ldexp(1.0, 128), f)
+                                                   : (double)fmt::bits_float(hi << 16);
+    const double dlo = fabs((double)f - vlo), dhi = fabs((double)f - vhi);
+    if (dlo < dhi) return (uint16_t)lo;
+    if (dhi < dlo) return (uint16_t)hi;
+    return (lo & 1u) ? (uint16_t)hi : (uint16_t)lo;
+}
+
+static void check_float(uint32_t u) {
+    const float f = fmt::bits_float(u);
+    const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+    /* bf16 */
+    const uint16_t b = fmt::float_to_bf16_bits(f);
+    if (nan) {
+        CHECK((b & 0x7FFFu) > 0x7F80u && (b & 0x8000u) == ((u >> 16) & 0x8000u) && (b & 0x40u),
+              "bf16 NaN %08x -> %04x", u, b);
+    } else if ((u & 0x7FFFFFFFu) == 0x7F800000u) {
+        CHECK(b == (u >> 16), "bf16 Inf %08x", u);
+    } else {
+        const uint16_t r = bf16_reference(f);
+        CHECK(b == r, "bf16 %08x -> %04x want %04x", u, b, r);
+    }
+    /* fp16 */
+    const uint16_t h = fmt::float_to_half_bits(f);
+#if defined(__FLT16_MAX__)
+    const _Float16 hr = (_Float16)f;
+    uint16_t hb;
+    memcpy(&hb, &hr, 2);
+    if (nan)
+        CHECK(h == (((u >> 16) & 0x8000u) | 0x7E00u | ((u >> 13) & 0x3FFu)) && (hb & 0x7FFFu) > 0x7C00u,
+              "fp16 NaN %08x -> %04x", u, h);
+    else
+        CHECK(h == hb, "fp16 %08x -> %04x want %04x", u, h, hb);
+#else
+    (void)h;
+#endif
+}
+
+static void test_conversions(bool exhaustive) {
+    /* fp16 -> float: every pattern, against value arithmetic in double */
+    for (uint32_t h = 0; h < 65536; ++h) {
+        const float f = fmt::half_bits_to_float((uint16_t)h);
+        const uint32_t e = (h >> 10) & 31u, m = h & 1023u;
+        const double sign = (h & 0x8000u) ? -1.0 : 1.0;
+        if (e == 31) {
+            if (m == 0) CHECK(isinf(f) && (signbit(f) != 0) == (sign < 0), "half inf %04x", h);
+            else CHECK(isnan(f) && ((fbits(f) >> 13) & 1023u) == m, "half nan %04x", h);
+        } else {
+            const double v = sign * (e == 0 ? ldexp((double)m, -24) : ldexp(1024.0 + m, (int)e - 25));
+            CHECK((double)f == v && (signbit(f) != 0) == (sign < 0), "half %04x", h);
+        }
+        /* round trip for non-NaN */
+        if (!(e == 31 && m != 0))
+            CHECK(fmt::float_to_half_bits(f) == h, "half round trip %04x", h);
+        CHECK(fbits(fmt::bf16_bits_to_float((uint16_t)h)) == (h << 16), "bf16 -> float %04x", h);
+    }
+    /* float -> fp16 / bf16 */
+    const uint64_t step = exhaustive ? 1 : 997; /* prime stride hits every exponent/mantissa mix */
+    for (uint64_t u = 0; u <= 0xFFFFFFFFull; u += step) check_float((uint32_t)u);
+    const uint32_t specials[] = {0x00000000u, 0x80000000u, 0x00000001u, 0x007FFFFFu, 0x00800000u,
+                                 0x33000000u, 0x33000001u, 0x337FFFFFu, 0x387FC000u, 0x387FE000u,
+                                 0x38800000u, 0x477FE000u, 0x477FEFFFu, 0x477FF000u, 0x7F7FFFFFu,
+                                 0x7F7F8000u, 0x7F7F7FFFu, 0x7F800000u, 0xFF800000u, 0x7FC00000u,
+                                 0xFFC00000u, 0x7F800001u, 0xFFA00001u, 0x3F808000u, 0x3F818000u};
+    for (uint32_t u : specials) check_float(u);
+    if (!exhaustive) printf("  (conversions sampled every %llu floats; --exhaustive for all)\n",
+                            (unsigned long long)step);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+static void test_lut8() {
+    std::mt19937 rng(1234);
+    std::uniform_real_distribution<float> uni(-1.0f, 1.0f);
+    std::vector<float> sorted_code(256), random_code(256);
+    for (auto &v : sorted_code) v = uni(rng);
+    std::sort(sorted_code.begin(), sorted_code.end());
+    sorted_code[0] = -1.0f;
+    sorted_code[255] = 1.0f;
+    for (auto &v : random_code) v = uni(rng);
+    std::vector<uint8_t> lut(65536);
+    float mids[255];
+    /* sorted code: the sweep equals the counting definition */
+    fmt::build_lut8(sorted_code.data(), mids, lut.data());
+    int bad = 0;
+    for (uint32_t j = 0; j < 65536; ++j) bad += lut[j] != fmt::lut8_entry(mids, j);
+    CHECK(bad == 0, "lut sweep vs definition: %d bins differ", bad);
+    /* unsorted code: the sweep stops at the first midpoint not below v (bitsandbytes' table) */
+    fmt::build_lut8(random_code.data(), mids, lut.data());
+    bad = 0;
+    for (uint32_t j = 0; j < 65536; ++j) {
+        const float v = fmt::lut8_bin_value(j);
+        int c = 0;
+        while (c < 255 && mids[c] < v) ++c;
+        bad += lut[j] != c;
+        if (j > 0) bad += lut[j] < lut[j - 1]; /* monotone */
+    }
+    CHECK(bad == 0, "unsorted lut: %d bins differ", bad);
+    CHECK(fmt::lut8_bin(-1.0f) == 0 && fmt::lut8_bin(1.0f) == 65535 && fmt::lut8_bin(0.0f) == 32768,
+          "lut8_bin ends");
+    CHECK(fmt::lut8_bin(fmt::clamp_unit(NAN)) == 0, "NaN -> bin 0");
+}
+
+/* ---------------------------------------------------------------------------------------- */
+static std::vector<float> dynamic_like_code() {
+    /* any sorted 256-entry code in [-1, 1] with an exact 0 works for these tests */
+    std::vector<float> c(256);
+    for (int i = 0; i < 256; ++i) c[i] = (float)(i - 127) / 128.0f;
+    c[255] = 1.0f;
+    return c;
+}
+
+static void test_capi_arguments() {
+    CHECK(lowbit_abi_version() == LOWBIT_ABI_VERSION, "abi");
+    CHECK(lowbit_build_info() != nullptr && strlen(lowbit_build_info()) > 10, "build info");
+
+    float t[32];
+    int32_t count = -1;
+    CHECK(lowbit_format_table(LOWBIT_TABLE_FP4_ORDER, t, 32, &count) == LOWBIT_OK && count == 16,
+          "table");
+    for (int i = 0; i < 16; ++i) CHECK(t[i] == (float)fmt::kFP4Order[i], "fp4 order table %d", i);
+    CHECK(lowbit_format_table(LOWBIT_TABLE_BLOCKSIZES, t, 32, &count) == LOWBIT_OK && count == 8 &&
+              t[0] == 32.0f && t[7] == 4096.0f, "blocksizes table");
+    CHECK(lowbit_format_table(LOWBIT_TABLE_NF4_MIDPOINTS, nullptr, 0, &count) == LOWBIT_OK &&
+              count == 15, "length query");
+    t[3] = 123.0f;
+    CHECK(lowbit_format_table(LOWBIT_TABLE_FP4_CODE, t, 3, &count) == LOWBIT_OK && count == 16 &&
+              t[3] == 123.0f && fbits(t[2]) == fbits(fmt::kFP4Code[2]), "capacity respected");
+    CHECK(lowbit_format_table(7, t, 32, &count) == LOWBIT_ERR_ARGUMENT, "bad table");
+    CHECK(lowbit_format_table(-1, t, 32, &count) == LOWBIT_ERR_ARGUMENT, "bad table");
+    CHECK(lowbit_format_table(0, t, 32, nullptr) == LOWBIT_ERR_ARGUMENT, "null count");
+    CHECK(lowbit_format_table(0, nullptr, 4, &count) == LOWBIT_ERR_ARGUMENT, "null out");
+    CHECK(lowbit_format_table(0, t, -1, &count) == LOWBIT_ERR_ARGUMENT, "negative capacity");
+
+    float x[64] = {}, am[2] = {};
+    uint8_t q[64] = {};
+    const std::vector<float> code = dynamic_like_code();
+    const int64_t bad_bs[] = {0, -64, 16, 48, 100, 8192, 1 << 20};
+    for (int64_t bs : bad_bs) {
+        CHECK(lowbit_quantize_4bit(0, x, 64, bs, 1, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q4 bs");
+        CHECK(lowbit_dequantize_4bit(0, q, am, 64, bs, 1, x, 1) == LOWBIT_ERR_ARGUMENT, "dq4 bs");
+        CHECK(lowbit_quantize_blockwise(0, code.data(), x, 64, bs, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q8 bs");
+        CHECK(lowbit_dequantize_blockwise(0, code.data(), q, am, 64, bs, x, 1) == LOWBIT_ERR_ARGUMENT, "dq8 bs");
+    }
+    for (int32_t dt : {-1, 3, 100}) {
+        CHECK(lowbit_quantize_4bit(dt, x, 64, 64, 1, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q4 dtype");
+        CHECK(lowbit_dequantize_4bit(dt, q, am, 64, 64, 1, x, 1) == LOWBIT_ERR_ARGUMENT, "dq4 dtype");
+        CHECK(lowbit_quantize_blockwise(dt, code.data(), x, 64, 64, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q8 dtype");
+        CHECK(lowbit_dequantize_blockwise(dt, code.data(), q, am, 64, 64, x, 1) == LOWBIT_ERR_ARGUMENT, "dq8 dtype");
+    }
+    for (int32_t qt : {-1, 2}) {
+        CHECK(lowbit_quantize_4bit(0, x, 64, 64, qt, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q4 qt");
+        CHECK(lowbit_dequantize_4bit(0, q, am, 64, 64, qt, x, 1) == LOWBIT_ERR_ARGUMENT, "dq4 qt");
+        CHECK(lowbit_quantize_4bit(0, nullptr, 0, 64, qt, nullptr, nullptr, 1) == LOWBIT_ERR_ARGUMENT,
+              "q4 qt checked before n == 0");
+    }
+    /* negative n */
+    CHECK(lowbit_quantize_4bit(0, x, -1, 64, 1, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q4 n<0");
+    CHECK(lowbit_dequantize_4bit(0, q, am, -1, 64, 1, x, 1) == LOWBIT_ERR_ARGUMENT, "dq4 n<0");
+    CHECK(lowbit_quantize_blockwise(0, code.data(), x, -5, 64, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q8 n<0");
+    CHECK(lowbit_dequantize_blockwise(0, code.data(), q, am, -5, 64, x, 1) == LOWBIT_ERR_ARGUMENT, "dq8 n<0");
+    /* n == 0: no-op, null pointers fine */
+    CHECK(lowbit_quantize_4bit(0, nullptr, 0, 64, 1, nullptr, nullptr, 4) == LOWBIT_OK, "q4 n=0");
+    CHECK(lowbit_dequantize_4bit(2, nullptr, nullptr, 0, 64, 0, nullptr, 4) == LOWBIT_OK, "dq4 n=0");
+    CHECK(lowbit_quantize_blockwise(1, nullptr, nullptr, 0, 64, nullptr, nullptr, 4) == LOWBIT_OK, "q8 n=0");
+    CHECK(lowbit_dequantize_blockwise(0, nullptr, nullptr, nullptr, 0, 64, nullptr, 4) == LOWBIT_OK, "dq8 n=0");
+    /* null pointers with n > 0 */
+    CHECK(lowbit_quantize_4bit(0, nullptr, 64, 64, 1, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q4 null A");
+    CHECK(lowbit_quantize_4bit(0, x, 64, 64, 1, nullptr, am, 1) == LOWBIT_ERR_ARGUMENT, "q4 null out");
+    CHECK(lowbit_quantize_4bit(0, x, 64, 64, 1, q, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "q4 null absmax");
+    CHECK(lowbit_dequantize_4bit(0, nullptr, am, 64, 64, 1, x, 1) == LOWBIT_ERR_ARGUMENT, "dq4 null A");
+    CHECK(lowbit_dequantize_4bit(0, q, nullptr, 64, 64, 1, x, 1) == LOWBIT_ERR_ARGUMENT, "dq4 null absmax");
+    CHECK(lowbit_dequantize_4bit(0, q, am, 64, 64, 1, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "dq4 null out");
+    CHECK(lowbit_quantize_blockwise(0, nullptr, x, 64, 64, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q8 null code");
+    CHECK(lowbit_quantize_blockwise(0, code.data(), nullptr, 64, 64, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q8 null A");
+    CHECK(lowbit_quantize_blockwise(0, code.data(), x, 64, 64, nullptr, am, 1) == LOWBIT_ERR_ARGUMENT, "q8 null out");
+    CHECK(lowbit_quantize_blockwise(0, code.data(), x, 64, 64, q, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "q8 null absmax");
+    CHECK(lowbit_dequantize_blockwise(0, nullptr, q, am, 64, 64, x, 1) == LOWBIT_ERR_ARGUMENT, "dq8 null code");
+    CHECK(lowbit_dequantize_blockwise(0, code.data(), nullptr, am, 64, 64, x, 1) == LOWBIT_ERR_ARGUMENT, "dq8 null A");
+    CHECK(lowbit_dequantize_blockwise(0, code.data(), q, nullptr, 64, 64, x, 1) == LOWBIT_ERR_ARGUMENT, "dq8 null absmax");
+    CHECK(lowbit_dequantize_blockwise(0, code.data(), q, am, 64, 64, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "dq8 null out");
+}
+
+/* Special blocks with known bytes. */
+static void test_capi_special_blocks() {
+    /* all-zero full block + tail of 3 zeros (n = 67, odd) */
+    std::vector<float> x(67, 0.0f);
+    std::vector<uint8_t> q(34, 0xAB);
+    float am[2] = {-1.0f, -1.0f};
+    CHECK(lowbit_quantize_4bit(0, x.data(), 67, 64, LOWBIT_NF4, q.data(), am, 1) == LOWBIT_OK, "q4");
+    bool all77 = true;
+    for (int i = 0; i < 34; ++i) all77 &= q[i] == 0x77;
+    CHECK(all77, "NF4 zeros -> 0x77 (padding nibble too)");
+    CHECK(fbits(am[0]) == 0 && am[1] == fmt::kAbsmaxFloor4, "absmax 0 and floored tail %g", am[1]);
+    CHECK(lowbit_quantize_4bit(0, x.data(), 67, 64, LOWBIT_FP4, q.data(), am, 1) == LOWBIT_OK, "q4");
+    bool all0 = true;
+    for (int i = 0; i < 34; ++i) all0 &= q[i] == 0x00;
+    CHECK(all0, "FP4 zeros -> 0x00");
+
+    /* NaN / Inf blocks: non-finite absmax, zero bytes; other blocks untouched by it */
+    std::vector<float> y(3 * 64 + 5, 0.5f);
+    y[10] = NAN;
+    y[64 + 7] = -INFINITY;
+    y[3 * 64 + 2] = NAN;
+    std::vector<uint8_t> q4((y.size() + 1) / 2, 0xAB), q8(y.size(), 0xAB);
+    float a4[4], a8[4];
+    const std::vector<float> code = dynamic_like_code();
+    CHECK(lowbit_quantize_4bit(0, y.data(), (int64_t)y.size(), 64, LOWBIT_NF4, q4.data(), a4, 1) ==
+              LOWBIT_OK, "q4 nan");
+    CHECK(lowbit_quantize_blockwise(0, code.data(), y.data(), (int64_t)y.size(), 64, q8.data(), a8, 1) ==
+              LOWBIT_OK, "q8 nan");
+    CHECK(isnan(a4[0]) && isinf(a4[1]) && a4[1] > 0 && a4[2] == 0.5f && isnan(a4[3]), "4bit absmax");
+    CHECK(isnan(a8[0]) && isinf(a8[1]) && a8[1] > 0 && a8[2] == 0.5f && isnan(a8[3]), "8bit absmax");
+    bool zero4 = true, zero8 = true;
+    for (int i = 0; i < 64; ++i) zero4 &= q4[i] == 0;           /* blocks 0,1: bytes 0..63 */
+    for (size_t i = 96; i < q4.size(); ++i) zero4 &= q4[i] == 0; /* tail block */
+    for (int i = 0; i < 128; ++i) zero8 &= q8[i] == 0;
+    for (size_t i = 192; i < q8.size(); ++i) zero8 &= q8[i] == 0;
+    CHECK(zero4 && zero8, "non-finite blocks are zero bytes");
+    CHECK(q4[64] == 0xFF && q8[128] == code.size() - 1, "finite block quantized (%02x %u)", q4[64], q8[128]);
+
+    /* 8-bit: zero block -> bytes 0, absmax 0 */
+    std::vector<uint8_t> z(64, 0xAB);
+    float za = -1.0f;
+    CHECK(lowbit_quantize_blockwise(0, code.data(), x.data(), 64, 64, z.data(), &za, 1) == LOWBIT_OK, "q8 zero");
+    bool zz = za == 0.0f;
+    for (uint8_t v : z) zz &= v == 0;
+    CHECK(zz, "8-bit zero block");
+}
+
+/* Thread count must not change any byte; neither may the caller's FTZ/DAZ state. */
+static void test_capi_threads_and_fpenv() {
+    const int64_t n = 3 * (1 << 20) + 77;
+    std::mt19937 rng(42);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    std::vector<float> x(n);
+    for (auto &v : x) v = nd(rng);
+    for (int64_t i = 0; i < 4096; ++i) x[1000000 + i] = 0.0f; /* some all-zero blocks */
+    for (int64_t i = 0; i < 300; ++i) x[2000000 + i] = nd(rng) * 1e-39f; /* subnormal inputs */
+    std::vector<uint16_t> xh(n), xb(n);
+    for (int64_t i = 0; i < n; ++i) {
+        xh[i] = fmt::float_to_half_bits(x[i]);
+        xb[i] = fmt::float_to_bf16_bits(x[i]);
+    }
+    const void *inputs[3] = {x.data(), xh.data(), xb.data()};
+    const std::vector<float> code = dynamic_like_code();
+
+    for (int64_t bs : {64, 4096}) {
+        const int64_t nb = (n + bs - 1) / bs;
+        for (int dt = 0; dt < 3; ++dt) {
+            for (int qt = 0; qt < 2; ++qt) {
+                std::vector<uint8_t> q1((n + 1) / 2), q2((n + 1) / 2);
+                std::vector<float> a1(nb), a2(nb);
+                std::vector<float> d1(n), d2(n);
+                CHECK(lowbit_quantize_4bit(dt, inputs[dt], n, bs, qt, q1.data(), a1.data(), 1) == 0, "q4");
+                CHECK(lowbit_quantize_4bit(dt, inputs[dt], n, bs, qt, q2.data(), a2.data(), 7) == 0, "q4 mt");
+                CHECK(q1 == q2 && memcmp(a1.data(), a2.data(), nb * 4) == 0, "4bit threads dt=%d qt=%d bs=%lld", dt, qt, (long long)bs);
+                CHECK(lowbit_dequantize_4bit(0, q1.data(), a1.data(), n, bs, qt, d1.data(), 1) == 0, "dq4");
+                CHECK(lowbit_dequantize_4bit(0, q1.data(), a1.data(), n, bs, qt, d2.data(), 5) == 0, "dq4 mt");
+                CHECK(memcmp(d1.data(), d2.data(), n * 4) == 0, "dq4 threads");
+                /* round trip error bound: |x - dq| <= absmax * (largest half gap). Not for
+                 * blocks with absmax below the 1e-38 floor: a full block then scales by the
+                 * floor but stores (and dequantizes with) the smaller true absmax. */
+                if (dt == 0) {
+                    int bad = 0;
+                    for (int64_t i = 0; i < n; ++i)
+                        bad += a1[i / bs] >= fmt::kAbsmaxFloor4 &&
+                               !(fabsf(x[i] - d1[i]) <= a1[i / bs] * 0.35f);
+                    CHECK(bad == 0, "4bit round trip: %d elements off", bad);
+                }
+            }
+            std::vector<uint8_t> q1(n), q2(n);
+            std::vector<float> a1(nb), a2(nb), d1(n), d2(n);
+            CHECK(lowbit_quantize_blockwise(dt, code.data(), inputs[dt], n, bs, q1.data(), a1.data(), 1) == 0, "q8");
+            CHECK(lowbit_quantize_blockwise(dt, code.data(), inputs[dt], n, bs, q2.data(), a2.data(), 16) == 0, "q8 mt");
+            CHECK(q1 == q2 && memcmp(a1.data(), a2.data(), nb * 4) == 0, "8bit threads dt=%d", dt);
+            CHECK(lowbit_dequantize_blockwise(0, code.data(), q1.data(), a1.data(), n, bs, d1.data(), 1) == 0, "dq8");
+            CHECK(lowbit_dequantize_blockwise(0, code.data(), q1.data(), a1.data(), n, bs, d2.data(), 3) == 0, "dq8 mt");
+            CHECK(memcmp(d1.data(), d2.data(), n * 4) == 0, "dq8 threads");
+        }
+    }
+
+#if defined(__SSE__)
+    /* Caller thread with FTZ + DAZ (torch.set_flush_denormal(True)): same bytes, state restored */
+    std::vector<float> z(64 + 3, 0.0f);
+    z[64] = 3e-39f; /* subnormal tail */
+    uint8_t ref[34], got[34];
+    float ra[2], ga[2];
+    CHECK(lowbit_quantize_4bit(0, z.data(), 67, 64, LOWBIT_NF4, ref, ra, 1) == 0, "q4 ref");
+    const unsigned int csr = _mm_getcsr();
+    _mm_setcsr(csr | (1u << 15) | (1u << 6));
+    const int st = lowbit_quantize_4bit(0, z.data(), 67, 64, LOWBIT_NF4, got, ga, 1);
+    const unsigned int after = _mm_getcsr();
+    _mm_setcsr(csr);
+    CHECK(st == 0 && memcmp(ref, got, 34) == 0 && memcmp(ra, ga, 8) == 0, "FTZ/DAZ caller");
+    CHECK(after == (csr | (1u << 15) | (1u << 6)), "caller MXCSR restored");
+    CHECK(ref[0] == 0x77 && ref[32] == 0xB7 && ra[1] == fmt::kAbsmaxFloor4, "subnormal tail %02x %g", ref[32], ra[1]);
+#endif
+}
+
+/* Random valid calls with exactly-sized heap buffers: under LOWBIT_SANITIZE any read or write
+ * past a buffer is reported. Also re-checks that dequantize(quantize(x)) uses the stored absmax. */
+static void test_capi_fuzz() {
+    std::mt19937_64 rng(7);
+    const std::vector<float> code = dynamic_like_code();
+    for (int iter = 0; iter < 3000; ++iter) {
+        const int64_t n = (int64_t)(rng() % 9000);
+        const int64_t bs = int64_t{32} << (rng() % 8);
+        const int32_t dt = (int32_t)(rng() % 3), qt = (int32_t)(rng() % 2);
+        const int threads = (int)(rng() % 4) == 0 ? 0 : (int)(rng() % 9);
+        const int64_t nb = (n + bs - 1) / bs;
+        const size_t esize = dt == 0 ? 4 : 2;
+        std::vector<uint8_t> in((size_t)n * esize);
+        for (int64_t i = 0; i < n; ++i) {
+            const float v = std::ldexp((float)((int64_t)(rng() % 2001) - 1000) / 1000.0f, (int)(rng() % 40) - 20);
+            if (dt == 0) memcpy(&in[(size_t)i * 4], &v, 4);
+            else {
+                const uint16_t h = dt == 1 ? fmt::float_to_half_bits(v) : fmt::float_to_bf16_bits(v);
+                memcpy(&in[(size_t)i * 2], &h, 2);
+            }
+        }
+        std::vector<uint8_t> q4((size_t)(n / 2 + n % 2)), q8((size_t)n), out((size_t)n * esize);
+        std::vector<float> am((size_t)nb);
+        const void *A = n ? in.data() : nullptr;
+        CHECK(lowbit_quantize_4bit(dt, A, n, bs, qt, q4.data(), am.data(), threads) == 0, "fuzz q4");
+        CHECK(lowbit_dequantize_4bit(dt, q4.data(), am.data(), n, bs, qt, out.data(), threads) == 0, "fuzz dq4");
+        CHECK(lowbit_quantize_blockwise(dt, code.data(), A, n, bs, q8.data(), am.data(), threads) == 0, "fuzz q8");
+        CHECK(lowbit_dequantize_blockwise(dt, code.data(), q8.data(), am.data(), n, bs, out.data(), threads) == 0, "fuzz dq8");
+    }
+}
+
+int main(int argc, char **argv) {
+    const bool exhaustive = argc > 1 && strcmp(argv[1], "--exhaustive") == 0;
+    printf("lowbit self-test; build: %s\n", lowbit_build_info());
+    test_format_literals();
+    test_conversions(exhaustive);
+    test_lut8();
+    test_capi_arguments();
+    test_capi_special_blocks();
+    test_capi_threads_and_fpenv();
+    test_capi_fuzz();
+    printf("%ld checks, %d failures\n", g_checks, g_failures);
+    return g_failures == 0 ? 0 : 1;
+}
