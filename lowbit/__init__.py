@@ -5,12 +5,12 @@ the ``torch.ops.lowbit`` ops, loads the native CPU library if it can (else warns
 the reference backend) and applies ``LOWBIT_BACKEND``.
 """
 
-from . import backends, functional  # noqa: E402
+from . import backends, functional, optim  # noqa: E402
 from .core import ops as _ops  # noqa: F401  (defines torch.ops.lowbit.*)
 from .core import registry as _registry
 from .core.quant_state import QuantState
 
 __version__ = "0.1.0"
-__all__ = ["QuantState", "__version__", "backends", "functional"]
+__all__ = ["QuantState", "__version__", "backends", "functional", "optim"]
 
 _registry.initialize()
