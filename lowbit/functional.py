@@ -18,6 +18,7 @@ from .core.quant_state import QuantState
 
 __all__ = [
     "QuantState",
+    "block_absmax_of",
     "create_dynamic_map",
     "dequantize_4bit",
     "dequantize_blockwise",
@@ -81,8 +82,9 @@ def quantize_blockwise(
     return q, state
 
 
-def _resolved_absmax(state: QuantState) -> torch.Tensor:
-    """The float32 per-block absmax of a state, undoing double quantization if present."""
+def block_absmax_of(state: QuantState) -> torch.Tensor:
+    """The float32 per-block absmax of ``state``, undoing double quantization if present
+    (what the 4-bit and blockwise ops take as ``absmax``)."""
     if not state.nested:
         return state.absmax
     absmax = dequantize_blockwise(state.absmax, state.state2)
@@ -107,7 +109,7 @@ def dequantize_blockwise(
         if code is None:
             code = formats.dynamic_map(signed=True, device=A.device)
         quant_state = QuantState(absmax=absmax, code=code, blocksize=blocksize, dtype=torch.float32)
-    block_absmax = _resolved_absmax(quant_state)
+    block_absmax = block_absmax_of(quant_state)
     if out is not None:
         torch.ops.lowbit.dequantize_blockwise.out(
             A, block_absmax, quant_state.code.to(A.device), quant_state.blocksize, quant_state.dtype, out
@@ -193,7 +195,7 @@ def dequantize_4bit(
         )
     if not isinstance(quant_state, QuantState):
         raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
-    block_absmax = _resolved_absmax(quant_state)
+    block_absmax = block_absmax_of(quant_state)
     args = (A, block_absmax, quant_state.blocksize, quant_state.quant_type, list(quant_state.shape), quant_state.dtype)
     if out is not None:
         torch.ops.lowbit.dequantize_4bit.out(*args, out)
@@ -224,7 +226,7 @@ def gemv_4bit(
     """``A @ dequantize_4bit(B).T`` for a few rows of A, without materializing the weight."""
     if state is None:
         raise ValueError("gemv_4bit needs state, the QuantState returned by quantize_4bit")
-    args = (A, B, list(state.shape), _resolved_absmax(state), state.code.to(A.device), state.blocksize)
+    args = (A, B, list(state.shape), block_absmax_of(state), state.code.to(A.device), state.blocksize)
     if out is not None:
         torch.ops.lowbit.gemv_4bit.out(*args, out)
         return out

@@ -133,6 +133,8 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
             f"create_dynamic_map: signed={signed}, max_exponent_bits={max_exponent_bits} "
             f"gives {len(values)} values, not 2**total_bits={2**total_bits}"
         )
+    # a code of fewer bits is padded with zeros to the 256 entries every 8-bit kernel indexes
+    values += [0.0] * (256 - len(values))
     values.sort()
     return torch.tensor(values, dtype=torch.float32)
 

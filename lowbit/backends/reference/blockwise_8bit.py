@@ -42,6 +42,10 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
     absmax = blocks.abs().amax(dim=1)  # NaN propagates; the op layer raises on it
     usable = torch.isfinite(absmax) & (absmax > 0)  # zero (or non-finite) blocks encode as 0
     t = torch.where(usable.unsqueeze(1), blocks * (1.0 / absmax).unsqueeze(1), 0.0).clamp(-1.0, 1.0)
+    # An absmax below 2**-128 (a float32/bfloat16 subnormal) has 1/absmax = inf, so the block's
+    # zeros, and the zero padding of a tail block, become 0 * inf = NaN. bitsandbytes' kernel puts
+    # NaN in the first bin (code index 0); cast to int64, NaN would be an out-of-range bin.
+    t = t.nan_to_num(nan=-1.0)
     # each step rounds to float32 separately, as the C kernel does (no fused multiply-add)
     bins = (((t + 1.0) * 0.5) * float(_BINS - 1) + 0.5).to(torch.int64)
     q = lookup_table(code)[bins]

@@ -1,0 +1,143 @@
+"""``matmul_4bit``: a product with an NF4/FP4 weight, differentiable in the input (QLoRA).
+
+Paths:
+
+* one token of inference (``A`` holds a single row, no gradient needed): ``gemv_4bit``, the fused
+  dequantize-dot op that backends implement without materializing the weight (bitsandbytes up to
+  0.45 did the same; 0.50 dequantizes here too);
+* other inference: dequantize the weight straight to ``A``'s dtype, then ``F.linear``. This is
+  what bitsandbytes 0.50 computes on CPU, so outputs are bit-identical to it;
+* training: the same product inside :class:`MatMul4Bit`, which keeps only the packed weight for
+  the backward pass and dequantizes it again there (the dense weight is never stored).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..core import formats
+from ..core.quant_state import QuantState
+from ..functional import block_absmax_of
+
+
+def dense_weight(B: torch.Tensor, quant_state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+    """The [N, K] weight of packed ``B`` in ``dtype``, rounded once from float32 (as bitsandbytes)."""
+    return torch.ops.lowbit.dequantize_4bit(
+        B,
+        block_absmax_of(quant_state),
+        quant_state.blocksize,
+        quant_state.quant_type,
+        list(quant_state.shape),
+        dtype,
+    )
+
+
+def _code(quant_state: QuantState, device: torch.device) -> torch.Tensor:
+    # a QuantState built by hand (dequantize_4bit(absmax=...)) may carry no codebook
+    if quant_state.code is None:
+        return formats.code_tensor(quant_state.quant_type, device)
+    return quant_state.code.to(device)
+
+
+def to_out(result: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """``result``, or ``out`` filled with it (the ``out=`` argument of both products)."""
+    return result if out is None else out.copy_(result)
+
+
+class MatMul4Bit(torch.autograd.Function):
+    """``A @ W.T + bias`` with ``W`` the dequantized 4-bit ``B``; gradients for ``A`` and ``bias``.
+
+    ``B`` itself gets no gradient: a packed 4-bit weight is frozen (QLoRA trains adapters beside it).
+    """
+
+    @staticmethod
+    def forward(ctx, A, B, out=None, bias=None, quant_state: Optional[QuantState] = None):
+        output = F.linear(A, dense_weight(B, quant_state, A.dtype), bias)
+        ctx.quant_state = quant_state
+        ctx.save_for_backward(B)
+        return to_out(output, out)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (B,) = ctx.saved_tensors
+        grad_A = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_A = torch.matmul(grad_output, dense_weight(B, ctx.quant_state, grad_output.dtype))
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
+        return grad_A, None, None, grad_bias, None
+
+
+def _check_arguments(A, B, quant_state, bias) -> None:
+    if quant_state is None:
+        raise ValueError("matmul_4bit: quant_state is required (the QuantState of the packed weight B)")
+    if not isinstance(quant_state, QuantState):
+        raise TypeError(
+            f"matmul_4bit: quant_state must be a lowbit QuantState, got {type(quant_state).__name__}"
+        )
+    if quant_state.shape is None or len(quant_state.shape) != 2:
+        raise ValueError(f"matmul_4bit: quant_state.shape must be 2-D [N, K], got {quant_state.shape}")
+    for name, value in (("A", A), ("B", B)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"matmul_4bit: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if not A.is_floating_point():
+        raise ValueError(f"matmul_4bit: A must be a floating-point tensor, got {A.dtype}")
+    if A.dim() == 0 or A.shape[-1] not in tuple(quant_state.shape):
+        raise ValueError(
+            f"matmul_4bit: A has shape {tuple(A.shape)}, but the weight is {list(quant_state.shape)} "
+            f"(A's last dimension must be {quant_state.shape[1]})"
+        )
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"matmul_4bit: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+
+
+def matmul_4bit(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    quant_state: QuantState,
+    out: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``A @ dequantize_4bit(B, quant_state).T + bias``.
+
+    ``B`` is the packed weight as stored by ``Params4bit`` (any view of its bytes: ``weight`` or
+    ``weight.t()``); ``quant_state.shape`` is the weight's [N, K] = [out_features, in_features].
+    """
+    _check_arguments(A, B, quant_state, bias)
+    n_out, k_in = quant_state.shape
+    if bias is not None and bias.dtype != A.dtype:
+        bias = bias.to(A.dtype)  # outside the autograd.Function, so the cast is differentiable
+
+    if A.shape[-1] != k_in:
+        # A weight quantized in [K, N] orientation: bitsandbytes still accepts it (deprecated).
+        if not torch.compiler.is_compiling():
+            warnings.warn(
+                f"matmul_4bit: the weight was quantized from a [K, N] tensor (quant_state.shape="
+                f"{list(quant_state.shape)}); quantize it as [N, K] (out_features, in_features) instead",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        return to_out(F.linear(A, dense_weight(B, quant_state, A.dtype).t(), bias), out)
+
+    needs_grad = torch.is_grad_enabled() and (A.requires_grad or (bias is not None and bias.requires_grad))
+    if needs_grad:
+        # `out` is filled by a differentiable copy; handed to the Function it would come back
+        # as a new tensor object
+        return to_out(MatMul4Bit.apply(A, B, None, bias, quant_state), out)
+    if A.numel() == k_in:  # a single token: fused dequantize-dot, no dense weight
+        result = torch.ops.lowbit.gemv_4bit(
+            A.contiguous(),
+            B,
+            [n_out, k_in],
+            block_absmax_of(quant_state),
+            _code(quant_state, A.device),
+            quant_state.blocksize,
+        )
+        if bias is not None:
+            result = result + bias
+        return to_out(result, out)
+    return to_out(F.linear(A, dense_weight(B, quant_state, A.dtype), bias), out)

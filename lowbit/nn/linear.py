@@ -1,0 +1,230 @@
+"""Quantized linear layers: ``Linear4bit`` (QLoRA NF4/FP4) and ``Linear8bitLt`` (LLM.int8).
+
+Same constructor arguments and attributes as bitsandbytes. Build the layer, load float weights,
+then ``.to(device)`` (``.cpu()`` included) quantizes; so does the first forward pass, and so
+does loading a quantized checkpoint (see ``checkpoint.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..autograd import MatmulLtState, matmul, matmul_4bit
+from ..core import formats
+from .checkpoint import QuantizedWeightMixin
+from .int8params import Int8Params
+from .params4bit import Params4bit
+
+logger = logging.getLogger("lowbit")
+
+
+def _bias_in(bias: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    # Cast per call, not in place: bitsandbytes rewrites bias.data, which changes the dtype a
+    # checkpoint is saved in and is a side effect torch.compile has to replay.
+    return bias if bias is None or bias.dtype == dtype else bias.to(dtype)
+
+
+class Linear4bit(QuantizedWeightMixin, nn.Linear):
+    """A linear layer with a 4-bit (NF4 or FP4) weight, computed in ``compute_dtype``.
+
+    ``compute_dtype=None`` takes the input's dtype on the first call (float32 / bfloat16 inputs).
+    ``compress_statistics=True`` double-quantizes the absmax (~0.37 bit per weight saved).
+    ``quant_storage`` is the dtype the packed bytes are viewed as (uint8, or a float dtype for FSDP).
+    """
+
+    weight_class = Params4bit
+
+    def __init__(
+        self,
+        input_features: int,
+        output_features: int,
+        bias: bool = True,
+        compute_dtype: Optional[torch.dtype] = None,
+        compress_statistics: bool = True,
+        quant_type: str = "fp4",
+        quant_storage: torch.dtype = torch.uint8,
+        device=None,
+    ):
+        if compute_dtype is not None and compute_dtype not in formats.FLOAT_DTYPES:
+            raise ValueError(
+                f"compute_dtype must be None or one of {formats.FLOAT_DTYPES}, got {compute_dtype!r}"
+            )
+        super().__init__(input_features, output_features, bias, device)
+        self.weight = Params4bit(
+            self.weight.data,
+            requires_grad=False,
+            compress_statistics=compress_statistics,
+            quant_type=quant_type,
+            quant_storage=quant_storage,
+            module=self,
+        )
+        self.compute_dtype = compute_dtype
+        self.compute_type_is_set = compute_dtype is not None
+        self.quant_state = None
+        self.quant_storage = quant_storage
+
+    def weight_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def set_compute_type(self, x: torch.Tensor) -> None:
+        """Adopt a float32/bfloat16 input's dtype; warn about float16 input with float32 compute."""
+        if x.dtype in (torch.float32, torch.bfloat16):
+            self.compute_dtype = x.dtype
+        elif x.dtype == torch.float16 and self.compute_dtype in (None, torch.float32):
+            if not torch.compiler.is_compiling():
+                logger.warning(
+                    "Input type into Linear4bit is torch.float16, but bnb_4bit_compute_dtype=torch.float32 "
+                    "(default). This will lead to slow inference%s.",
+                    "" if x.numel() == x.shape[-1] else " or training speed",
+                )
+
+    def _weight_for_forward(self) -> Params4bit:
+        state = self.quant_state
+        if getattr(self.weight, "quant_state", None) is None and state is not None:
+            # FSDP and other wrappers may hand back the packed data without its state (a plain
+            # tensor, or the subclass without attributes); the layer kept a reference to it.
+            weight = Params4bit(
+                self.weight.data,
+                blocksize=state.blocksize,
+                compress_statistics=state.nested,
+                quant_type=state.quant_type,
+                quant_storage=self.weight.dtype,
+                module=self,
+            )
+            weight._set_state(state)
+            self.weight = weight
+        return self.quantized_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self._weight_for_forward()
+        if not self.compute_type_is_set:
+            self.set_compute_type(x)
+            self.compute_type_is_set = True
+        input_dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        out = matmul_4bit(x, weight, quant_state=weight.quant_state, bias=_bias_in(self.bias, x.dtype))
+        return out.to(input_dtype)
+
+
+class LinearFP4(Linear4bit):
+    """``Linear4bit`` with ``quant_type="fp4"``."""
+
+    def __init__(
+        self,
+        input_features,
+        output_features,
+        bias=True,
+        compute_dtype=None,
+        compress_statistics=True,
+        quant_storage=torch.uint8,
+        device=None,
+    ):
+        super().__init__(
+            input_features,
+            output_features,
+            bias,
+            compute_dtype,
+            compress_statistics,
+            "fp4",
+            quant_storage,
+            device,
+        )
+
+
+class LinearNF4(Linear4bit):
+    """``Linear4bit`` with ``quant_type="nf4"`` (normal-float: equal-area bins of N(0, 1), QLoRA)."""
+
+    def __init__(
+        self,
+        input_features,
+        output_features,
+        bias=True,
+        compute_dtype=None,
+        compress_statistics=True,
+        quant_storage=torch.uint8,
+        device=None,
+    ):
+        super().__init__(
+            input_features,
+            output_features,
+            bias,
+            compute_dtype,
+            compress_statistics,
+            "nf4",
+            quant_storage,
+            device,
+        )
+
+
+class Linear8bitLt(QuantizedWeightMixin, nn.Linear):
+    """LLM.int8 linear layer.
+
+    ``has_fp16_weights=False``: the weight is stored as int8 (quantized by ``.to(device)``, the
+    first forward, or loaded as such); ``True``: it stays in floating point and is trained, and
+    every product quantizes it. ``threshold > 0`` multiplies input columns holding a value of at
+    least ``threshold`` in 16 bit (outlier decomposition); 6.0 is the usual choice.
+    """
+
+    weight_class = Int8Params
+
+    def __init__(
+        self,
+        input_features: int,
+        output_features: int,
+        bias: bool = True,
+        has_fp16_weights: bool = True,
+        threshold: float = 0.0,
+        index=None,
+        device=None,
+    ):
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, (int, float))
+            or not 0.0 <= threshold < math.inf
+        ):
+            raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+        super().__init__(input_features, output_features, bias, device)
+        self.state = MatmulLtState()
+        self.index = index
+        self.state.threshold = threshold
+        self.state.has_fp16_weights = has_fp16_weights
+        if threshold > 0.0 and not has_fp16_weights:
+            self.state.use_pool = True
+        self.weight = Int8Params(
+            self.weight.data, has_fp16_weights=has_fp16_weights, requires_grad=has_fp16_weights
+        )
+
+    def weight_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def init_8bit_state(self) -> None:
+        """Point the matmul state at the int8 weight (bitsandbytes' name for it)."""
+        self.state.CB = self.weight.CB
+        self.state.SCB = self.weight.SCB
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        if self.weight._is_quantized():
+            self.init_8bit_state()  # the state follows the weight to its new device
+        return result
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # The scales may have been handed to the state only (bitsandbytes' init_8bit_state clears
+        # them from the weight); save them from there too.
+        weight = self.weight
+        if weight._is_quantized() and weight.SCB is None and self.state.SCB is not None:
+            weight.SCB = self.state.SCB
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.quantized_weight()
+        self.state.is_training = self.training
+        if weight._is_quantized():
+            self.init_8bit_state()
+        return matmul(x, weight, bias=_bias_in(self.bias, x.dtype), state=self.state)
