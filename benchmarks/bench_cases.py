@@ -1,0 +1,515 @@
+"""The benchmark cases. Each builder makes its tensors once and returns one :class:`Impl` per
+implementation (lowbit first, then bitsandbytes, then torch; the first of each library is the one
+the table's ratios use, later ones are shown as extra rows). Every library runs on the same
+tensors; 4-bit weights are quantized once by lowbit, and bitsandbytes gets the same bytes (the
+quantize cases check that both libraries produce identical bytes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as TF
+from bench_core import Case, Check, Impl, Verdict, all_of, close_to, rel_err, same_as, unavailable
+
+K = N = 4096  # in_features, out_features of every weight
+ELEMENTS = K * N  # 16.8M
+BLOCKSIZE_4BIT = 64
+INT4PACK_GROUP = 64
+LLM_INT8_THRESHOLD = 6.0
+OUTLIER_COLUMNS = (11, 1000, 2047, 3333)  # activation features above the threshold (LLM.int8)
+
+Factory = Callable[[], Callable[[], Any]]  # builds an implementation's zero-argument callable
+
+
+# ------------------------------------------------------------------------------------------
+# Libraries
+# ------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Libs:
+    lowbit: Any
+    F: Any  # lowbit.functional
+    bnb: Any  # bitsandbytes, or None
+    BF: Any  # bitsandbytes.functional, or None
+    bnb_missing: str  # why bitsandbytes is None
+
+    @classmethod
+    def load(cls) -> Libs:
+        import lowbit
+        import lowbit.functional
+
+        try:
+            import bitsandbytes
+            import bitsandbytes.functional
+
+            return cls(lowbit, lowbit.functional, bitsandbytes, bitsandbytes.functional, "")
+        except Exception as err:  # noqa: BLE001 (a broken install raises all sorts of things)
+            return cls(lowbit, lowbit.functional, None, None, f"bitsandbytes not importable: {err}")
+
+    def impl(self, lib: str, label: str, factory: Factory, **kwargs: Any) -> Impl:
+        """An implementation whose callable ``factory`` builds; n/a (with the reason) if the
+        library is missing or the factory fails, e.g. because the library lacks the API."""
+        if lib == "bitsandbytes" and self.bnb is None:
+            return unavailable(lib, label, self.bnb_missing)
+        try:
+            return Impl(lib, label, factory(), **kwargs)
+        except Exception as err:  # noqa: BLE001
+            return unavailable(lib, label, f"{type(err).__name__}: {err}"[:200])
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def weight(dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """An [N, K] weight scaled by 1/sqrt(K), so activations keep their size layer after layer."""
+    return (torch.randn(N, K, generator=_generator(seed)) / math.sqrt(K)).to(dtype)
+
+
+def activations(rows: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+    return torch.randn(rows, K, generator=_generator(seed)).to(dtype)
+
+
+def calling(get: Callable[[], Callable[..., Any]], *args: Any, **kwargs: Any) -> Factory:
+    """A factory for :meth:`Libs.impl`: looks the function up when the case is built (so a
+    library lacking it gives an n/a with the AttributeError) and binds the arguments."""
+
+    def factory() -> Callable[[], Any]:
+        fn = get()
+        return lambda: fn(*args, **kwargs)
+
+    return factory
+
+
+def module_call(make: Callable[[], Any], x: torch.Tensor) -> Factory:
+    """A factory for an inference call ``layer(x)`` of the module ``make()`` builds."""
+
+    def factory() -> Callable[[], Any]:
+        layer = make()
+
+        def call() -> Any:
+            with torch.no_grad():
+                return layer(x)
+
+        return call
+
+    return factory
+
+
+def agrees_with(lib: str, tol: float) -> Check:
+    """Within ``tol`` (relative to max |output|) of ``lib``'s output; says if bit-identical."""
+
+    def check(out: Any, primary: dict[str, Any]) -> Optional[Verdict]:
+        if lib not in primary:
+            return None
+        if torch.equal(out, primary[lib]):
+            return Verdict(True, f"bit-identical to {lib}")
+        err = rel_err(out, primary[lib])
+        return Verdict(err <= tol, f"rel diff {err:.1e} vs {lib} (tol {tol:.0e})")
+
+    return check
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+# ------------------------------------------------------------------------------------------
+# 4-bit weights shared by the gemv, matmul and decode cases
+# ------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Weight4bit:
+    packed: torch.Tensor  # bitsandbytes layout: [N*K/2, 1] uint8
+    state: Any  # lowbit QuantState (absmax float32, not double-quantized)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.state.absmax.nbytes
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized [N, K] weight (what every implementation multiplies by)."""
+        return torch.ops.lowbit.dequantize_4bit(
+            self.packed, self.state.absmax, self.state.blocksize, self.state.quant_type, [N, K], dtype
+        )
+
+
+def quantize_nf4(libs: Libs, dtype: torch.dtype, seed: int = 0) -> Weight4bit:
+    packed, state = libs.F.quantize_4bit(weight(dtype, seed), blocksize=BLOCKSIZE_4BIT, quant_type="nf4")
+    return Weight4bit(packed, state)
+
+
+def bnb_state_4bit(libs: Libs, w: Weight4bit, dtype: torch.dtype) -> Any:
+    """A bitsandbytes QuantState for the same packed bytes."""
+    return libs.BF.QuantState(
+        absmax=w.state.absmax.clone(),
+        shape=torch.Size([N, K]),
+        code=libs.BF.get_4bit_type("nf4", device="cpu"),
+        blocksize=w.state.blocksize,
+        quant_type="nf4",
+        dtype=dtype,
+    )
+
+
+def bnb_cpu_layout(libs: Libs, w: Weight4bit, dtype: torch.dtype) -> tuple[torch.Tensor, Any]:
+    """The weight as ``bitsandbytes.nn.Linear4bit`` holds it for CPU inference on AVX512-BF16
+    machines (repacked for its fused kernel, absmax in bf16); its gemv_4bit CPU kernel expects
+    this layout and returns wrong values for the standard one."""
+    if not libs.BF.has_avx512bf16():
+        raise RuntimeError("no AVX512-BF16: bitsandbytes keeps the standard layout here")
+    return libs.BF._convert_weight_packed_for_cpu(w.packed.clone(), bnb_state_4bit(libs, w, dtype))
+
+
+BNB_CPU_LAYOUT = "Linear4bit CPU layout"
+BNB_STD_LAYOUT = "standard layout"
+
+
+def bnb_4bit_impls(
+    libs: Libs, w: Weight4bit, dtype: torch.dtype, call: Callable[[torch.Tensor, Any], Any], label: str, **kwargs: Any
+) -> list[Impl]:
+    """bitsandbytes on the layout its Linear4bit uses for CPU inference (primary, when this CPU
+    has it), then on the standard layout."""
+    impls = []
+    if libs.bnb is not None and libs.BF.has_avx512bf16():
+
+        def on_cpu_layout() -> Callable[[], Any]:
+            packed, state = bnb_cpu_layout(libs, w, dtype)
+            return lambda: call(packed, state)
+
+        impls.append(libs.impl("bitsandbytes", f"{label}, {BNB_CPU_LAYOUT}", on_cpu_layout, **kwargs))
+
+    def on_standard_layout() -> Callable[[], Any]:
+        state = bnb_state_4bit(libs, w, dtype)
+        return lambda: call(w.packed, state)
+
+    impls.append(libs.impl("bitsandbytes", f"{label}, {BNB_STD_LAYOUT}", on_standard_layout, **kwargs))
+    return impls
+
+
+@dataclasses.dataclass
+class Int4Pack:
+    """torch's own int4 weight-only format for CPU (group-wise scale and zero point)."""
+
+    packed: torch.Tensor
+    scales_zeros: torch.Tensor
+
+    @classmethod
+    def random(cls, dtype: torch.dtype, seed: int = 7) -> Int4Pack:
+        q = torch.randint(0, 16, (N, K), dtype=torch.int32, generator=_generator(seed))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        # (q - 8) * scale + zero with std(q - 8) ~ 4.6: weights of std ~1/sqrt(K), like weight()
+        scales_zeros = torch.zeros(K // INT4PACK_GROUP, N, 2, dtype=dtype)
+        scales_zeros[..., 0] = 1 / (4.6 * math.sqrt(K))
+        return cls(packed, scales_zeros)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales_zeros.nbytes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, INT4PACK_GROUP, self.scales_zeros)
+
+
+INT4PACK_LABEL = f"aten._weight_int4pack_mm_for_cpu (int4 g{INT4PACK_GROUP}, timing only)"
+
+
+def int4pack_impl(libs: Libs, x: torch.Tensor) -> Impl:
+    def factory() -> Callable[[], Any]:
+        w = Int4Pack.random(x.dtype)
+        return lambda: w(x)
+
+    return libs.impl("torch", INT4PACK_LABEL, factory)
+
+
+# ------------------------------------------------------------------------------------------
+# Cases
+# ------------------------------------------------------------------------------------------
+def gemv_4bit(libs: Libs, dtype: torch.dtype) -> list[Impl]:
+    w = quantize_nf4(libs, dtype)
+    x = activations(1, dtype)
+    dense = w.dense(dtype)
+    check = close_to(x.double() @ w.dense(torch.float32).double().T, 1e-2, "fp64 product")
+    impls = [
+        libs.impl("lowbit", "F.gemv_4bit", calling(lambda: libs.F.gemv_4bit, x, w.packed, state=w.state), check=check),
+        *bnb_4bit_impls(
+            libs, w, dtype, lambda B, state: libs.BF.gemv_4bit(x, B, state=state), "F.gemv_4bit", check=check
+        ),
+        Impl("torch", f"F.linear {dtype_name(dtype)}, dense dequantized weight", lambda: TF.linear(x, dense), check=check),
+    ]
+    if dtype == torch.bfloat16:
+        impls.append(int4pack_impl(libs, x))
+    return impls
+
+
+def _lowbit_matmul_4bit(libs: Libs, x: torch.Tensor, w: Weight4bit, check: Check) -> Impl:
+    """The first matmul_4bit lowbit offers: bitsandbytes' top-level name, then the autograd
+    module's, then the raw op."""
+    candidates = [
+        ("lowbit.matmul_4bit", calling(lambda: libs.lowbit.matmul_4bit, x, w.packed.t(), w.state)),
+        (
+            "lowbit.autograd.matmul_4bit",
+            calling(lambda: importlib.import_module("lowbit.autograd").matmul_4bit, x, w.packed.t(), w.state),
+        ),
+        (
+            "torch.ops.lowbit.matmul_4bit",
+            calling(lambda: torch.ops.lowbit.matmul_4bit, x, w.packed, [N, K], w.state.absmax, w.state.code, w.state.blocksize),
+        ),
+    ]
+    reasons = []
+    for label, factory in candidates:
+        found = libs.impl("lowbit", label, factory, check=check)
+        if found.fn is not None:
+            return found
+        reasons.append(f"{label}: {found.reason}")
+    return unavailable("lowbit", "matmul_4bit", "; ".join(reasons))
+
+
+def matmul_4bit(libs: Libs, rows: int, dtype: torch.dtype) -> list[Impl]:
+    w = quantize_nf4(libs, dtype)
+    x = activations(rows, dtype)
+    dense = w.dense(dtype)
+    check = close_to(x.double() @ w.dense(torch.float32).double().T, 1e-2, "fp64 product")
+    return [
+        _lowbit_matmul_4bit(libs, x, w, check),
+        *bnb_4bit_impls(
+            libs, w, dtype, lambda B, state: libs.bnb.matmul_4bit(x, B.t(), state), "bnb.matmul_4bit", check=check
+        ),
+        Impl("torch", f"F.linear {dtype_name(dtype)}, dense dequantized weight", lambda: TF.linear(x, dense), check=check),
+        int4pack_impl(libs, x),
+    ]
+
+
+NO_TORCH_FORMAT = "torch has no NF4 / blockwise-dynamic 8-bit format"
+
+
+def quantize_4bit(libs: Libs, dtype: torch.dtype) -> list[Impl]:
+    W = weight(dtype)
+    check = same_as("bitsandbytes", "packed bytes and absmax")
+    return [
+        libs.impl("lowbit", "F.quantize_4bit nf4",
+                  calling(lambda: libs.F.quantize_4bit, W, blocksize=BLOCKSIZE_4BIT, quant_type="nf4"), check=check),
+        libs.impl("bitsandbytes", "F.quantize_4bit nf4",
+                  calling(lambda: libs.BF.quantize_4bit, W, blocksize=BLOCKSIZE_4BIT, quant_type="nf4")),
+        unavailable("torch", "", NO_TORCH_FORMAT),
+    ]  # fmt: skip
+
+
+def dequantize_4bit(libs: Libs, dtype: torch.dtype) -> list[Impl]:
+    w = quantize_nf4(libs, dtype)
+    check = same_as("bitsandbytes")
+    return [
+        libs.impl("lowbit", "F.dequantize_4bit nf4", calling(lambda: libs.F.dequantize_4bit, w.packed, w.state), check=check),
+        libs.impl("bitsandbytes", "F.dequantize_4bit nf4",
+                  calling(lambda: libs.BF.dequantize_4bit, w.packed, bnb_state_4bit(libs, w, dtype))),
+        unavailable("torch", "", NO_TORCH_FORMAT),
+    ]
+
+
+def quantize_blockwise(libs: Libs, dtype: torch.dtype) -> list[Impl]:
+    W = weight(dtype)
+    return [
+        libs.impl("lowbit", "F.quantize_blockwise", calling(lambda: libs.F.quantize_blockwise, W),
+                  check=same_as("bitsandbytes", "codes and absmax")),
+        libs.impl("bitsandbytes", "F.quantize_blockwise", calling(lambda: libs.BF.quantize_blockwise, W)),
+        unavailable("torch", "", NO_TORCH_FORMAT),
+    ]  # fmt: skip
+
+
+def dequantize_blockwise(libs: Libs, dtype: torch.dtype) -> list[Impl]:
+    q, state = libs.F.quantize_blockwise(weight(dtype))
+
+    def bnb_factory() -> Callable[[], Any]:
+        bnb_state = libs.BF.QuantState(
+            absmax=state.absmax.clone(), code=libs.BF.create_dynamic_map(), blocksize=state.blocksize, dtype=dtype
+        )
+        return lambda: libs.BF.dequantize_blockwise(q, bnb_state)
+
+    return [
+        libs.impl("lowbit", "F.dequantize_blockwise", calling(lambda: libs.F.dequantize_blockwise, q, state),
+                  check=same_as("bitsandbytes")),
+        libs.impl("bitsandbytes", "F.dequantize_blockwise", bnb_factory),
+        unavailable("torch", "", NO_TORCH_FORMAT),
+    ]  # fmt: skip
+
+
+def int8_gemm(libs: Libs, rows: int) -> list[Impl]:
+    g = _generator(5)
+    A = torch.randint(-127, 128, (rows, K), dtype=torch.int8, generator=g)
+    B = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+    exact = same_as("torch", "int32 product")
+    return [
+        libs.impl("lowbit", "F.int8_linear_matmul", calling(lambda: libs.F.int8_linear_matmul, A, B), check=exact),
+        libs.impl("bitsandbytes", "F.int8_linear_matmul", calling(lambda: libs.BF.int8_linear_matmul, A, B), check=exact),
+        libs.impl("torch", "torch._int_mm(A, B.t())", calling(lambda: torch._int_mm, A, B.t())),
+    ]
+
+
+def _linear8bitlt(nn: Any, W: torch.Tensor) -> Any:
+    layer = nn.Linear8bitLt(K, N, bias=False, has_fp16_weights=False, threshold=LLM_INT8_THRESHOLD)
+    layer.weight = nn.Int8Params(W.clone(), requires_grad=False, has_fp16_weights=False)
+    return layer.to("cpu").eval()
+
+
+def _lowbit_llm_int8(libs: Libs, W: torch.Tensor, x: torch.Tensor, check: Check) -> Impl:
+    """``lowbit.nn.Linear8bitLt`` if lowbit has it, else the same computation from functional ops."""
+    make = lambda: _linear8bitlt(importlib.import_module("lowbit.nn"), W)  # noqa: E731
+    found = libs.impl("lowbit", "lowbit.nn.Linear8bitLt", module_call(make, x), check=check)
+    if found.fn is not None:
+        return found
+    F = libs.F
+    CB, SCB, _ = F.int8_vectorwise_quant(W)
+
+    def functional() -> torch.Tensor:
+        q, row_stats, outliers = F.int8_vectorwise_quant(x, LLM_INT8_THRESHOLD)
+        out = F.int8_mm_dequant(F.int8_linear_matmul(q, CB), row_stats, SCB)
+        if outliers is not None and outliers.numel():  # outlier features in fp16, as bitsandbytes
+            w_outliers = (CB[:, outliers].float() * SCB[:, None] / 127).to(x.dtype)
+            out += x[:, outliers] @ w_outliers.T
+        return out
+
+    return Impl("lowbit", "int8_vectorwise_quant + int8_linear_matmul + int8_mm_dequant", functional, check=check)
+
+
+def llm_int8_linear(libs: Libs, rows: int) -> list[Impl]:
+    W = weight(torch.float16)
+    x = activations(rows, torch.float16)
+    x[:, list(OUTLIER_COLUMNS)] = 8.0  # a few outlier features, as LLM.int8 is designed for
+    check = all_of(close_to(x.double() @ W.double().T, 2e-2, "fp64 product"), agrees_with("bitsandbytes", 1e-2))
+    return [  # fmt: skip
+        _lowbit_llm_int8(libs, W, x, check),
+        libs.impl("bitsandbytes", "bnb.nn.Linear8bitLt", module_call(lambda: _linear8bitlt(libs.bnb.nn, W), x),
+                  check=close_to(x.double() @ W.double().T, 2e-2, "fp64 product")),
+        Impl("torch", "F.linear fp16, dense weight", lambda: TF.linear(x, W)),
+    ]
+
+
+def _optimizer_step(make: Callable[[list[torch.Tensor]], Any], p0: torch.Tensor, grad: torch.Tensor) -> Callable:
+    def factory() -> Callable[[], Any]:
+        p = torch.nn.Parameter(p0.clone())
+        p.grad = grad.clone()
+        return make([p]).step
+
+    return factory
+
+
+def adam8bit_agreement(libs: Libs, numel: int = 1 << 20, steps: int = 3) -> Check:
+    """lowbit's and bitsandbytes' AdamW8bit from the same start with the same gradients:
+    identical 8-bit state codes in >= 99.9% of entries (DESIGN.md §5) and matching parameters.
+    Run on 1M parameters (the kernels are the same at any size) to keep the check cheap."""
+
+    def run(optim: Any) -> tuple[torch.Tensor, Any]:
+        g = _generator(11)
+        p = torch.nn.Parameter(torch.randn(numel, generator=g) * 0.1)
+        opt = optim.AdamW8bit([p])
+        for _ in range(steps):
+            p.grad = torch.randn(numel, generator=g) * 0.01
+            opt.step()
+        return p.detach(), opt.state[p]
+
+    def check(_: Any, __: dict[str, Any]) -> Optional[Verdict]:
+        if libs.bnb is None:
+            return None
+        (p, state), (bp, bstate) = run(libs.lowbit.optim), run(libs.bnb.optim)
+        codes = min((state[k] == bstate[k]).float().mean().item() for k in ("state1", "state2"))
+        err = rel_err(p, bp)
+        return Verdict(
+            codes >= 0.999 and err <= 1e-5,
+            f"{codes:.3%} of state codes and params (rel diff {err:.0e}) = bitsandbytes ({numel >> 20}M params, {steps} steps)",
+        )
+
+    return check
+
+
+def adamw_step(libs: Libs, numel: int) -> list[Impl]:
+    g = _generator(9)
+    p0 = torch.randn(numel, generator=g) * 0.1
+    grad = torch.randn(numel, generator=g) * 0.01
+    torch_adamw = torch.optim.AdamW
+    return [
+        libs.impl("lowbit", "lowbit.optim.AdamW8bit", _optimizer_step(lambda ps: libs.lowbit.optim.AdamW8bit(ps), p0, grad),
+                  check=adam8bit_agreement(libs)),
+        libs.impl("bitsandbytes", "bnb.optim.AdamW8bit", _optimizer_step(lambda ps: libs.bnb.optim.AdamW8bit(ps), p0, grad)),
+        libs.impl("torch", "optim.AdamW fp32 (default: for-loop)", _optimizer_step(torch_adamw, p0, grad)),
+        libs.impl("torch", "optim.AdamW fp32 foreach=True", _optimizer_step(lambda ps: torch_adamw(ps, foreach=True), p0, grad)),
+        libs.impl("torch", "optim.AdamW fp32 fused=True", _optimizer_step(lambda ps: torch_adamw(ps, fused=True), p0, grad)),
+    ]  # fmt: skip
+
+
+def decode_layers(llc_bytes: int) -> int:
+    """Layers of 4096x4096 NF4 in the decode stack: at least 20 and packed weights of at least
+    2.5x the last-level cache, so every token streams the weights from memory."""
+    per_layer = N * K // 2
+    return max(20, math.ceil(2.5 * llc_bytes / per_layer))
+
+
+def decode_stack(libs: Libs, layers: int) -> list[Impl]:
+    dtype = torch.bfloat16
+    weights = [quantize_nf4(libs, dtype, seed=100 + i) for i in range(layers)]
+    x = activations(1, dtype)
+
+    def stack(step: Callable[[Any, torch.Tensor], torch.Tensor], per_layer: list[Any]) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            h = x
+            for layer in per_layer:
+                h = step(layer, h)
+            return h
+
+        return run
+
+    def bnb_stack(layout: Callable[[Weight4bit], tuple[torch.Tensor, Any]]) -> Callable[[], Callable[[], Any]]:
+        def factory() -> Callable[[], Any]:
+            converted = [layout(w) for w in weights]
+            return stack(lambda layer, h: libs.BF.gemv_4bit(h, layer[0], state=layer[1]), converted)
+
+        return factory
+
+    dense = [w.dense(dtype) for w in weights]
+    int4 = [Int4Pack.random(dtype, seed=200 + i) for i in range(layers)]
+    packed_bytes = sum(w.nbytes for w in weights)
+    # bitsandbytes' CPU layout keeps absmax in bf16: half the absmax bytes
+    bnb_cpu_bytes = sum(w.packed.nbytes + w.state.absmax.numel() * 2 for w in weights)
+    check = agrees_with("torch", 5e-2)  # torch runs the same stack on the dequantized weights
+    impls = [
+        libs.impl("lowbit", "F.gemv_4bit per layer",
+                  lambda: stack(lambda w, h: libs.F.gemv_4bit(h, w.packed, state=w.state), weights),
+                  check=check, bytes_read=packed_bytes),
+    ]  # fmt: skip
+    if libs.bnb is not None and libs.BF.has_avx512bf16():
+        impls.append(libs.impl("bitsandbytes", f"F.gemv_4bit per layer, {BNB_CPU_LAYOUT}",
+                               bnb_stack(lambda w: bnb_cpu_layout(libs, w, dtype)), check=check, bytes_read=bnb_cpu_bytes))  # fmt: skip
+    else:
+        impls.append(libs.impl("bitsandbytes", f"F.gemv_4bit per layer, {BNB_STD_LAYOUT}",
+                               bnb_stack(lambda w: (w.packed, bnb_state_4bit(libs, w, dtype))), check=check, bytes_read=packed_bytes))  # fmt: skip
+    impls += [
+        Impl("torch", "F.linear bf16 per layer, dense dequantized weights", stack(lambda w, h: TF.linear(h, w), dense),
+             bytes_read=sum(d.nbytes for d in dense)),
+        Impl("torch", INT4PACK_LABEL, stack(lambda w, h: w(h), int4), bytes_read=sum(w.nbytes for w in int4)),
+    ]  # fmt: skip
+    return impls
+
+
+def cases(llc_bytes: int, libs: Libs) -> list[Case]:
+    layers = decode_layers(llc_bytes)
+    packed_mib = layers * N * K // 2 / 2**20
+    found = []
+    for dtype in (torch.float32, torch.bfloat16):
+        found.append(Case(f"gemv_4bit 1×{N}×{K} nf4 {dtype_name(dtype)}", "4-bit", lambda d=dtype: gemv_4bit(libs, d)))
+    found.append(Case(f"matmul_4bit 8×{N}×{K} nf4 bf16", "4-bit", lambda: matmul_4bit(libs, 8, torch.bfloat16)))
+    for name, build in (("quantize_4bit", quantize_4bit), ("dequantize_4bit", dequantize_4bit)):
+        for dtype in (torch.bfloat16, torch.float32):
+            found.append(Case(f"{name} {N}×{K} nf4 {dtype_name(dtype)}", "4-bit", lambda b=build, d=dtype: b(libs, d)))
+    for name, build in (("quantize_blockwise", quantize_blockwise), ("dequantize_blockwise", dequantize_blockwise)):
+        for dtype in (torch.float32, torch.bfloat16):
+            found.append(Case(f"{name} {N}×{K} {dtype_name(dtype)}", "8-bit", lambda b=build, d=dtype: b(libs, d)))
+    found += [
+        Case(f"int8 GEMM 32×{N}×{K}", "int8", lambda: int8_gemm(libs, 32)),
+        Case(f"LLM.int8 linear 32×{K}→{N} fp16, threshold {LLM_INT8_THRESHOLD:g}, {len(OUTLIER_COLUMNS)} outlier columns",
+             "int8", lambda: llm_int8_linear(libs, 32)),
+        Case(f"AdamW 8-bit step, {ELEMENTS / 1e6:.1f}M params", "optimizer", lambda: adamw_step(libs, ELEMENTS)),
+        Case(f"decode: 1 token through {layers} NF4 layers ({packed_mib:.0f} MiB packed) bf16", "bandwidth",
+             lambda: decode_stack(libs, layers)),
+    ]  # fmt: skip
+    return found
