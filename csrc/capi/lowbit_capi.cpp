@@ -2,7 +2,7 @@
  *
  * Each entry point: validates its arguments (second line of defence; Python validates first),
  * pins the floating-point environment (FpEnvGuard: round-to-nearest, no FTZ/DAZ), and calls the
- * scalar CPU kernel. No C++ exception ever crosses this boundary: anything unexpected becomes
+ * kernel of the current CPU ISA (csrc/cpu/dispatch.h). No C++ exception ever crosses this boundary: anything unexpected becomes
  * LOWBIT_ERR_UNSUPPORTED (the only failure a kernel can have is running out of memory).
  *
  * Validation order: enums, blocksize and n >= 0 first; then n == 0 returns LOWBIT_OK without
@@ -11,7 +11,7 @@
  */
 #include "lowbit_capi.h"
 
-#include "cpu_kernels.h"
+#include "dispatch.h"
 #include "fp_env.h"
 #include "lowbit_formats.h"
 
@@ -22,7 +22,18 @@
 namespace {
 
 namespace fmt = lowbit::fmt;
-namespace kernels = lowbit::cpu::LOWBIT_CPU_ISA;
+using lowbit::cpu::kernels;
+
+static_assert(int{LOWBIT_ISA_SCALAR} == int{lowbit::cpu::kIsaScalar} &&
+                  int{LOWBIT_ISA_AVX2} == int{lowbit::cpu::kIsaAvx2} &&
+                  int{LOWBIT_ISA_AVX512} == int{lowbit::cpu::kIsaAvx512},
+              "lowbit_isa and lowbit::cpu::Isa must agree");
+
+/* Largest size product the entry points accept: far beyond any tensor, and sums of a few such
+ * values (indices plus padding) cannot overflow int64. */
+constexpr int64_t kMaxElements = int64_t{1} << 62;
+
+bool product_fits(int64_t a, int64_t b) { return a == 0 || b <= kMaxElements / a; }
 
 bool valid_dtype(int32_t dtype) {
     return dtype == LOWBIT_FLOAT32 || dtype == LOWBIT_FLOAT16 || dtype == LOWBIT_BFLOAT16;
@@ -64,6 +75,17 @@ LOWBIT_API int32_t lowbit_abi_version(void) { return LOWBIT_ABI_VERSION; }
 
 LOWBIT_API const char *lowbit_build_info(void) { return LOWBIT_BUILD_INFO; }
 
+LOWBIT_API int32_t lowbit_cpu_isa_supported(int32_t isa) {
+    return lowbit::cpu::isa_supported(isa) ? 1 : 0;
+}
+
+LOWBIT_API int32_t lowbit_cpu_isa(void) { return lowbit::cpu::current_isa(); }
+
+LOWBIT_API int32_t lowbit_set_cpu_isa(int32_t isa) {
+    if (isa < 0 || isa >= lowbit::cpu::kNumIsas) return LOWBIT_ERR_ARGUMENT;
+    return lowbit::cpu::set_isa(isa) ? LOWBIT_OK : LOWBIT_ERR_UNSUPPORTED;
+}
+
 LOWBIT_API int32_t lowbit_format_table(int32_t table, float *out, int32_t capacity, int32_t *count) {
     if (count == nullptr || capacity < 0 || (out == nullptr && capacity > 0))
         return LOWBIT_ERR_ARGUMENT;
@@ -95,21 +117,21 @@ LOWBIT_API int32_t lowbit_quantize_4bit(int32_t dtype, const void *A, int64_t n,
     if (done) return LOWBIT_OK;
     if (A == nullptr || out == nullptr || absmax == nullptr) return LOWBIT_ERR_ARGUMENT;
     return guarded([&] {
-        kernels::quantize_4bit(dtype, A, n, blocksize, quant_type, out, absmax, num_threads);
+        kernels().quantize_4bit(dtype, A, n, blocksize, quant_type, out, absmax, num_threads);
         return int32_t{LOWBIT_OK};
     });
 }
 
 LOWBIT_API int32_t lowbit_dequantize_4bit(int32_t dtype, const uint8_t *A, const float *absmax,
-                                          int64_t n, int64_t blocksize, int32_t quant_type,
+                                          int64_t n, int64_t blocksize, const float *code,
                                           void *out, int32_t num_threads) {
     bool done = false;
     const int32_t st = check_common(dtype, n, blocksize, &done);
-    if (st != LOWBIT_OK || !valid_quant_type(quant_type)) return LOWBIT_ERR_ARGUMENT;
+    if (st != LOWBIT_OK) return st;
     if (done) return LOWBIT_OK;
-    if (A == nullptr || absmax == nullptr || out == nullptr) return LOWBIT_ERR_ARGUMENT;
+    if (A == nullptr || absmax == nullptr || code == nullptr || out == nullptr) return LOWBIT_ERR_ARGUMENT;
     return guarded([&] {
-        kernels::dequantize_4bit(dtype, A, absmax, n, blocksize, quant_type, out, num_threads);
+        kernels().dequantize_4bit(dtype, A, absmax, n, blocksize, code, out, num_threads);
         return int32_t{LOWBIT_OK};
     });
 }
@@ -125,7 +147,7 @@ LOWBIT_API int32_t lowbit_quantize_blockwise(int32_t dtype, const float *code, c
         return LOWBIT_ERR_ARGUMENT;
     return guarded([&] {
         const bool ok =
-            kernels::quantize_blockwise(dtype, code, A, n, blocksize, out, absmax, num_threads);
+            kernels().quantize_blockwise(dtype, code, A, n, blocksize, out, absmax, num_threads);
         return int32_t{ok ? LOWBIT_OK : LOWBIT_ERR_UNSUPPORTED};
     });
 }
@@ -140,8 +162,25 @@ LOWBIT_API int32_t lowbit_dequantize_blockwise(int32_t dtype, const float *code,
     if (code == nullptr || A == nullptr || absmax == nullptr || out == nullptr)
         return LOWBIT_ERR_ARGUMENT;
     return guarded([&] {
-        kernels::dequantize_blockwise(dtype, code, A, absmax, n, blocksize, out, num_threads);
+        kernels().dequantize_blockwise(dtype, code, A, absmax, n, blocksize, out, num_threads);
         return int32_t{LOWBIT_OK};
+    });
+}
+
+LOWBIT_API int32_t lowbit_gemv_4bit(int32_t a_dtype, const void *A, int64_t M, int64_t K,
+                                    const uint8_t *B, const float *absmax, const float *code,
+                                    int64_t N, int64_t blocksize, int32_t out_dtype, void *out,
+                                    int32_t num_threads) {
+    if (!valid_dtype(a_dtype) || !valid_dtype(out_dtype) || !fmt::is_supported_blocksize(blocksize) ||
+        M < 0 || N < 0 || K < 1 || !product_fits(M, K) || !product_fits(N, K) || !product_fits(M, N))
+        return LOWBIT_ERR_ARGUMENT;
+    if (M == 0 || N == 0) return LOWBIT_OK;
+    if (A == nullptr || B == nullptr || absmax == nullptr || code == nullptr || out == nullptr)
+        return LOWBIT_ERR_ARGUMENT;
+    return guarded([&] {
+        const bool ok = kernels().gemv_4bit(a_dtype, A, M, K, B, absmax, code, N, blocksize, out_dtype,
+                                            out, num_threads);
+        return int32_t{ok ? LOWBIT_OK : LOWBIT_ERR_UNSUPPORTED};
     });
 }
 

@@ -17,6 +17,8 @@
  *  - The caller's FTZ/DAZ or rounding-mode settings are ignored (IEEE round-to-nearest with
  *    subnormals is used, then the caller's state is restored).
  *  - LOWBIT_ERR_UNSUPPORTED from these functions means an internal allocation failed.
+ *  - They run the kernels of the current CPU ISA (lowbit_cpu_isa()); every ISA gives the same
+ *    bytes, except gemv_4bit, whose fp32 accumulation order depends on the vector width.
  */
 #ifndef LOWBIT_CAPI_H
 #define LOWBIT_CAPI_H
@@ -34,7 +36,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature below changes; Python refuses a library with another value. */
-#define LOWBIT_ABI_VERSION 1
+#define LOWBIT_ABI_VERSION 2
 
 typedef enum lowbit_status {
     LOWBIT_OK = 0,
@@ -67,9 +69,25 @@ typedef enum lowbit_table {
     LOWBIT_TABLE_BLOCKSIZES = 6,     /* supported blocksizes (as float) */
 } lowbit_table;
 
+/* Instruction sets the CPU kernels are built for; higher is wider. */
+typedef enum lowbit_isa {
+    LOWBIT_ISA_SCALAR = 0, /* portable C++ (baseline x86-64 or any architecture) */
+    LOWBIT_ISA_AVX2 = 1,   /* AVX2 + FMA + F16C */
+    LOWBIT_ISA_AVX512 = 2, /* AVX-512 F/BW/VL (+ AVX2, FMA, F16C) */
+} lowbit_isa;
+
 LOWBIT_API int32_t lowbit_abi_version(void);
-/* Compiler, flags and build type, one human-readable line. */
+/* Compiler, flags, build type and the CPU ISAs compiled in, one human-readable line. */
 LOWBIT_API const char *lowbit_build_info(void);
+
+/* 1 when `isa` is compiled into this library and this CPU and OS can run it (CPUID + XGETBV),
+ * else 0 (also for unknown values). Scalar is always supported. */
+LOWBIT_API int32_t lowbit_cpu_isa_supported(int32_t isa);
+/* The ISA the kernels use now: at load, the best supported one. */
+LOWBIT_API int32_t lowbit_cpu_isa(void);
+/* Use `isa` for every later call (process-wide). LOWBIT_ERR_ARGUMENT for an unknown value,
+ * LOWBIT_ERR_UNSUPPORTED when it is not compiled in or this CPU cannot run it (nothing changes). */
+LOWBIT_API int32_t lowbit_set_cpu_isa(int32_t isa);
 /* Copies up to `capacity` values of a table into `out`; writes the table length to `*count`. */
 LOWBIT_API int32_t lowbit_format_table(int32_t table, float *out, int32_t capacity, int32_t *count);
 
@@ -80,9 +98,10 @@ LOWBIT_API int32_t lowbit_format_table(int32_t table, float *out, int32_t capaci
 LOWBIT_API int32_t lowbit_quantize_4bit(int32_t dtype, const void *A, int64_t n, int64_t blocksize,
                                         int32_t quant_type, uint8_t *out, float *absmax,
                                         int32_t num_threads);
-/* Inverse: n values of `dtype` written to out, code[nibble] * absmax[block] rounded to nearest even. */
+/* Inverse: n values of `dtype` written to out, code[nibble] * absmax[block] rounded to nearest even.
+ * code: the 16 code values (lowbit_format_table(LOWBIT_TABLE_NF4_CODE/FP4_CODE) or any other). */
 LOWBIT_API int32_t lowbit_dequantize_4bit(int32_t dtype, const uint8_t *A, const float *absmax,
-                                          int64_t n, int64_t blocksize, int32_t quant_type,
+                                          int64_t n, int64_t blocksize, const float *code,
                                           void *out, int32_t num_threads);
 
 /* 8-bit blockwise quantization against a sorted 256-entry float code (see lowbit_formats.h for the
@@ -93,6 +112,19 @@ LOWBIT_API int32_t lowbit_quantize_blockwise(int32_t dtype, const float *code, c
 LOWBIT_API int32_t lowbit_dequantize_blockwise(int32_t dtype, const float *code, const uint8_t *A,
                                                const float *absmax, int64_t n, int64_t blocksize,
                                                void *out, int32_t num_threads);
+
+/* out = A @ W.T with W = dequantize_4bit(B) of shape (N, K), without materializing W:
+ * out[m, n] = sum_k A[m, k] * code[nibble(n*K + k)] * absmax[(n*K + k) / blocksize], fp32 sums.
+ * A: M x K row-major of a_dtype; B: (N*K+1)/2 packed bytes of W flattened row-major (blocks run
+ * over the flat index and may straddle rows); absmax: ceil(N*K/blocksize) floats; code: 16 floats;
+ * out: M x N row-major of out_dtype (rounded to nearest even). Made for a few rows: every 8 rows
+ * of A are one pass over B. LOWBIT_ERR_ARGUMENT: a dtype or blocksize out of range, M < 0,
+ * N < 0, K < 1, or M*K, N*K or M*N too large; M == 0 or N == 0 returns LOWBIT_OK without reading
+ * any pointer. LOWBIT_ERR_UNSUPPORTED: the workspace could not be allocated. */
+LOWBIT_API int32_t lowbit_gemv_4bit(int32_t a_dtype, const void *A, int64_t M, int64_t K,
+                                    const uint8_t *B, const float *absmax, const float *code,
+                                    int64_t N, int64_t blocksize, int32_t out_dtype, void *out,
+                                    int32_t num_threads);
 
 #ifdef __cplusplus
 }

@@ -1,14 +1,16 @@
-/* cpu_kernels.h -- internal C++ interface of the CPU kernels (called by csrc/capi only).
+/* cpu_kernels.h -- internal C++ interface of the CPU kernels (reached through dispatch.h).
  *
- * Kernels live in namespace lowbit::cpu::LOWBIT_CPU_ISA (default `scalar`). The plan for the
- * SIMD issue: compile each kernel source once per ISA with -DLOWBIT_CPU_ISA=avx2 -mavx2 ... ,
- * so every build's symbols are distinct, and let the C ABI pick one at run time. Everything a
- * kernel TU instantiates is either in that namespace or has internal linkage (the format
- * helpers are `static inline`), so ISA-specific code can never leak into another build.
+ * Kernels live in namespace lowbit::cpu::LOWBIT_CPU_ISA. CMakeLists.txt compiles each kernel
+ * source once per ISA with -DLOWBIT_CPU_ISA=scalar|avx2|avx512 and that ISA's flags, so every
+ * build's symbols are distinct, and dispatch.cpp picks one build at run time (kernel_table.cpp
+ * lists each build's entry points). Everything a kernel TU defines is either in that namespace or
+ * has internal linkage (the format helpers are `static inline`), so ISA-specific code can never
+ * leak into another build (library inline code such as std::min, if left out of line, is kept
+ * from the lowest ISA at link time: see CMakeLists.txt).
  *
  * Preconditions (checked by the C ABI before calling): dtype in {0,1,2} (lowbit_dtype),
- * quant_type in {0,1} (lowbit_quant_type), blocksize supported, n > 0, pointers valid for the
- * sizes below. Kernels do not throw.
+ * quant_type in {0,1} (lowbit_quant_type), blocksize supported, n > 0 (gemv: M, N, K > 0),
+ * pointers valid for the sizes below. Kernels do not throw.
  *
  * Memory layout shared by all kernels:
  *   A / out (the float side): n contiguous elements of dtype; fp16 and bf16 are raw uint16 bits.
@@ -74,9 +76,21 @@ inline int64_t num_blocks(int64_t n, int64_t blocksize) {
 void quantize_4bit(int32_t dtype, const void *A, int64_t n, int64_t blocksize, int32_t quant_type,
                    uint8_t *out, float *absmax, int num_threads);
 
-/* A: (n+1)/2 packed bytes, absmax: num_blocks floats -> out: n elements. */
+/* A: (n+1)/2 packed bytes, absmax: num_blocks floats, code: 16 floats -> out: n elements,
+ * out[i] = code[nibble i] * absmax[i / blocksize]. */
 void dequantize_4bit(int32_t dtype, const uint8_t *A, const float *absmax, int64_t n,
-                     int64_t blocksize, int32_t quant_type, void *out, int num_threads);
+                     int64_t blocksize, const float *code, void *out, int num_threads);
+
+/* ---- 4-bit matrix-vector product (gemv_4bit.cpp) ---- */
+
+/* out[m, n] = sum_k A[m, k] * code[nibble(n*K + k)] * absmax[(n*K + k) / blocksize], fp32
+ * accumulation. A: M x K elements of a_dtype; B: (N*K+1)/2 packed bytes of the (N, K) weight
+ * flattened row-major; absmax: num_blocks(N*K) floats; code: 16 floats; out: M x N elements of
+ * out_dtype. Meant for a few rows of A (each group of 8 rows is one pass over B). Returns false
+ * only when the per-thread activation workspace cannot be allocated (nothing written). */
+bool gemv_4bit(int32_t a_dtype, const void *A, int64_t M, int64_t K, const uint8_t *B,
+               const float *absmax, const float *code, int64_t N, int64_t blocksize,
+               int32_t out_dtype, void *out, int num_threads);
 
 /* ---- 8-bit blockwise (blockwise_8bit.cpp) ---- */
 

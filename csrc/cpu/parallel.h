@@ -6,9 +6,9 @@
  * at most num_threads threads (the caller runs the first chunk), never more threads than items,
  * and every chunk holds at least `grain` items. Each chunk runs under FpEnvGuard.
  *
- * The thread management itself lives in parallel.cpp, compiled once for the baseline ISA: the
- * template below only wraps `fn` in a plain function pointer, so a kernel TU compiled with
- * -mavx2 / -mavx512f (a later issue) never instantiates std::thread code of its own.
+ * The thread management itself lives in parallel.cpp (a persistent pool of workers), compiled
+ * once for the baseline ISA: the template below only wraps `fn` in a plain function pointer, so a
+ * kernel TU compiled with -mavx2 / -mavx512f never instantiates std::thread code of its own.
  *
  * fn must not throw (the kernels do not). If a thread cannot be started, its chunk runs on the
  * calling thread instead: the result is the same, only slower.
@@ -23,7 +23,7 @@
 namespace lowbit {
 namespace cpu {
 
-/* Items below this many elements of work are not worth a thread (thread start ~10-50 us). */
+/* Items below this many elements of work are not worth a thread (waking one costs ~5-10 us). */
 constexpr int64_t kMinElementsPerThread = int64_t{1} << 16;
 
 /* Grain, in blocks, for block-parallel kernels: enough blocks for kMinElementsPerThread. */

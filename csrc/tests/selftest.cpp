@@ -7,8 +7,14 @@
  *     2^32 floats);
  *   - the 8-bit lookup: sweep == counting definition;
  *   - the C ABI: argument validation, n == 0, known bytes for special blocks, NaN/Inf blocks,
- *     results independent of the thread count and of the caller's FTZ/DAZ state.
- * Exit status 0 when everything passes; each failure prints one line.
+ *     results independent of the thread count and of the caller's FTZ/DAZ state;
+ *   - CPU ISA selection (lowbit_cpu_isa*), and every ISA this CPU runs against the scalar build:
+ *     identical bytes for quantize/dequantize on fuzzed inputs (thresholds, subnormals, NaN/Inf),
+ *     the fp16/bf16 narrowing of each ISA against fmt:: (sampled; `--exhaustive`: all floats);
+ *   - gemv_4bit on every ISA against a double-precision sum, on every kernel path, with exactly
+ *     sized buffers (masked tail loads under ASan), independent of the thread count.
+ * Most ABI checks run once per supported ISA. Exit status 0 when everything passes; each failure
+ * prints one line.
  */
 #include <math.h>
 #include <stdio.h>
@@ -17,6 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -45,6 +52,9 @@ static long g_checks = 0;
     } while (0)
 
 static uint32_t fbits(float f) { return fmt::float_bits(f); }
+
+/* The 16 code values of a lowbit_quant_type. */
+static const float *code4(int qt) { return qt == LOWBIT_NF4 ? fmt::kNF4Code : fmt::kFP4Code; }
 
 /* ---------------------------------------------------------------------------------------- */
 static void test_format_literals() {
@@ -257,39 +267,39 @@ static void test_capi_arguments() {
     const int64_t bad_bs[] = {0, -64, 16, 48, 100, 8192, 1 << 20};
     for (int64_t bs : bad_bs) {
         CHECK(lowbit_quantize_4bit(0, x, 64, bs, 1, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q4 bs");
-        CHECK(lowbit_dequantize_4bit(0, q, am, 64, bs, 1, x, 1) == LOWBIT_ERR_ARGUMENT, "dq4 bs");
+        CHECK(lowbit_dequantize_4bit(0, q, am, 64, bs, fmt::kNF4Code, x, 1) == LOWBIT_ERR_ARGUMENT, "dq4 bs");
         CHECK(lowbit_quantize_blockwise(0, code.data(), x, 64, bs, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q8 bs");
         CHECK(lowbit_dequantize_blockwise(0, code.data(), q, am, 64, bs, x, 1) == LOWBIT_ERR_ARGUMENT, "dq8 bs");
     }
     for (int32_t dt : {-1, 3, 100}) {
         CHECK(lowbit_quantize_4bit(dt, x, 64, 64, 1, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q4 dtype");
-        CHECK(lowbit_dequantize_4bit(dt, q, am, 64, 64, 1, x, 1) == LOWBIT_ERR_ARGUMENT, "dq4 dtype");
+        CHECK(lowbit_dequantize_4bit(dt, q, am, 64, 64, fmt::kNF4Code, x, 1) == LOWBIT_ERR_ARGUMENT, "dq4 dtype");
         CHECK(lowbit_quantize_blockwise(dt, code.data(), x, 64, 64, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q8 dtype");
         CHECK(lowbit_dequantize_blockwise(dt, code.data(), q, am, 64, 64, x, 1) == LOWBIT_ERR_ARGUMENT, "dq8 dtype");
     }
     for (int32_t qt : {-1, 2}) {
         CHECK(lowbit_quantize_4bit(0, x, 64, 64, qt, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q4 qt");
-        CHECK(lowbit_dequantize_4bit(0, q, am, 64, 64, qt, x, 1) == LOWBIT_ERR_ARGUMENT, "dq4 qt");
         CHECK(lowbit_quantize_4bit(0, nullptr, 0, 64, qt, nullptr, nullptr, 1) == LOWBIT_ERR_ARGUMENT,
               "q4 qt checked before n == 0");
     }
     /* negative n */
     CHECK(lowbit_quantize_4bit(0, x, -1, 64, 1, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q4 n<0");
-    CHECK(lowbit_dequantize_4bit(0, q, am, -1, 64, 1, x, 1) == LOWBIT_ERR_ARGUMENT, "dq4 n<0");
+    CHECK(lowbit_dequantize_4bit(0, q, am, -1, 64, fmt::kNF4Code, x, 1) == LOWBIT_ERR_ARGUMENT, "dq4 n<0");
     CHECK(lowbit_quantize_blockwise(0, code.data(), x, -5, 64, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q8 n<0");
     CHECK(lowbit_dequantize_blockwise(0, code.data(), q, am, -5, 64, x, 1) == LOWBIT_ERR_ARGUMENT, "dq8 n<0");
     /* n == 0: no-op, null pointers fine */
     CHECK(lowbit_quantize_4bit(0, nullptr, 0, 64, 1, nullptr, nullptr, 4) == LOWBIT_OK, "q4 n=0");
-    CHECK(lowbit_dequantize_4bit(2, nullptr, nullptr, 0, 64, 0, nullptr, 4) == LOWBIT_OK, "dq4 n=0");
+    CHECK(lowbit_dequantize_4bit(2, nullptr, nullptr, 0, 64, nullptr, nullptr, 4) == LOWBIT_OK, "dq4 n=0");
     CHECK(lowbit_quantize_blockwise(1, nullptr, nullptr, 0, 64, nullptr, nullptr, 4) == LOWBIT_OK, "q8 n=0");
     CHECK(lowbit_dequantize_blockwise(0, nullptr, nullptr, nullptr, 0, 64, nullptr, 4) == LOWBIT_OK, "dq8 n=0");
     /* null pointers with n > 0 */
     CHECK(lowbit_quantize_4bit(0, nullptr, 64, 64, 1, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q4 null A");
     CHECK(lowbit_quantize_4bit(0, x, 64, 64, 1, nullptr, am, 1) == LOWBIT_ERR_ARGUMENT, "q4 null out");
     CHECK(lowbit_quantize_4bit(0, x, 64, 64, 1, q, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "q4 null absmax");
-    CHECK(lowbit_dequantize_4bit(0, nullptr, am, 64, 64, 1, x, 1) == LOWBIT_ERR_ARGUMENT, "dq4 null A");
-    CHECK(lowbit_dequantize_4bit(0, q, nullptr, 64, 64, 1, x, 1) == LOWBIT_ERR_ARGUMENT, "dq4 null absmax");
-    CHECK(lowbit_dequantize_4bit(0, q, am, 64, 64, 1, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "dq4 null out");
+    CHECK(lowbit_dequantize_4bit(0, nullptr, am, 64, 64, fmt::kNF4Code, x, 1) == LOWBIT_ERR_ARGUMENT, "dq4 null A");
+    CHECK(lowbit_dequantize_4bit(0, q, nullptr, 64, 64, fmt::kNF4Code, x, 1) == LOWBIT_ERR_ARGUMENT, "dq4 null absmax");
+    CHECK(lowbit_dequantize_4bit(0, q, am, 64, 64, nullptr, x, 1) == LOWBIT_ERR_ARGUMENT, "dq4 null code");
+    CHECK(lowbit_dequantize_4bit(0, q, am, 64, 64, fmt::kNF4Code, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "dq4 null out");
     CHECK(lowbit_quantize_blockwise(0, nullptr, x, 64, 64, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q8 null code");
     CHECK(lowbit_quantize_blockwise(0, code.data(), nullptr, 64, 64, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q8 null A");
     CHECK(lowbit_quantize_blockwise(0, code.data(), x, 64, 64, nullptr, am, 1) == LOWBIT_ERR_ARGUMENT, "q8 null out");
@@ -374,8 +384,8 @@ static void test_capi_threads_and_fpenv() {
                 CHECK(lowbit_quantize_4bit(dt, inputs[dt], n, bs, qt, q1.data(), a1.data(), 1) == 0, "q4");
                 CHECK(lowbit_quantize_4bit(dt, inputs[dt], n, bs, qt, q2.data(), a2.data(), 7) == 0, "q4 mt");
                 CHECK(q1 == q2 && memcmp(a1.data(), a2.data(), nb * 4) == 0, "4bit threads dt=%d qt=%d bs=%lld", dt, qt, (long long)bs);
-                CHECK(lowbit_dequantize_4bit(0, q1.data(), a1.data(), n, bs, qt, d1.data(), 1) == 0, "dq4");
-                CHECK(lowbit_dequantize_4bit(0, q1.data(), a1.data(), n, bs, qt, d2.data(), 5) == 0, "dq4 mt");
+                CHECK(lowbit_dequantize_4bit(0, q1.data(), a1.data(), n, bs, code4(qt), d1.data(), 1) == 0, "dq4");
+                CHECK(lowbit_dequantize_4bit(0, q1.data(), a1.data(), n, bs, code4(qt), d2.data(), 5) == 0, "dq4 mt");
                 CHECK(memcmp(d1.data(), d2.data(), n * 4) == 0, "dq4 threads");
                 /* round trip error bound: |x - dq| <= absmax * (largest half gap). Not for
                  * blocks with absmax below the 1e-38 floor: a full block then scales by the
@@ -442,10 +452,260 @@ static void test_capi_fuzz() {
         std::vector<float> am((size_t)nb);
         const void *A = n ? in.data() : nullptr;
         CHECK(lowbit_quantize_4bit(dt, A, n, bs, qt, q4.data(), am.data(), threads) == 0, "fuzz q4");
-        CHECK(lowbit_dequantize_4bit(dt, q4.data(), am.data(), n, bs, qt, out.data(), threads) == 0, "fuzz dq4");
+        CHECK(lowbit_dequantize_4bit(dt, q4.data(), am.data(), n, bs, code4(qt), out.data(), threads) == 0, "fuzz dq4");
         CHECK(lowbit_quantize_blockwise(dt, code.data(), A, n, bs, q8.data(), am.data(), threads) == 0, "fuzz q8");
         CHECK(lowbit_dequantize_blockwise(dt, code.data(), q8.data(), am.data(), n, bs, out.data(), threads) == 0, "fuzz dq8");
     }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* CPU ISAs                                                                                   */
+
+static const char *isa_name(int isa) {
+    static const char *names[] = {"scalar", "avx2", "avx512"};
+    return isa >= 0 && isa < 3 ? names[isa] : "?";
+}
+
+static std::vector<int> supported_isas() {
+    std::vector<int> isas;
+    for (int isa = LOWBIT_ISA_SCALAR; isa <= LOWBIT_ISA_AVX512; ++isa)
+        if (lowbit_cpu_isa_supported(isa)) isas.push_back(isa);
+    return isas;
+}
+
+static void test_isa_selection() {
+    const int initial = lowbit_cpu_isa();
+    CHECK(lowbit_cpu_isa_supported(LOWBIT_ISA_SCALAR) == 1, "scalar always supported");
+    CHECK(lowbit_cpu_isa_supported(-1) == 0 && lowbit_cpu_isa_supported(3) == 0, "unknown ISAs");
+    CHECK(lowbit_cpu_isa_supported(initial) == 1, "initial ISA %d supported", initial);
+    for (int isa = initial + 1; isa <= LOWBIT_ISA_AVX512; ++isa)
+        CHECK(lowbit_cpu_isa_supported(isa) == 0, "the default is the widest supported ISA (%s)", isa_name(isa));
+    CHECK(lowbit_set_cpu_isa(-1) == LOWBIT_ERR_ARGUMENT && lowbit_set_cpu_isa(3) == LOWBIT_ERR_ARGUMENT,
+          "unknown ISA rejected");
+    CHECK(lowbit_cpu_isa() == initial, "unchanged after a rejected set");
+    for (int isa = LOWBIT_ISA_SCALAR; isa <= LOWBIT_ISA_AVX512; ++isa) {
+        if (lowbit_cpu_isa_supported(isa)) {
+            CHECK(lowbit_set_cpu_isa(isa) == LOWBIT_OK && lowbit_cpu_isa() == isa, "set %s", isa_name(isa));
+        } else {
+            const int before = lowbit_cpu_isa();
+            CHECK(lowbit_set_cpu_isa(isa) == LOWBIT_ERR_UNSUPPORTED && lowbit_cpu_isa() == before,
+                  "unsupported %s rejected", isa_name(isa));
+        }
+    }
+    CHECK(lowbit_set_cpu_isa(initial) == LOWBIT_OK, "restore");
+    const char *info = lowbit_build_info();
+    CHECK(strstr(info, "cpu_isas=scalar") != nullptr, "build info lists the ISAs: %s", info);
+}
+
+/* Everything the four blockwise entry points write for one input, as bytes. */
+static std::vector<uint8_t> blockwise_outputs(int dt, const void *A, int64_t n, int64_t bs, int qt,
+                                              const float *code4, const float *code8, int threads) {
+    const int64_t nb = (n + bs - 1) / bs;
+    const size_t esize = dt == 0 ? 4 : 2;
+    std::vector<uint8_t> q4((size_t)(n + 1) / 2), q8((size_t)n), d4((size_t)n * esize), d8((size_t)n * esize);
+    std::vector<float> a4((size_t)nb), a8((size_t)nb);
+    CHECK(lowbit_quantize_4bit(dt, A, n, bs, qt, q4.data(), a4.data(), threads) == 0, "q4");
+    CHECK(lowbit_quantize_blockwise(dt, code8, A, n, bs, q8.data(), a8.data(), threads) == 0, "q8");
+    /* dequantize what a caller could (Python rejects non-finite absmax) */
+    std::vector<float> f4(a4), f8(a8);
+    for (auto *v : {&f4, &f8})
+        for (float &a : *v) a = std::isfinite(a) ? a : 1.0f;
+    CHECK(lowbit_dequantize_4bit(dt, q4.data(), f4.data(), n, bs, code4, d4.data(), threads) == 0, "dq4");
+    CHECK(lowbit_dequantize_blockwise(dt, code8, q8.data(), f8.data(), n, bs, d8.data(), threads) == 0, "dq8");
+    std::vector<uint8_t> all;
+    for (const auto *v : {&q4, &q8, &d4, &d8}) all.insert(all.end(), v->begin(), v->end());
+    const auto *p4 = reinterpret_cast<const uint8_t *>(a4.data());
+    const auto *p8 = reinterpret_cast<const uint8_t *>(a8.data());
+    all.insert(all.end(), p4, p4 + nb * 4);
+    all.insert(all.end(), p8, p8 + nb * 4);
+    return all;
+}
+
+/* Random inputs with the values that decide bytes: exact thresholds (block absmax 1), their float
+ * neighbours, code values, zeros of both signs, subnormals, huge values, and now and then a NaN or
+ * Inf block; every ISA must give the scalar build's bytes. */
+static void test_isas_bit_exact() {
+    const std::vector<int> isas = supported_isas();
+    std::mt19937_64 rng(11);
+    const std::vector<float> code8 = dynamic_like_code();
+    for (int iter = 0; iter < 400; ++iter) {
+        const int64_t n = (int64_t)(rng() % 5000) + (iter % 7 == 0 ? 70000 : 0);
+        const int64_t bs = int64_t{32} << (rng() % 8);
+        const int dt = (int)(rng() % 3), qt = (int)(rng() % 2);
+        const float *mids = qt == LOWBIT_NF4 ? fmt::kNF4Midpoints : fmt::kFP4Midpoints;
+        std::vector<float> x((size_t)n);
+        for (int64_t i = 0; i < n; ++i) {
+            const uint64_t r = rng();
+            const float m = mids[r % 15];
+            switch ((r >> 8) % 9) {
+            case 0: x[i] = m; break;
+            case 1: x[i] = nextafterf(m, 2.0f); break;
+            case 2: x[i] = nextafterf(m, -2.0f); break;
+            case 3: x[i] = code4(qt)[r % 16]; break;
+            case 4: x[i] = (r & 1) ? -0.0f : 0.0f; break;
+            case 5: x[i] = fmt::bits_float((uint32_t)(r >> 16) & 0x807FFFFFu); break; /* subnormal */
+            case 6: x[i] = std::ldexp((float)((int64_t)(r % 2001) - 1000) / 1000.0f, (int)((r >> 20) % 60) - 30); break;
+            case 7: x[i] = 1.0f; break; /* block absmax 1: thresholds stay exact */
+            default: x[i] = std::ldexp((float)((int64_t)(r % 2001) - 1000) / 1000.0f, (int)((r >> 20) % 200) - 100); break;
+            }
+        }
+        if (iter % 13 == 0 && n > 0) x[rng() % n] = (iter % 2) ? NAN : -INFINITY;
+        std::vector<uint8_t> in((size_t)n * (dt == 0 ? 4 : 2));
+        for (int64_t i = 0; i < n; ++i) {
+            if (dt == 0) memcpy(&in[(size_t)i * 4], &x[i], 4);
+            else {
+                const uint16_t h = dt == 1 ? fmt::float_to_half_bits(x[i]) : fmt::float_to_bf16_bits(x[i]);
+                memcpy(&in[(size_t)i * 2], &h, 2);
+            }
+        }
+        const void *A = n ? in.data() : nullptr;
+        const int threads = (int)(rng() % 3);
+        lowbit_set_cpu_isa(LOWBIT_ISA_SCALAR);
+        const std::vector<uint8_t> want = blockwise_outputs(dt, A, n, bs, qt, code4(qt), code8.data(), threads);
+        for (int isa : isas) {
+            lowbit_set_cpu_isa(isa);
+            const std::vector<uint8_t> got = blockwise_outputs(dt, A, n, bs, qt, code4(qt), code8.data(), threads);
+            CHECK(got == want, "%s differs from scalar: n=%lld bs=%lld dt=%d qt=%d", isa_name(isa), (long long)n,
+                  (long long)bs, dt, qt);
+        }
+    }
+    lowbit_set_cpu_isa(isas.back());
+}
+
+/* The narrowing of every ISA's dequantize against fmt:: for (almost) every float: a code table of
+ * 256 arbitrary floats, absmax 1, so out[i] = to_dtype(code[i] * 1.0f). */
+static void test_isa_narrowing(bool exhaustive) {
+    const uint64_t step = exhaustive ? 1 : 997;
+    std::vector<uint8_t> q(256);
+    for (int i = 0; i < 256; ++i) q[i] = (uint8_t)i;
+    const float one = 1.0f;
+    std::vector<float> code(256);
+    std::vector<uint16_t> half(256), bf16(256);
+    for (int isa : supported_isas()) {
+        lowbit_set_cpu_isa(isa);
+        long bad = 0;
+        for (uint64_t u = 0; u <= 0xFFFFFFFFull; u += 256 * step) {
+            for (int i = 0; i < 256; ++i) code[i] = fmt::bits_float((uint32_t)std::min<uint64_t>(u + i * step, 0xFFFFFFFFull));
+            CHECK(lowbit_dequantize_blockwise(1, code.data(), q.data(), &one, 256, 256, half.data(), 1) == 0, "dq fp16");
+            CHECK(lowbit_dequantize_blockwise(2, code.data(), q.data(), &one, 256, 256, bf16.data(), 1) == 0, "dq bf16");
+            for (int i = 0; i < 256; ++i) {
+                const float v = code[i] * one;
+                bad += half[i] != fmt::float_to_half_bits(v);
+                bad += bf16[i] != fmt::float_to_bf16_bits(v);
+            }
+        }
+        CHECK(bad == 0, "%s narrowing: %ld values differ from fmt::", isa_name(isa), bad);
+    }
+    lowbit_set_cpu_isa(supported_isas().back());
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* gemv_4bit                                                                                  */
+
+static void test_gemv_arguments() {
+    float a[8] = {}, am[1] = {1.0f}, out[8] = {};
+    uint8_t b[4] = {};
+    const float *c = fmt::kNF4Code;
+    CHECK(lowbit_gemv_4bit(3, a, 1, 8, b, am, c, 1, 64, 0, out, 1) == LOWBIT_ERR_ARGUMENT, "A dtype");
+    CHECK(lowbit_gemv_4bit(0, a, 1, 8, b, am, c, 1, 64, -1, out, 1) == LOWBIT_ERR_ARGUMENT, "out dtype");
+    CHECK(lowbit_gemv_4bit(0, a, 1, 8, b, am, c, 1, 48, 0, out, 1) == LOWBIT_ERR_ARGUMENT, "blocksize");
+    CHECK(lowbit_gemv_4bit(0, a, -1, 8, b, am, c, 1, 64, 0, out, 1) == LOWBIT_ERR_ARGUMENT, "M < 0");
+    CHECK(lowbit_gemv_4bit(0, a, 1, 8, b, am, c, -1, 64, 0, out, 1) == LOWBIT_ERR_ARGUMENT, "N < 0");
+    CHECK(lowbit_gemv_4bit(0, a, 1, 0, b, am, c, 1, 64, 0, out, 1) == LOWBIT_ERR_ARGUMENT, "K < 1");
+    CHECK(lowbit_gemv_4bit(0, a, 1, int64_t{1} << 40, b, am, c, int64_t{1} << 40, 64, 0, out, 1) ==
+              LOWBIT_ERR_ARGUMENT, "N*K overflow");
+    CHECK(lowbit_gemv_4bit(0, nullptr, 0, 8, nullptr, nullptr, nullptr, 5, 64, 0, nullptr, 1) == LOWBIT_OK, "M == 0");
+    CHECK(lowbit_gemv_4bit(0, nullptr, 3, 8, nullptr, nullptr, nullptr, 0, 64, 0, nullptr, 1) == LOWBIT_OK, "N == 0");
+    CHECK(lowbit_gemv_4bit(0, nullptr, 1, 8, b, am, c, 1, 64, 0, out, 1) == LOWBIT_ERR_ARGUMENT, "null A");
+    CHECK(lowbit_gemv_4bit(0, a, 1, 8, nullptr, am, c, 1, 64, 0, out, 1) == LOWBIT_ERR_ARGUMENT, "null B");
+    CHECK(lowbit_gemv_4bit(0, a, 1, 8, b, nullptr, c, 1, 64, 0, out, 1) == LOWBIT_ERR_ARGUMENT, "null absmax");
+    CHECK(lowbit_gemv_4bit(0, a, 1, 8, b, am, nullptr, 1, 64, 0, out, 1) == LOWBIT_ERR_ARGUMENT, "null code");
+    CHECK(lowbit_gemv_4bit(0, a, 1, 8, b, am, c, 1, 64, 0, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "null out");
+}
+
+/* One gemv problem with exactly sized heap buffers; checks every ISA against a double sum and the
+ * thread count against itself. Tolerance: fp32 sums in any order, 8 sqrt(K) 2^-24 S with
+ * S = sum |A W| (see tests/test_parity.py), plus one ulp of a 16-bit output. */
+static void check_gemv(std::mt19937_64 &rng, int64_t M, int64_t N, int64_t K, int64_t bs, int a_dt, int out_dt,
+                       int qt) {
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    const int64_t nw = N * K, nb = (nw + bs - 1) / bs;
+    std::vector<float> w((size_t)nw), a32((size_t)(M * K));
+    for (auto &v : w) v = nd(rng);
+    for (auto &v : a32) v = nd(rng);
+    std::unique_ptr<uint8_t[]> B(new uint8_t[(size_t)(nw + 1) / 2]);
+    std::unique_ptr<float[]> absmax(new float[(size_t)nb]);
+    CHECK(lowbit_quantize_4bit(0, w.data(), nw, bs, qt, B.get(), absmax.get(), 1) == 0, "gemv weight");
+    const size_t a_size = a_dt == 0 ? 4 : 2, o_size = out_dt == 0 ? 4 : 2;
+    std::unique_ptr<uint8_t[]> A(new uint8_t[(size_t)(M * K) * a_size]);
+    std::vector<double> a64((size_t)(M * K));
+    for (int64_t i = 0; i < M * K; ++i) {
+        if (a_dt == 0) memcpy(&A[(size_t)i * 4], &a32[i], 4);
+        else {
+            const uint16_t h = a_dt == 1 ? fmt::float_to_half_bits(a32[i]) : fmt::float_to_bf16_bits(a32[i]);
+            memcpy(&A[(size_t)i * 2], &h, 2);
+        }
+        a64[i] = a_dt == 0 ? a32[i] : a_dt == 1 ? fmt::half_bits_to_float(fmt::float_to_half_bits(a32[i]))
+                                               : fmt::bf16_bits_to_float(fmt::float_to_bf16_bits(a32[i]));
+    }
+    std::vector<double> want((size_t)(M * N)), bound((size_t)(M * N));
+    const float *code = code4(qt);
+    for (int64_t n = 0; n < N; ++n)
+        for (int64_t m = 0; m < M; ++m) {
+            double sum = 0, mag = 0;
+            for (int64_t k = 0; k < K; ++k) {
+                const int64_t e = n * K + k;
+                const unsigned byte = B[(size_t)e / 2];
+                const double wv = (double)code[(e & 1) ? (byte & 15u) : (byte >> 4)] * absmax[e / bs];
+                sum += a64[m * K + k] * wv;
+                mag += fabs(a64[m * K + k] * wv);
+            }
+            want[m * N + n] = sum;
+            bound[m * N + n] = 8.0 * sqrt((double)K) * ldexp(1.0, -24) * mag;
+        }
+    auto value = [&](const uint8_t *o, int64_t i) -> double {
+        uint16_t h;
+        if (out_dt == 0) {
+            float f;
+            memcpy(&f, o + i * 4, 4);
+            return f;
+        }
+        memcpy(&h, o + i * 2, 2);
+        return out_dt == 1 ? fmt::half_bits_to_float(h) : fmt::bf16_bits_to_float(h);
+    };
+    const int mant = out_dt == 1 ? 10 : 7;
+    for (int isa : supported_isas()) {
+        lowbit_set_cpu_isa(isa);
+        std::unique_ptr<uint8_t[]> o1(new uint8_t[(size_t)(M * N) * o_size]), o2(new uint8_t[(size_t)(M * N) * o_size]);
+        CHECK(lowbit_gemv_4bit(a_dt, A.get(), M, K, B.get(), absmax.get(), code, N, bs, out_dt, o1.get(), 1) == 0, "gemv");
+        CHECK(lowbit_gemv_4bit(a_dt, A.get(), M, K, B.get(), absmax.get(), code, N, bs, out_dt, o2.get(), 7) == 0, "gemv mt");
+        CHECK(memcmp(o1.get(), o2.get(), (size_t)(M * N) * o_size) == 0, "%s gemv depends on threads", isa_name(isa));
+        int bad = 0;
+        for (int64_t i = 0; i < M * N; ++i) {
+            const double got = value(o1.get(), i);
+            double tol = bound[i];
+            if (out_dt != 0) tol += ldexp(1.0, std::max(std::ilogb(std::max(fabs(got), fabs(want[i]))), -14) - mant);
+            bad += !(fabs(got - want[i]) <= tol);
+        }
+        CHECK(bad == 0, "%s gemv M=%lld N=%lld K=%lld bs=%lld a=%d out=%d qt=%d: %d outputs off", isa_name(isa),
+              (long long)M, (long long)N, (long long)K, (long long)bs, a_dt, out_dt, qt, bad);
+    }
+    lowbit_set_cpu_isa(supported_isas().back());
+}
+
+static void test_gemv() {
+    std::mt19937_64 rng(5);
+    /* K % bs == 0 (whole blocks / per-lane absmax), K % 8 == 0 with partial chunks and blocks
+     * straddling rows, K odd (element path); M 1..8 and beyond 8 (several passes). */
+    const int64_t shapes[][2] = {{7, 256}, {5, 4096}, {33, 136}, {9, 1000}, {3, 1001}, {1, 40},
+                                 {11, 8}, {6, 160}, {3, 576}, {300, 1024}};
+    int i = 0;
+    for (const auto &shape : shapes)
+        for (int64_t bs : {32, 64, 128, 256, 4096}) {
+            const int64_t M = 1 + (i % 8) + (i % 11 == 0 ? 9 : 0);
+            check_gemv(rng, M, shape[0], shape[1], bs, i % 3, (i / 3) % 3, i % 2);
+            ++i;
+        }
 }
 
 int main(int argc, char **argv) {
@@ -454,10 +714,19 @@ int main(int argc, char **argv) {
     test_format_literals();
     test_conversions(exhaustive);
     test_lut8();
-    test_capi_arguments();
-    test_capi_special_blocks();
-    test_capi_threads_and_fpenv();
-    test_capi_fuzz();
+    test_isa_selection();
+    for (int isa : supported_isas()) { /* the ABI tests on every ISA's kernels */
+        printf("  ABI checks with the %s kernels\n", isa_name(isa));
+        lowbit_set_cpu_isa(isa);
+        test_capi_arguments();
+        test_capi_special_blocks();
+        test_capi_threads_and_fpenv();
+        test_capi_fuzz();
+    }
+    test_isas_bit_exact();
+    test_isa_narrowing(exhaustive);
+    test_gemv_arguments();
+    test_gemv();
     printf("%ld checks, %d failures\n", g_checks, g_failures);
     return g_failures == 0 ? 0 : 1;
 }

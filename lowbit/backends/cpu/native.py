@@ -4,27 +4,38 @@ The library is looked up next to this package (``lowbit/_native/``), then in the
 ``lowbit`` distribution: run from a source checkout, ``python -m lowbit`` imports the package
 from the checkout but still finds the library that ``pip install .`` built.
 ``LOWBIT_CPU_LIBRARY`` points at another build of the library (a sanitizer build, say).
+
+The library holds one build of its kernels per CPU instruction set (``ISAS``) and runs the best one
+this CPU supports. ``LOWBIT_CPU_ISA=scalar|avx2|avx512`` caps that choice when the library is
+loaded (an unknown name makes the backend unavailable, with the reason); :func:`set_cpu_isa`
+changes it later, and :func:`use_cpu_isa` for a block (tests run every ISA this way).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import importlib.metadata
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-ABI_VERSION = 1  # must equal LOWBIT_ABI_VERSION in csrc/capi/lowbit_capi.h
+ABI_VERSION = 2  # must equal LOWBIT_ABI_VERSION in csrc/capi/lowbit_capi.h
 LIBRARY_NAME = "liblowbit_cpu.so"
 ENV_LIBRARY = "LOWBIT_CPU_LIBRARY"
+ENV_ISA = "LOWBIT_CPU_ISA"
 
 # enums of csrc/capi/lowbit_capi.h
 _STATUS = {0: "ok", 1: "invalid argument", 2: "unsupported"}
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 QUANT_TYPES = {"fp4": 0, "nf4": 1}
+#: lowbit_isa, narrowest first (the numbering orders them).
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 TABLES = {
     "nf4_code": 0,
     "fp4_code": 1,
@@ -39,11 +50,15 @@ _p, _i32, _i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
 _SIGNATURES = {
     "lowbit_abi_version": ([], _i32),
     "lowbit_build_info": ([], ctypes.c_char_p),
+    "lowbit_cpu_isa_supported": ([_i32], _i32),
+    "lowbit_cpu_isa": ([], _i32),
+    "lowbit_set_cpu_isa": ([_i32], _i32),
     "lowbit_format_table": ([_i32, _p, _i32, _p], _i32),
     "lowbit_quantize_4bit": ([_i32, _p, _i64, _i64, _i32, _p, _p, _i32], _i32),
-    "lowbit_dequantize_4bit": ([_i32, _p, _p, _i64, _i64, _i32, _p, _i32], _i32),
+    "lowbit_dequantize_4bit": ([_i32, _p, _p, _i64, _i64, _p, _p, _i32], _i32),
     "lowbit_quantize_blockwise": ([_i32, _p, _p, _i64, _i64, _p, _p, _i32], _i32),
     "lowbit_dequantize_blockwise": ([_i32, _p, _p, _p, _i64, _i64, _p, _i32], _i32),
+    "lowbit_gemv_4bit": ([_i32, _p, _i64, _i64, _p, _p, _p, _i64, _i64, _i32, _p, _i32], _i32),
 }
 
 
@@ -79,6 +94,13 @@ def _load() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
     version = lib.lowbit_abi_version()
     if version != ABI_VERSION:
         return None, f"native library at {path} has ABI version {version}, this lowbit needs {ABI_VERSION}"
+    cap = os.environ.get(ENV_ISA, "").strip()
+    if cap:
+        if cap not in ISAS:
+            return None, f"{ENV_ISA}={cap!r} is not a CPU instruction set lowbit knows; valid names: {', '.join(ISAS)}"
+        # a cap, not a demand: the widest supported ISA that is not wider than the cap
+        usable = [i for name, i in ISAS.items() if i <= ISAS[cap] and lib.lowbit_cpu_isa_supported(i)]
+        check(lib.lowbit_set_cpu_isa(max(usable)), "lowbit_set_cpu_isa")
     return lib, None
 
 
@@ -97,9 +119,46 @@ def details() -> dict[str, Any]:
     library, error = _load()
     info: dict[str, Any] = {"library": str(library_path())}
     if library is not None:
+        capped = f" ({ENV_ISA}={os.environ[ENV_ISA].strip()})" if os.environ.get(ENV_ISA) else ""
+        info["cpu_isa"] = cpu_isa() + capped
+        info["cpu_isas_supported"] = " ".join(supported_isas())
         info["build"] = library.lowbit_build_info().decode()
         info["abi_version"] = ABI_VERSION
     return info
+
+
+def supported_isas() -> list[str]:
+    """The instruction sets that are compiled into the library and that this CPU can run."""
+    return [name for name, i in ISAS.items() if lib().lowbit_cpu_isa_supported(i)]
+
+
+def cpu_isa() -> str:
+    """The instruction set the native kernels use now."""
+    current = lib().lowbit_cpu_isa()
+    return next(name for name, i in ISAS.items() if i == current)
+
+
+def set_cpu_isa(name: str) -> None:
+    """Run the native kernels with instruction set ``name`` from now on (process-wide)."""
+    if name not in ISAS:
+        raise ValueError(f"unknown CPU instruction set {name!r}; valid names: {', '.join(ISAS)}")
+    if lib().lowbit_set_cpu_isa(ISAS[name]) != 0:
+        raise ValueError(f"CPU instruction set {name!r} cannot run here; supported: {', '.join(supported_isas())}")
+
+
+_isa_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def use_cpu_isa(name: str) -> Iterator[None]:
+    """Run the native kernels with ``name`` inside the block, then restore the previous choice."""
+    with _isa_lock:
+        previous = cpu_isa()
+        set_cpu_isa(name)
+        try:
+            yield
+        finally:
+            set_cpu_isa(previous)
 
 
 def table(name: str) -> list[float]:

@@ -30,7 +30,7 @@ def dequantize_4bit_out(A, absmax, blocksize, quant_type, shape, dtype, out):
     native.check(
         native.lib().lowbit_dequantize_4bit(
             native.DTYPES[dtype], native.ptr(A), native.ptr(absmax), math.prod(shape), blocksize,
-            native.QUANT_TYPES[quant_type], native.ptr(out), native.num_threads(),
+            native.ptr(formats.code_tensor(quant_type)), native.ptr(out), native.num_threads(),
         ),
         "lowbit_dequantize_4bit",
     )  # fmt: skip

@@ -1,0 +1,105 @@
+/* dispatch.cpp -- run-time choice of the kernels' ISA build (see dispatch.h).
+ *
+ * CMake defines LOWBIT_CPU_HAVE_AVX2 / LOWBIT_CPU_HAVE_AVX512 for the builds it compiled (x86-64
+ * with GCC or Clang only); every other target has the scalar build alone.
+ */
+#include "dispatch.h"
+
+#include <atomic>
+
+#if defined(LOWBIT_CPU_HAVE_AVX2) || defined(LOWBIT_CPU_HAVE_AVX512)
+#include <cpuid.h>
+#endif
+
+namespace lowbit {
+namespace cpu {
+
+namespace scalar {
+extern const KernelTable kKernels;
+}
+#if defined(LOWBIT_CPU_HAVE_AVX2)
+namespace avx2 {
+extern const KernelTable kKernels;
+}
+#endif
+#if defined(LOWBIT_CPU_HAVE_AVX512)
+namespace avx512 {
+extern const KernelTable kKernels;
+}
+#endif
+
+namespace {
+
+const KernelTable *table_of(int32_t isa) {
+    switch (isa) {
+    case kIsaScalar: return &scalar::kKernels;
+#if defined(LOWBIT_CPU_HAVE_AVX2)
+    case kIsaAvx2: return &avx2::kKernels;
+#endif
+#if defined(LOWBIT_CPU_HAVE_AVX512)
+    case kIsaAvx512: return &avx512::kKernels;
+#endif
+    default: return nullptr;
+    }
+}
+
+#if defined(LOWBIT_CPU_HAVE_AVX2) || defined(LOWBIT_CPU_HAVE_AVX512)
+/* CPUID.1:ECX.F16C[bit 29] (read directly: older Clang's __builtin_cpu_supports lacks "f16c"; the
+ * OS support it needs is that of AVX, checked with avx2). */
+bool has_f16c() {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & (1u << 29)) != 0;
+}
+#endif
+
+/* What the CPU and OS can run. The avx512 build is also compiled with AVX2, FMA and F16C. */
+bool cpu_can_run(int32_t isa) {
+#if defined(LOWBIT_CPU_HAVE_AVX2) || defined(LOWBIT_CPU_HAVE_AVX512)
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && has_f16c();
+    switch (isa) {
+    case kIsaScalar: return true;
+    case kIsaAvx2: return avx2;
+    case kIsaAvx512:
+        return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl");
+    default: return false;
+    }
+#else
+    return isa == kIsaScalar;
+#endif
+}
+
+int32_t best_isa() {
+    for (int32_t isa = kNumIsas - 1; isa > kIsaScalar; --isa)
+        if (isa_supported(isa)) return isa;
+    return kIsaScalar;
+}
+
+/* -1 until first use; then the ISA in use. Relaxed is enough: tables are constants. */
+std::atomic<int32_t> g_isa{-1};
+
+} // namespace
+
+bool isa_supported(int32_t isa) { return table_of(isa) != nullptr && cpu_can_run(isa); }
+
+int32_t current_isa() {
+    int32_t isa = g_isa.load(std::memory_order_relaxed);
+    if (isa < 0) { /* first use; a concurrent set_isa() wins */
+        int32_t unset = -1;
+        isa = best_isa();
+        if (!g_isa.compare_exchange_strong(unset, isa, std::memory_order_relaxed)) isa = unset;
+    }
+    return isa;
+}
+
+bool set_isa(int32_t isa) {
+    if (!isa_supported(isa)) return false;
+    g_isa.store(isa, std::memory_order_relaxed);
+    return true;
+}
+
+const KernelTable &kernels() { return *table_of(current_isa()); }
+
+} // namespace cpu
+} // namespace lowbit
