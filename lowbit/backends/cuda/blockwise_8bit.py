@@ -1,0 +1,36 @@
+"""8-bit blockwise quantize/dequantize through the GPU library (csrc/cuda/blockwise_8bit.cu).
+Bit-exact with the reference and the CPU backend (DESIGN.md §5)."""
+
+from __future__ import annotations
+
+import torch
+
+from ...core import formats
+from ...core.registry import KernelTable
+from .native import DTYPES, GpuLibrary, ptr
+
+
+def install(kernels: KernelTable, gpu: GpuLibrary) -> None:
+    @kernels.register("quantize_blockwise")
+    def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
+        n = A.numel()
+        q = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
+        absmax = torch.empty(formats.num_blocks(n, blocksize), dtype=torch.float32, device=A.device)
+        gpu.call(
+            "lowbit_cuda_quantize_blockwise", A.device,
+            DTYPES[A.dtype], ptr(code), ptr(A), n, blocksize, ptr(q), ptr(absmax),
+        )  # fmt: skip
+        return q, absmax
+
+    @kernels.register("dequantize_blockwise.out")
+    def dequantize_blockwise_out(A, absmax, code, blocksize, dtype, out):
+        gpu.call(
+            "lowbit_cuda_dequantize_blockwise", A.device,
+            DTYPES[dtype], ptr(code), ptr(A), ptr(absmax), A.numel(), blocksize, ptr(out),
+        )  # fmt: skip
+
+    @kernels.register("dequantize_blockwise")
+    def dequantize_blockwise(A, absmax, code, blocksize, dtype):
+        out = torch.empty(A.shape, dtype=dtype, device=A.device)
+        dequantize_blockwise_out(A, absmax, code, blocksize, dtype, out)
+        return out
