@@ -16,15 +16,17 @@ from lowbit.backends.cpu import native
 from lowbit.core import registry
 from support import NATIVE_CPU_BACKENDS
 
+LOWBIT_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(lowbit.__file__)))
 PROBE = "import lowbit; print('ACTIVE', lowbit.backends.active('cpu'))"
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if k not in (registry.ENV_BACKEND, native.ENV_LIBRARY)}
     environment.update(env)
+    # run beside the lowbit under test, so that `-c` imports that one and not a checkout in cwd
     return subprocess.run(
         [sys.executable, "-W", "always::UserWarning", "-c", code],
-        capture_output=True, text=True, env=environment, timeout=120,
+        capture_output=True, text=True, env=environment, timeout=120, cwd=LOWBIT_PARENT,
     )  # fmt: skip
 
 
