@@ -604,6 +604,10 @@ def test_gemv_4bit(gemv_target):
                     bias = torch.randn(N, generator=g).to(dtype if N % 2 else torch.float32)
                     _product_close(matmul(*args, target.to(bias)), A, Wq, bias, "matmul_4bit " + context)
                     cases += 1
+                # activations that do not start on a 16-byte boundary take the generic path
+                A = target.to(torch.randn(2 * K + 1, generator=g).to(dtype))[1:].view(2, K)
+                out = gemv(A, *args[1:])
+                _product_close(out, A.cpu(), Wq, None, f"gemv_4bit unaligned A {qt} bs={blocksize} N={N} K={K} {dtype}")
     assert cases > 0
 
 

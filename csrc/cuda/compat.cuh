@@ -12,6 +12,10 @@
  *    reduce over 32-lane groups, which are whole warps on NVIDIA/RDNA and half-wavefronts on CDNA).
  *  - lb_shfl_xor: butterfly shuffle over a power-of-two group of lanes <= 32 (CUDA needs the
  *    *_sync form with a member mask, ROCm 5.2 only has the mask-less form).
+ *  - LOWBIT_LAUNCH(grid, block, stream, kernel)(args): the <<<>>> launch, spelled so that the
+ *    host emulation (csrc/cuda/emu, -DLOWBIT_EMULATION=1, tests only) can run the same sources on
+ *    the CPU; LOWBIT_CHECK_ALIGNED lets the emulation verify vector-access alignment.
+ *  - lb_sqrtf (correctly rounded on every toolchain) and the cp.async helpers (sm_80+).
  *  - bf16: ROCm 5.2 has no hip_bf16.h, so no bf16 type from either runtime is used anywhere:
  *    fp16/bf16 data are raw uint16_t bits converted with lowbit_formats.h's helpers (exact,
  *    round-to-nearest-even, the CPU's bits). NVIDIA sm_80+ paths may use the hardware
@@ -32,6 +36,8 @@
 #define LOWBIT_PLATFORM_NAME "emulation"
 #define LOWBIT_RUNTIME_VERSION_NAME "emulated runtime"
 #define LOWBIT_LAUNCH(grid, block, stream, ...) ::lowbit::emu::Launch(::lowbit::emu::dim3(grid), ::lowbit::emu::dim3(block), __VA_ARGS__)
+/* A GPU faults on a misaligned vector access; the host would not: the emulation checks. */
+#define LOWBIT_CHECK_ALIGNED(pointer, bytes) ::lowbit::emu::check_aligned((pointer), (bytes))
 
 #elif defined(LOWBIT_HIP) && LOWBIT_HIP
 #include <hip/hip_runtime.h>
@@ -62,6 +68,7 @@ typedef hipFuncAttributes cudaFuncAttributes;
 #define cudaCpuDeviceId hipCpuDeviceId
 
 #define LOWBIT_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<(grid), (block), 0, (stream)>>>
+#define LOWBIT_CHECK_ALIGNED(pointer, bytes) ((void)0)
 
 #else /* CUDA (nvcc, or clang -x cuda) */
 #include <cuda_runtime.h>
@@ -69,6 +76,7 @@ typedef hipFuncAttributes cudaFuncAttributes;
 #define LOWBIT_PLATFORM_NAME "cuda"
 #define LOWBIT_RUNTIME_VERSION_NAME "CUDA runtime"
 #define LOWBIT_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<(grid), (block), 0, (stream)>>>
+#define LOWBIT_CHECK_ALIGNED(pointer, bytes) ((void)0)
 #endif
 
 /* lowbit_formats.h picks __host__ __device__ from __CUDACC__ / __HIPCC__; the runtime header
@@ -158,7 +166,11 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 #elif LOWBIT_CP_ASYNC
-inline void cp_async16(void *smem, const void *gmem) { memcpy(smem, gmem, 16); }
+inline void cp_async16(void *smem, const void *gmem) {
+    LOWBIT_CHECK_ALIGNED(smem, 16);
+    LOWBIT_CHECK_ALIGNED(gmem, 16);
+    memcpy(smem, gmem, 16);
+}
 inline void cp_async_commit() {}
 template <int N>
 inline void cp_async_wait() {}

@@ -119,10 +119,10 @@ __global__ void __launch_bounds__(kGemvThreads)
 #else
             int64_t c = lane;
             uint4 next = make_uint4(0u, 0u, 0u, 0u);
-            if (c < chunks) next = *reinterpret_cast<const uint4 *>(brow + c * 16);
+            if (c < chunks) load_bytes<16>(brow + c * 16, &next);
             for (; c < chunks; c += kLaneGroup) {
                 const uint4 packed = next;
-                if (c + kLaneGroup < chunks) next = *reinterpret_cast<const uint4 *>(brow + (c + kLaneGroup) * 16);
+                if (c + kLaneGroup < chunks) load_bytes<16>(brow + (c + kLaneGroup) * 16, &next);
                 gemv_chunk<E, MAXM>(packed, absmax[(f_row + c * 32) >> log2bs], code, A, M, K, c * 32, acc);
             }
 #endif

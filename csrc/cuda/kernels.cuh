@@ -89,6 +89,7 @@ inline unsigned grid_for(int64_t items, int threads = kThreads) {
  * caller guarantees alignment to min(BYTES, 16). Compiles to 32/64/128-bit loads or stores. */
 template <int BYTES>
 __device__ __forceinline__ void load_bytes(const void *src, void *dst) {
+    LOWBIT_CHECK_ALIGNED(src, BYTES < 16 ? BYTES : 16);
     if constexpr (BYTES % 16 == 0) {
 #pragma unroll
         for (int i = 0; i < BYTES / 16; ++i) {
@@ -111,6 +112,7 @@ __device__ __forceinline__ void load_bytes(const void *src, void *dst) {
 }
 template <int BYTES>
 __device__ __forceinline__ void store_bytes(void *dst, const void *src) {
+    LOWBIT_CHECK_ALIGNED(dst, BYTES < 16 ? BYTES : 16);
     if constexpr (BYTES % 16 == 0) {
 #pragma unroll
         for (int i = 0; i < BYTES / 16; ++i) {

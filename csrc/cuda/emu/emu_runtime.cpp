@@ -191,6 +191,14 @@ uint64_t warp_exchange(uint64_t value, int lane_mask) {
     return result;
 }
 
+void check_aligned(const void *pointer, int bytes) {
+    if (reinterpret_cast<uintptr_t>(pointer) % static_cast<uintptr_t>(bytes) != 0) {
+        char message[96];
+        snprintf(message, sizeof message, "misaligned %d-byte vector access at %p", bytes, pointer);
+        fail(message);
+    }
+}
+
 void set_launch_error(int error) { g_launch_error = error; }
 
 int take_launch_error() {

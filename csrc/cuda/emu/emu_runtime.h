@@ -51,6 +51,8 @@ void sync_block();
 int sync_block_and(int predicate);
 /* Exchanges 8 bytes with lane (lane ^ lane_mask) of the calling warp. */
 uint64_t warp_exchange(uint64_t value, int lane_mask);
+/* Aborts with a message unless `pointer` is a multiple of `bytes` (a GPU would fault). */
+void check_aligned(const void *pointer, int bytes);
 /* Records a launch error (returned by the next cudaGetLastError). */
 void set_launch_error(int error);
 int take_launch_error();
