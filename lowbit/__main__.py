@@ -1,4 +1,9 @@
-"""``python -m lowbit``: what lowbit can run here and why; ``python -m lowbit demo``: a short demo."""
+"""``python -m lowbit``: what lowbit can run here and why.
+
+``python -m lowbit demo``: quantize a weight tensor every way lowbit can; then SmolLM2-135M-Instruct
+through transformers in int8/NF4/FP4 (memory, perplexity on Hamlet, decode speed, a 4-bit
+completion; with ``lowbit[hf]`` and the offline model/text installed, else what to install); then
+the report."""
 
 from __future__ import annotations
 
@@ -31,22 +36,26 @@ def cpu_features() -> list[str]:
 
 
 def self_test(backend: str) -> str:
-    """Run quantize/dequantize 4-bit and 8-bit on ``backend`` and compare with the reference."""
+    """Run quantize 4-bit and 8-bit blockwise on ``backend``'s device and compare with the reference."""
     torch.manual_seed(0)
     A = torch.randn(4099, dtype=torch.float32)
+    device_type = registry.get(backend).status().device_type
+    on_device = A if device_type == "any" else A.to(device_type)
     reference = registry.get("reference").kernels
     kernels = registry.get(backend).kernels
     if kernels.get("quantize_4bit") is None and backend != "reference":
         return "no kernels of its own (ops run on the reference backend)"
-    results = []
-    q = kernels.get("quantize_4bit") or reference.get("quantize_4bit")
-    packed, absmax = q(A, 64, "nf4", torch.uint8)
-    ref_packed, ref_absmax = reference.get("quantize_4bit")(A, 64, "nf4", torch.uint8)
-    results.append(torch.equal(packed, ref_packed) and torch.equal(absmax, ref_absmax))
+
+    def same(ours, theirs) -> bool:
+        return all(torch.equal(a.cpu(), b) for a, b in zip(ours, theirs))
+
+    q4 = kernels.get("quantize_4bit") or reference.get("quantize_4bit")
+    results = [same(q4(on_device, 64, "nf4", torch.uint8), reference.get("quantize_4bit")(A, 64, "nf4", torch.uint8))]
     qb = kernels.get("quantize_blockwise") or reference.get("quantize_blockwise")
     code = lowbit.core.formats.dynamic_map()
-    results.append(all(torch.equal(a, b) for a, b in zip(qb(A, code, 256), reference.get("quantize_blockwise")(A, code, 256))))
-    return "pass (quantize_4bit, quantize_blockwise bit-exact vs reference)" if all(results) else "FAIL: differs from reference"
+    results.append(same(qb(on_device, code.to(on_device.device), 256), reference.get("quantize_blockwise")(A, code, 256)))
+    where = "" if device_type == "any" else f" on {on_device.device}"
+    return f"pass (quantize_4bit, quantize_blockwise bit-exact vs reference{where})" if all(results) else "FAIL: differs from reference"
 
 
 def report() -> int:
@@ -74,7 +83,18 @@ def report() -> int:
     return 0 if status_ok else 1
 
 
-def demo() -> int:
+def demo(windows: int | None = None, decode_tokens: int | None = None, model: bool = True) -> int:
+    """The tensor demo, the model demo (SmolLM2 in int8/NF4/FP4 on Hamlet, or what to install for
+    it), then the report."""
+    tensor_demo()
+    if model:
+        from lowbit.integrations import demo as model_demo
+
+        model_demo.main(windows=windows, decode_tokens=decode_tokens)
+    return report()
+
+
+def tensor_demo() -> None:
     """Quantize one 4096x4096 weight every way lowbit can and show size and error."""
     torch.manual_seed(0)
     weight = torch.randn(4096, 4096) * 0.02
@@ -93,7 +113,6 @@ def demo() -> int:
         error = (restored - weight).abs().mean().item()
         print(f"{name:<16} {nbytes / 2**20:7.2f} {1 - nbytes / dense_bytes:7.1%} {error:11.2e} {elapsed:8.1f}")
     print()
-    return report()
 
 
 def _state_bytes(state) -> int:
@@ -116,8 +135,23 @@ def _roundtrip_8bit(weight):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lowbit", description=__doc__)
     parser.add_argument("command", nargs="?", choices=("report", "demo"), default="report")
+    demo_options = parser.add_argument_group("demo options")
+    demo_options.add_argument(
+        "--windows", type=int, default=None, metavar="N",
+        help="1024-token windows of Hamlet scored per format (default 2; 20 = the full DESIGN.md measurement)",
+    )  # fmt: skip
+    demo_options.add_argument(
+        "--decode-tokens", type=int, default=None, metavar="N", help="tokens timed for decode speed (default 8)"
+    )
+    demo_options.add_argument("--no-model", action="store_true", help="the tensor demo only (no SmolLM2)")
     args = parser.parse_args(argv)
-    return demo() if args.command == "demo" else report()
+    if args.command == "demo":
+        for name in ("windows", "decode_tokens"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                parser.error(f"--{name.replace('_', '-')} must be at least 1")
+        return demo(args.windows, args.decode_tokens, model=not args.no_model)
+    return report()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,81 @@
+"""The demo's figures with bitsandbytes: SmolLM2-135M-Instruct quantized through transformers by
+``LowbitConfig`` and by ``BitsAndBytesConfig`` (same fields) scores the same perplexity on Hamlet,
+format by format, to 0.01 (issue 7; ``python -m lowbit demo`` prints lowbit's side).
+
+bitsandbytes 0.50.2 has two CPU paths for 4-bit layers: on CPUs with AVX512-BF16 an eval-mode
+``Linear4bit`` repacks its weight and runs a bf16 kernel (activations rounded to bf16, a different
+arithmetic from its CUDA path and from lowbit's float32 one); elsewhere it dequantizes and runs a
+float32 ``F.linear``. The comparison is of the formats, so it pins bitsandbytes to the portable
+path with the layer's own switch (``support_avx512bf16_for_cpu``), the one every CPU without
+AVX512-BF16 takes.
+
+Needs transformers and the offline model and text (``nox -s compat`` installs them; with
+``LOWBIT_INTEGRATION=1`` anything missing is a failure, otherwise a skip).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+from lowbit.integrations import assets
+
+REQUIRED = os.environ.get("LOWBIT_INTEGRATION") == "1"
+WINDOWS = 2  # the demo's default: 2 windows of 1024 tokens
+FIELDS = {
+    "int8": dict(load_in_8bit=True),
+    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+    "nf4-dq": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+    "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
+}
+
+_missing = assets.install_instructions()
+if _missing:
+    if REQUIRED:
+        pytest.fail("the SmolLM2 comparison needs:\n" + "\n".join(_missing), pytrace=False)
+    pytest.skip("SmolLM2, Hamlet or lowbit[hf] not installed: " + "; ".join(_missing), allow_module_level=True)
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from lowbit.integrations.transformers import LowbitConfig  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> str:
+    return assets.smollm2_dir(log=None)
+
+
+@pytest.fixture(scope="module")
+def hamlet(smollm2) -> torch.Tensor:
+    return assets.hamlet_ids(AutoTokenizer.from_pretrained(smollm2))
+
+
+def _perplexity(path: str, config, ids: torch.Tensor, library: str) -> float:
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config).eval()
+    layers = {type(m).__module__.split(".")[0] for m in model.modules() if "Linear" in type(m).__name__}
+    assert library in layers, f"{config.__class__.__name__} built {layers} layers"
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes' layers only: see the docstring
+            module.support_avx512bf16_for_cpu = False
+    return assets.perplexity(model, ids, max_windows=WINDOWS)[0]
+
+
+@pytest.mark.parametrize("name", list(FIELDS))
+def test_lowbit_and_bitsandbytes_perplexity_agree(smollm2, hamlet, name):
+    fields = FIELDS[name]
+    ours = _perplexity(smollm2, LowbitConfig(**fields), hamlet, "lowbit")
+    theirs = _perplexity(smollm2, BitsAndBytesConfig(**fields), hamlet, "bitsandbytes")
+    assert abs(ours - theirs) <= 0.01, f"{name}: lowbit {ours:.4f}, bitsandbytes {theirs:.4f}"
