@@ -13,7 +13,6 @@ import importlib
 import json
 import os
 import sys
-import warnings
 
 import pytest
 import torch
@@ -47,15 +46,7 @@ SETTINGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("hf_quiet")
 
 
 @pytest.fixture(scope="module")

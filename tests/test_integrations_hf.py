@@ -16,7 +16,6 @@ import inspect
 import json
 import os
 import sys
-import warnings
 
 import pytest
 import torch
@@ -45,15 +44,7 @@ BNB_4BIT_KEYS = {"weight", "weight.absmax", "weight.quant_map"}
 BNB_NESTED_KEYS = {"weight.nested_absmax", "weight.nested_quant_map"}
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("hf_quiet")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -29,30 +28,12 @@ missing = assets.install_instructions()
 if missing:
     pytest.fail("nox -s integration needs:\n" + "\n".join(missing), pytrace=False)
 
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from lowbit.integrations.transformers import LowbitConfig  # noqa: E402
 from lowbit.nn import Linear4bit  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> str:
-    return assets.smollm2_dir(log=None)
-
-
-@pytest.fixture(scope="module")
-def hamlet(smollm2) -> torch.Tensor:
-    return assets.hamlet_ids(AutoTokenizer.from_pretrained(smollm2))
+pytestmark = pytest.mark.usefixtures("hf_quiet")
 
 
 def test_cache_built_from_gguf(tmp_path, monkeypatch):

@@ -16,7 +16,6 @@ Needs transformers and the offline model and text (``nox -s compat`` installs th
 from __future__ import annotations
 
 import os
-import warnings
 
 import pytest
 import torch
@@ -38,29 +37,11 @@ if _missing:
         pytest.fail("the SmolLM2 comparison needs:\n" + "\n".join(_missing), pytrace=False)
     pytest.skip("SmolLM2, Hamlet or lowbit[hf] not installed: " + "; ".join(_missing), allow_module_level=True)
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
 from lowbit.integrations.transformers import LowbitConfig  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> str:
-    return assets.smollm2_dir(log=None)
-
-
-@pytest.fixture(scope="module")
-def hamlet(smollm2) -> torch.Tensor:
-    return assets.hamlet_ids(AutoTokenizer.from_pretrained(smollm2))
+pytestmark = pytest.mark.usefixtures("hf_quiet")
 
 
 def _perplexity(path: str, config, ids: torch.Tensor, library: str) -> float:
