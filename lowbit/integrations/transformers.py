@@ -394,8 +394,9 @@ def _first(value):
     return value[0] if isinstance(value, list) else value
 
 
-class _Quantize4bit(ConversionOps):
-    """A float checkpoint weight -> ``Params4bit`` quantized on its target device."""
+class _QuantizeWeights(ConversionOps):
+    """Float checkpoint weights -> quantized parameters built on the weight's own device
+    (``_quantized`` per layer, from the placeholder parameter the quantizer put there)."""
 
     def __init__(self, hf_quantizer):
         self.hf_quantizer = hf_quantizer
@@ -407,19 +408,29 @@ class _Quantize4bit(ConversionOps):
             module, _ = get_module_from_name(model, param_name)
             if issubclass(getattr(module, "source_cls", nn.Linear), _conv1d_class()):
                 value = value.T
-            old = model.get_parameter_or_buffer(param_name)
-            weight = Params4bit(
-                value.contiguous(),
-                requires_grad=False,
-                blocksize=old.blocksize,
-                compress_statistics=old.compress_statistics,
-                quant_type=old.quant_type,
-                quant_storage=old.quant_storage,
-                module=module,
-            )
+            placeholder = model.get_parameter_or_buffer(param_name)
+            result[param_name] = self._quantized(value.contiguous(), placeholder, module)
             module._is_hf_initialized = True
-            result[param_name] = weight._quantize(value.device)
         return result
+
+    def _quantized(self, value: torch.Tensor, placeholder, module: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _Quantize4bit(_QuantizeWeights):
+    """-> ``Params4bit`` (NF4/FP4 with the layer's blocksize, double quant and storage dtype)."""
+
+    def _quantized(self, value, placeholder, module):
+        weight = Params4bit(
+            value,
+            requires_grad=False,
+            blocksize=placeholder.blocksize,
+            compress_statistics=placeholder.compress_statistics,
+            quant_type=placeholder.quant_type,
+            quant_storage=placeholder.quant_storage,
+            module=module,
+        )
+        return weight._quantize(value.device)
 
 
 class _Deserialize4bit(ConversionOps):
@@ -447,28 +458,14 @@ class _Deserialize4bit(ConversionOps):
         return {"weight": weight}
 
 
-class _Quantize8bit(ConversionOps):
-    """A float checkpoint weight -> int8 ``Int8Params`` with row scales ``SCB``."""
+class _Quantize8bit(_QuantizeWeights):
+    """-> int8 ``Int8Params`` with row scales ``SCB`` (kept float when ``has_fp16_weights``)."""
 
-    def __init__(self, hf_quantizer):
-        self.hf_quantizer = hf_quantizer
-
-    def convert(self, input_dict, model=None, full_layer_name=None, **kwargs):
-        result = {}
-        for param_name, value in input_dict.items():
-            value = _first(value)
-            module, _ = get_module_from_name(model, param_name)
-            if issubclass(getattr(module, "source_cls", nn.Linear), _conv1d_class()):
-                value = value.T
-            old = model.get_parameter_or_buffer(param_name)
-            weight = Int8Params(
-                value.contiguous(), requires_grad=False, has_fp16_weights=old.has_fp16_weights
-            )
-            if not weight.has_fp16_weights:
-                weight._quantize(value.device)
-            module._is_hf_initialized = True
-            result[param_name] = weight
-        return result
+    def _quantized(self, value, placeholder, module):
+        weight = Int8Params(value, requires_grad=False, has_fp16_weights=placeholder.has_fp16_weights)
+        if not weight.has_fp16_weights:
+            weight._quantize(value.device)
+        return weight
 
 
 class _Deserialize8bit(ConversionOps):
