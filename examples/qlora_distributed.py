@@ -1,10 +1,12 @@
-"""QLoRA on a lowbit 4-bit model with DDP or FSDP2 (``fully_shard``), on CPUs with gloo.
+"""QLoRA on a lowbit 4-bit model with DDP or FSDP2 (``fully_shard``), on CPUs (gloo) or GPUs (nccl).
 
     # 2 processes, each on half of every batch; prints the loss per step
     torchrun --nproc_per_node 2 examples/qlora_distributed.py --strategy fsdp2
     torchrun --nproc_per_node 2 examples/qlora_distributed.py --strategy ddp
     # the same training in one process on the whole batch (the reference)
     python examples/qlora_distributed.py --strategy single
+    # one process per GPU, launched by accelerate (or torchrun) with the same script
+    accelerate launch --multi_gpu --num_processes 2 examples/qlora_distributed.py --strategy fsdp2 --device cuda
 
 The base weights are NF4 with double quantization and ``bnb_4bit_quant_storage=torch.bfloat16``
 (the packed bytes viewed as bfloat16, so that FSDP can shard and all-gather them like any
@@ -31,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 
-def build_model(kind: str, quant_storage: torch.dtype, workdir: str):
+def build_model(kind: str, quant_storage: torch.dtype, workdir: str, device: torch.device):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from lowbit.integrations.transformers import LowbitConfig
@@ -58,7 +60,7 @@ def build_model(kind: str, quant_storage: torch.dtype, workdir: str):
         bnb_4bit_quant_storage=quant_storage,
     )
     return AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=config, device_map={"": "cpu"}
+        path, quantization_config=config, device_map={"": device}
     ), path
 
 
@@ -93,13 +95,24 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--workdir", default=None, help="where the tiny model is written (default: a temp dir)"
     )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: one GPU per process (LOCAL_RANK), nccl",
+    )
     parser.add_argument("--out", default=None, help="write {'losses': [...], ...} as JSON here (rank 0)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*use_cache=True.*")
 
     distributed = args.strategy != "single"
+    if args.device == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
     if distributed:
-        dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = 0, 1
@@ -114,9 +127,9 @@ def main(argv=None) -> int:
     workdir = args.workdir or tempfile.mkdtemp(prefix="lowbit-qlora-")
     if distributed and args.model == "tiny":
         if rank == 0:
-            build_model(args.model, getattr(torch, args.quant_storage), workdir)  # write it once
+            build_model(args.model, getattr(torch, args.quant_storage), workdir, device)  # write it once
         dist.barrier()
-    model, path = build_model(args.model, getattr(torch, args.quant_storage), workdir)
+    model, path = build_model(args.model, getattr(torch, args.quant_storage), workdir, device)
     model.config.use_cache = False
     for param in model.parameters():
         param.requires_grad_(False)
@@ -146,7 +159,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     model.train()
     for step, batch in enumerate(data):
-        local = batch[rank * rows : (rank + 1) * rows]
+        local = batch[rank * rows : (rank + 1) * rows].to(device)
         loss = model(input_ids=local, labels=local).loss
         loss.backward()
         optimizer.step()
