@@ -14,6 +14,7 @@
 #include "dispatch.h"
 #include "fp_env.h"
 #include "lowbit_formats.h"
+#include "lowbit_optim.h"
 
 #ifndef LOWBIT_BUILD_INFO
 #define LOWBIT_BUILD_INFO "unknown build (LOWBIT_BUILD_INFO not defined)"
@@ -50,6 +51,11 @@ int32_t check_common(int32_t dtype, int64_t n, int64_t blocksize, bool *done) {
     return LOWBIT_OK;
 }
 
+/* LLM.int8 entry points: a rows x cols matrix (either may be 0: nothing to do). */
+bool valid_int8_shape(int64_t rows, int64_t cols) { return rows >= 0 && cols >= 0 && product_fits(rows, cols); }
+/* A threshold of 0 means "no outliers"; NaN, Inf and negative values are rejected. */
+bool valid_threshold(float t) { return t >= 0.0f && t <= 3.4028234663852886e38f; }
+
 template <class Fn>
 int32_t guarded(Fn &&fn) {
     try {
@@ -66,6 +72,29 @@ void copy_table(const T *src, int32_t len, float *out, int32_t capacity, int32_t
     for (int32_t i = 0; i < len && i < capacity; ++i) out[i] = static_cast<float>(src[i]);
     *count = len;
 }
+
+} // namespace
+
+/* ---- optimizer helpers ----------------------------------------------------------------- */
+namespace {
+
+bool valid_optim_call(int32_t optimizer, int32_t dtype, int64_t n, const lowbit_optim_args *args) {
+    return optimizer >= LOWBIT_OPTIM_ADAM && optimizer <= LOWBIT_OPTIM_ADEMAMIX && valid_dtype(dtype) &&
+           n >= 0 && n <= kMaxElements / 2 && args != nullptr && args->step >= 1;
+}
+
+lowbit::optim::Params optim_params(int32_t optimizer, const lowbit_optim_args &a) {
+    return lowbit::optim::make_params(optimizer, a.beta1, a.beta2, a.beta3, a.alpha, a.eps, a.weight_decay, a.lr,
+                                      a.gnorm_scale, a.step, a.max_unorm, a.param_norm);
+}
+
+static_assert(int{LOWBIT_OPTIM_ADAM} == int{lowbit::optim::kAdam} &&
+                  int{LOWBIT_OPTIM_MOMENTUM} == int{lowbit::optim::kMomentum} &&
+                  int{LOWBIT_OPTIM_RMSPROP} == int{lowbit::optim::kRmsprop} &&
+                  int{LOWBIT_OPTIM_ADAGRAD} == int{lowbit::optim::kAdagrad} &&
+                  int{LOWBIT_OPTIM_LION} == int{lowbit::optim::kLion} &&
+                  int{LOWBIT_OPTIM_ADEMAMIX} == int{lowbit::optim::kAdemamix},
+              "lowbit_optimizer and lowbit::optim::Optimizer must agree");
 
 } // namespace
 
@@ -180,6 +209,119 @@ LOWBIT_API int32_t lowbit_gemv_4bit(int32_t a_dtype, const void *A, int64_t M, i
     return guarded([&] {
         const bool ok = kernels().gemv_4bit(a_dtype, A, M, K, B, absmax, code, N, blocksize, out_dtype,
                                             out, num_threads);
+        return int32_t{ok ? LOWBIT_OK : LOWBIT_ERR_UNSUPPORTED};
+    });
+}
+
+LOWBIT_API int32_t lowbit_cpu_features_supported(void) {
+    return static_cast<int32_t>(lowbit::cpu::cpu_features_supported());
+}
+
+LOWBIT_API int32_t lowbit_cpu_features(void) { return static_cast<int32_t>(lowbit::cpu::cpu_features()); }
+
+LOWBIT_API int32_t lowbit_set_cpu_features(int32_t mask) {
+    if (mask < 0 || (static_cast<uint32_t>(mask) & ~uint32_t{lowbit::cpu::kAllFeatures}) != 0)
+        return LOWBIT_ERR_ARGUMENT;
+    lowbit::cpu::set_cpu_features(static_cast<uint32_t>(mask));
+    return LOWBIT_OK;
+}
+
+LOWBIT_API int32_t lowbit_int8_linear_matmul(const int8_t *A, int64_t M, int64_t K, const int8_t *B, int64_t N,
+                                             int32_t *out, int32_t num_threads) {
+    if (M < 0 || N < 0 || K < 1 || !product_fits(M, K) || !product_fits(N, K) || !product_fits(M, N))
+        return LOWBIT_ERR_ARGUMENT;
+    if (M == 0 || N == 0) return LOWBIT_OK;
+    if (A == nullptr || B == nullptr || out == nullptr) return LOWBIT_ERR_ARGUMENT;
+    return guarded([&] {
+        const bool ok = kernels().int8_linear_matmul(A, M, K, B, N, out, num_threads);
+        return int32_t{ok ? LOWBIT_OK : LOWBIT_ERR_UNSUPPORTED};
+    });
+}
+
+LOWBIT_API int32_t lowbit_int8_vectorwise_quant(int32_t dtype, const void *A, int64_t rows, int64_t cols,
+                                                float threshold, int8_t *out, float *row_stats,
+                                                uint8_t *outlier_flags, int32_t num_threads) {
+    if (!valid_dtype(dtype) || !valid_int8_shape(rows, cols) || !valid_threshold(threshold))
+        return LOWBIT_ERR_ARGUMENT;
+    if (rows == 0 || cols == 0) return LOWBIT_OK;
+    if (A == nullptr || out == nullptr || row_stats == nullptr) return LOWBIT_ERR_ARGUMENT;
+    return guarded([&] {
+        kernels().int8_vectorwise_quant(dtype, A, rows, cols, threshold, out, row_stats, outlier_flags, num_threads);
+        return int32_t{LOWBIT_OK};
+    });
+}
+
+LOWBIT_API int32_t lowbit_int8_colwise_quant(int32_t dtype, const void *A, int64_t rows, int64_t cols,
+                                             float threshold, int8_t *out, float *col_stats, int32_t num_threads) {
+    if (!valid_dtype(dtype) || !valid_int8_shape(rows, cols) || !valid_threshold(threshold))
+        return LOWBIT_ERR_ARGUMENT;
+    if (rows == 0 || cols == 0) return LOWBIT_OK;
+    if (A == nullptr || out == nullptr || col_stats == nullptr) return LOWBIT_ERR_ARGUMENT;
+    return guarded([&] {
+        kernels().int8_colwise_quant(dtype, A, rows, cols, threshold, out, col_stats, num_threads);
+        return int32_t{LOWBIT_OK};
+    });
+}
+
+LOWBIT_API int32_t lowbit_int8_vectorwise_dequant(const int8_t *A, const float *stats, int64_t rows, int64_t cols,
+                                                  float scale, float *out, int32_t num_threads) {
+    if (!valid_int8_shape(rows, cols)) return LOWBIT_ERR_ARGUMENT;
+    if (rows == 0 || cols == 0) return LOWBIT_OK;
+    if (A == nullptr || stats == nullptr || out == nullptr) return LOWBIT_ERR_ARGUMENT;
+    return guarded([&] {
+        kernels().int8_vectorwise_dequant(A, stats, rows, cols, scale, out, num_threads);
+        return int32_t{LOWBIT_OK};
+    });
+}
+
+LOWBIT_API int32_t lowbit_int8_mm_dequant(const int32_t *A, const float *row_stats, const float *col_stats,
+                                          int64_t rows, int64_t cols, float scale, const void *bias,
+                                          int32_t bias_dtype, int32_t out_dtype, void *out, int32_t num_threads) {
+    if (!valid_dtype(out_dtype) || (bias != nullptr && !valid_dtype(bias_dtype)) || !valid_int8_shape(rows, cols))
+        return LOWBIT_ERR_ARGUMENT;
+    if (rows == 0 || cols == 0) return LOWBIT_OK;
+    if (A == nullptr || row_stats == nullptr || col_stats == nullptr || out == nullptr) return LOWBIT_ERR_ARGUMENT;
+    return guarded([&] {
+        kernels().int8_mm_dequant(A, row_stats, col_stats, rows, cols, scale, bias, bias_dtype, out_dtype, out,
+                                  num_threads);
+        return int32_t{LOWBIT_OK};
+    });
+}
+
+
+LOWBIT_API int32_t lowbit_optimizer_update_32bit(int32_t optimizer, int32_t dtype, const void *g, void *p,
+                                                 float *state1, float *state2, int64_t n,
+                                                 const lowbit_optim_args *args, float *unorm_vec,
+                                                 int32_t num_threads) {
+    if (!valid_optim_call(optimizer, dtype, n, args)) return LOWBIT_ERR_ARGUMENT;
+    if (n == 0) return LOWBIT_OK;
+    const lowbit::optim::Params params = optim_params(optimizer, *args);
+    if (g == nullptr || p == nullptr || state1 == nullptr ||
+        (lowbit::optim::has_state2(optimizer) && state2 == nullptr) || (params.trust_ratio && unorm_vec == nullptr))
+        return LOWBIT_ERR_ARGUMENT;
+    return guarded([&] {
+        const bool ok = kernels().optimizer_update_32bit(optimizer, dtype, g, p, state1, state2, n, params,
+                                                         unorm_vec, num_threads);
+        return int32_t{ok ? LOWBIT_OK : LOWBIT_ERR_UNSUPPORTED};
+    });
+}
+
+LOWBIT_API int32_t lowbit_optimizer_update_8bit_blockwise(int32_t optimizer, int32_t dtype, const void *g,
+                                                          void *p, uint8_t *state1, uint8_t *state2, int64_t n,
+                                                          const lowbit_optim_args *args, const float *qmap1,
+                                                          const float *qmap2, float *absmax1, float *absmax2,
+                                                          int32_t num_threads) {
+    if (!valid_optim_call(optimizer, dtype, n, args)) return LOWBIT_ERR_ARGUMENT;
+    if (n == 0) return LOWBIT_OK;
+    const bool two = lowbit::optim::has_state2(optimizer);
+    if (g == nullptr || p == nullptr || state1 == nullptr || qmap1 == nullptr || absmax1 == nullptr ||
+        (two && (state2 == nullptr || qmap2 == nullptr || absmax2 == nullptr)))
+        return LOWBIT_ERR_ARGUMENT;
+    const lowbit::optim::Params params = optim_params(optimizer, *args);
+    return guarded([&] {
+        const bool ok = kernels().optimizer_update_8bit_blockwise(optimizer, dtype, g, p, state1, two ? state2 : nullptr,
+                                                                  n, params, qmap1, two ? qmap2 : nullptr, absmax1,
+                                                                  two ? absmax2 : nullptr, num_threads);
         return int32_t{ok ? LOWBIT_OK : LOWBIT_ERR_UNSUPPORTED};
     });
 }

@@ -126,6 +126,91 @@ LOWBIT_API int32_t lowbit_gemv_4bit(int32_t a_dtype, const void *A, int64_t M, i
                                     int64_t N, int64_t blocksize, int32_t out_dtype, void *out,
                                     int32_t num_threads);
 
+/* ---- CPU extensions -------------------------------------------------------------------- */
+/* Optional instruction-set extensions (bit flags) that an ISA build uses where the CPU has them,
+ * beyond that ISA's baseline; results never depend on them. */
+typedef enum lowbit_cpu_feature {
+    LOWBIT_CPU_FEATURE_AVX512_VNNI = 1, /* vpdpbusd in the avx512 int8 GEMM */
+} lowbit_cpu_feature;
+
+/* The features this CPU supports (for an ISA build compiled in). */
+LOWBIT_API int32_t lowbit_cpu_features_supported(void);
+/* The features in use now: the supported ones within the mask of lowbit_set_cpu_features. */
+LOWBIT_API int32_t lowbit_cpu_features(void);
+/* Use only the features in `mask` (process-wide; default all). LOWBIT_ERR_ARGUMENT for unknown
+ * bits (nothing changes). */
+LOWBIT_API int32_t lowbit_set_cpu_features(int32_t mask);
+
+/* ---- LLM.int8 (per-element math: csrc/common/lowbit_int8.h) --------------------------------
+ * Matrices are row-major and contiguous. Sizes < 0 (or products too large) are
+ * LOWBIT_ERR_ARGUMENT; an empty problem returns LOWBIT_OK without reading any pointer; then
+ * every pointer must be non-null (except those documented as optional). */
+
+/* out (M x N int32) = A (M x K int8) @ B (N x K int8).T, exact (the true sum mod 2^32, which is the
+ * true sum whenever it fits int32: always for K <= 2^17). K >= 1. LOWBIT_ERR_UNSUPPORTED: a
+ * buffer of M ints could not be allocated. */
+LOWBIT_API int32_t lowbit_int8_linear_matmul(const int8_t *A, int64_t M, int64_t K, const int8_t *B, int64_t N,
+                                             int32_t *out, int32_t num_threads);
+/* Row-wise quantization of A (rows x cols of dtype): row_stats[r] = max |x| over the row's regular
+ * elements, out[r, c] = the int8 code (lowbit_int8.h). threshold >= 0 and finite (0: no outliers),
+ * already rounded to A's dtype; |x| >= threshold > 0 is an outlier. outlier_flags (cols bytes) is
+ * optional: when given it receives 1 for every column holding an outlier, 0 elsewhere, and every
+ * element of such a column is coded 0; without it only the outlier elements are 0. */
+LOWBIT_API int32_t lowbit_int8_vectorwise_quant(int32_t dtype, const void *A, int64_t rows, int64_t cols,
+                                                float threshold, int8_t *out, float *row_stats,
+                                                uint8_t *outlier_flags, int32_t num_threads);
+/* The same per column (outlier elements 0): col_stats (cols floats), out in A's layout. */
+LOWBIT_API int32_t lowbit_int8_colwise_quant(int32_t dtype, const void *A, int64_t rows, int64_t cols,
+                                             float threshold, int8_t *out, float *col_stats, int32_t num_threads);
+/* out (float32) = (float(A) * stats[r]) * scale. */
+LOWBIT_API int32_t lowbit_int8_vectorwise_dequant(const int8_t *A, const float *stats, int64_t rows, int64_t cols,
+                                                  float scale, float *out, int32_t num_threads);
+/* out (out_dtype) = (float(A) * (row_stats[r] * col_stats[c])) * scale [+ float(bias[c])], rounded
+ * once to out_dtype. bias (cols values of bias_dtype) is optional. */
+LOWBIT_API int32_t lowbit_int8_mm_dequant(const int32_t *A, const float *row_stats, const float *col_stats,
+                                          int64_t rows, int64_t cols, float scale, const void *bias,
+                                          int32_t bias_dtype, int32_t out_dtype, void *out, int32_t num_threads);
+
+/* ---- optimizers (per-element arithmetic: csrc/common/lowbit_optim.h) ----------------------
+ * One fused step over the n parameters of one tensor, in place. Formulas, operation order and
+ * step scalars are those of lowbit/backends/reference/optimizers.py (aliases resolved by the
+ * caller: adamw, lamb -> ADAM; lars -> MOMENTUM). Validation: optimizer, dtype, n >= 0, args
+ * non-null with step >= 1 (LOWBIT_ERR_ARGUMENT); n == 0 returns LOWBIT_OK without reading any
+ * pointer; then every pointer the optimizer uses must be non-null. LOWBIT_ERR_UNSUPPORTED: an
+ * internal scratch buffer could not be allocated (nothing written). */
+typedef enum lowbit_optimizer {
+    LOWBIT_OPTIM_ADAM = 0,     /* two states; LAMB with max_unorm > 0 (32-bit) */
+    LOWBIT_OPTIM_MOMENTUM = 1, /* one state; LARS with max_unorm > 0 (32-bit) */
+    LOWBIT_OPTIM_RMSPROP = 2,  /* one state */
+    LOWBIT_OPTIM_ADAGRAD = 3,  /* one state */
+    LOWBIT_OPTIM_LION = 4,     /* one state */
+    LOWBIT_OPTIM_ADEMAMIX = 5, /* state1 holds two (m1 then m2, n each), plus state2 */
+} lowbit_optimizer;
+
+/* The step's hyper-parameters, as the Python floats/ints the reference receives. */
+typedef struct lowbit_optim_args {
+    double beta1, beta2, beta3, alpha, eps, weight_decay, lr, gnorm_scale;
+    int64_t step;                  /* >= 1 */
+    double max_unorm, param_norm;  /* 32-bit trust ratio (LAMB/LARS/rmsprop) when max_unorm > 0 */
+} lowbit_optim_args;
+
+/* g, p: n values of dtype (p updated); state1: n floats (2n for ADEMAMIX); state2: n floats
+ * (ADAM, ADEMAMIX; ignored otherwise). unorm_vec: 1 float receiving the update norm, required
+ * when max_unorm > 0 for ADAM, MOMENTUM or RMSPROP. */
+LOWBIT_API int32_t lowbit_optimizer_update_32bit(int32_t optimizer, int32_t dtype, const void *g, void *p,
+                                                 float *state1, float *state2, int64_t n,
+                                                 const lowbit_optim_args *args, float *unorm_vec,
+                                                 int32_t num_threads);
+/* 8-bit blockwise state, 256 values per block: state1 n bytes (2n for ADEMAMIX), absmax1
+ * ceil(n/256) floats (twice for ADEMAMIX), qmap1 256 floats (the code, sorted); state2, absmax2,
+ * qmap2 likewise for ADAM and ADEMAMIX (ignored otherwise). Each state is dequantized, updated and
+ * requantized exactly as lowbit_quantize_blockwise would quantize the new values. */
+LOWBIT_API int32_t lowbit_optimizer_update_8bit_blockwise(int32_t optimizer, int32_t dtype, const void *g,
+                                                          void *p, uint8_t *state1, uint8_t *state2, int64_t n,
+                                                          const lowbit_optim_args *args, const float *qmap1,
+                                                          const float *qmap2, float *absmax1, float *absmax2,
+                                                          int32_t num_threads);
+
 #ifdef __cplusplus
 }
 #endif

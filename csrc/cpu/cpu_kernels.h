@@ -33,6 +33,9 @@
 #endif
 
 namespace lowbit {
+namespace optim {
+struct Params; /* csrc/common/lowbit_optim.h */
+}
 namespace cpu {
 namespace LOWBIT_CPU_ISA {
 
@@ -102,6 +105,57 @@ bool quantize_blockwise(int32_t dtype, const float *code, const void *A, int64_t
 /* code: 256 floats; A: n bytes, absmax: num_blocks floats -> out: n elements. */
 void dequantize_blockwise(int32_t dtype, const float *code, const uint8_t *A, const float *absmax,
                           int64_t n, int64_t blocksize, void *out, int num_threads);
+
+/* ---- LLM.int8 (int8.cpp; per-element math: lowbit_int8.h) ---- */
+
+/* out[m, n] = sum_k A[m, k] * B[n, k], exact in int32 (wrapping mod 2^32 only where the true sum
+ * does not fit, as the reference's int32 matmul). A: M x K int8, B: N x K int8, out: M x N int32,
+ * all row-major. M, N, K > 0. Returns false only when a per-call buffer of M ints cannot be
+ * allocated (nothing written). */
+bool int8_linear_matmul(const int8_t *A, int64_t M, int64_t K, const int8_t *B, int64_t N, int32_t *out,
+                        int num_threads);
+
+/* Row-wise int8 quantization of A (rows x cols of dtype): row_stats[r] = max |x| over the row's
+ * regular elements (|x| >= threshold is an outlier when threshold > 0; threshold already rounded to
+ * A's dtype), out = int8_quantize(x, int8_row_scale(row_stats[r])), outliers 0. flags (cols bytes)
+ * may be null; when given, it is overwritten with 1 for every column holding an outlier and 0
+ * elsewhere, and every element of a flagged column is coded 0. rows, cols > 0. */
+void int8_vectorwise_quant(int32_t dtype, const void *A, int64_t rows, int64_t cols, float threshold, int8_t *out,
+                           float *row_stats, uint8_t *flags, int num_threads);
+
+/* The same per column: col_stats[c] = max |x| over column c's regular elements, out[r, c] =
+ * int8_quantize(x, int8_row_scale(col_stats[c])), outliers 0 (out keeps A's row-major layout). */
+void int8_colwise_quant(int32_t dtype, const void *A, int64_t rows, int64_t cols, float threshold, int8_t *out,
+                        float *col_stats, int num_threads);
+
+/* out[r, c] = int8_dequant(A[r, c], stats[r], scale), float32. */
+void int8_vectorwise_dequant(const int8_t *A, const float *stats, int64_t rows, int64_t cols, float scale, float *out,
+                             int num_threads);
+
+/* out[r, c] = to out_dtype(int8_mm_dequant(A[r, c], row_stats[r], col_stats[c], scale) [+ bias[c]]),
+ * the bias (cols values of bias_dtype, or null) widened to float32 and added in float32. */
+void int8_mm_dequant(const int32_t *A, const float *row_stats, const float *col_stats, int64_t rows, int64_t cols,
+                     float scale, const void *bias, int32_t bias_dtype, int32_t out_dtype, void *out,
+                     int num_threads);
+
+/* ---- optimizers (optimizers.cpp; arithmetic: csrc/common/lowbit_optim.h) ---- */
+
+/* One 32-bit step over n parameters: g, p n elements of dtype; state1 n floats (2n for ademamix:
+ * m1 then m2); state2 n floats (adam, ademamix). optimizer: optim::Optimizer. unorm_vec: 1 float,
+ * written when params.trust_ratio. Returns false only when the trust-ratio scratch cannot be
+ * allocated (nothing written). */
+bool optimizer_update_32bit(int32_t optimizer, int32_t dtype, const void *g, void *p, float *state1,
+                            float *state2, int64_t n, const optim::Params &params, float *unorm_vec,
+                            int num_threads);
+
+/* One 8-bit blockwise step (256-element blocks): state1 n bytes (2n for ademamix), absmax1
+ * num_blocks(n, 256) floats (twice that for ademamix), qmap1 256 floats; state2/absmax2/qmap2 the
+ * same for adam and ademamix. Returns false only when the lookup scratch cannot be allocated. */
+bool optimizer_update_8bit_blockwise(int32_t optimizer, int32_t dtype, const void *g, void *p,
+                                     uint8_t *state1, uint8_t *state2, int64_t n,
+                                     const optim::Params &params, const float *qmap1,
+                                     const float *qmap2, float *absmax1, float *absmax2,
+                                     int num_threads);
 
 } // namespace LOWBIT_CPU_ISA
 } // namespace cpu

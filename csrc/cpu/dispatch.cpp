@@ -52,6 +52,14 @@ bool has_f16c() {
 }
 #endif
 
+#if defined(LOWBIT_CPU_HAVE_AVX512)
+/* CPUID.(EAX=7,ECX=0):ECX.AVX512_VNNI[bit 11] (the OS support it needs is that of AVX-512). */
+bool has_avx512_vnni() {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (ecx & (1u << 11)) != 0;
+}
+#endif
+
 /* What the CPU and OS can run. The avx512 build is also compiled with AVX2, FMA and F16C. */
 bool cpu_can_run(int32_t isa) {
 #if defined(LOWBIT_CPU_HAVE_AVX2) || defined(LOWBIT_CPU_HAVE_AVX512)
@@ -78,6 +86,8 @@ int32_t best_isa() {
 
 /* -1 until first use; then the ISA in use. Relaxed is enough: tables are constants. */
 std::atomic<int32_t> g_isa{-1};
+/* The mask of set_cpu_features. */
+std::atomic<uint32_t> g_feature_mask{kAllFeatures};
 
 } // namespace
 
@@ -100,6 +110,21 @@ bool set_isa(int32_t isa) {
 }
 
 const KernelTable &kernels() { return *table_of(current_isa()); }
+
+uint32_t cpu_features_supported() {
+    uint32_t features = 0;
+#if defined(LOWBIT_CPU_HAVE_AVX512)
+    if (isa_supported(kIsaAvx512) && has_avx512_vnni()) features |= kFeatureAvx512Vnni;
+#endif
+    return features;
+}
+
+uint32_t cpu_features() {
+    static const uint32_t supported = cpu_features_supported();
+    return supported & g_feature_mask.load(std::memory_order_relaxed);
+}
+
+void set_cpu_features(uint32_t mask) { g_feature_mask.store(mask & kAllFeatures, std::memory_order_relaxed); }
 
 } // namespace cpu
 } // namespace lowbit

@@ -13,6 +13,9 @@
 #include <stdint.h>
 
 namespace lowbit {
+namespace optim {
+struct Params; /* csrc/common/lowbit_optim.h */
+}
 namespace cpu {
 
 /* Same numbering as lowbit_isa in csrc/capi/lowbit_capi.h; higher is wider. */
@@ -32,6 +35,27 @@ struct KernelTable {
     bool (*gemv_4bit)(int32_t a_dtype, const void *A, int64_t M, int64_t K, const uint8_t *B,
                       const float *absmax, const float *code, int64_t N, int64_t blocksize,
                       int32_t out_dtype, void *out, int num_threads);
+    /* LLM.int8 (int8.cpp) */
+    bool (*int8_linear_matmul)(const int8_t *A, int64_t M, int64_t K, const int8_t *B, int64_t N, int32_t *out,
+                               int num_threads);
+    void (*int8_vectorwise_quant)(int32_t dtype, const void *A, int64_t rows, int64_t cols, float threshold,
+                                  int8_t *out, float *row_stats, uint8_t *flags, int num_threads);
+    void (*int8_colwise_quant)(int32_t dtype, const void *A, int64_t rows, int64_t cols, float threshold,
+                               int8_t *out, float *col_stats, int num_threads);
+    void (*int8_vectorwise_dequant)(const int8_t *A, const float *stats, int64_t rows, int64_t cols, float scale,
+                                    float *out, int num_threads);
+    void (*int8_mm_dequant)(const int32_t *A, const float *row_stats, const float *col_stats, int64_t rows,
+                            int64_t cols, float scale, const void *bias, int32_t bias_dtype, int32_t out_dtype,
+                            void *out, int num_threads);
+    /* Optimizers (optimizers.cpp; params: csrc/common/lowbit_optim.h). False: scratch allocation failed. */
+    bool (*optimizer_update_32bit)(int32_t optimizer, int32_t dtype, const void *g, void *p, float *state1,
+                                   float *state2, int64_t n, const optim::Params &params, float *unorm_vec,
+                                   int num_threads);
+    bool (*optimizer_update_8bit_blockwise)(int32_t optimizer, int32_t dtype, const void *g, void *p,
+                                            uint8_t *state1, uint8_t *state2, int64_t n,
+                                            const optim::Params &params, const float *qmap1,
+                                            const float *qmap2, float *absmax1, float *absmax2,
+                                            int num_threads);
 };
 
 /* True when `isa` is compiled into this library and this CPU/OS can execute it. */
@@ -42,6 +66,18 @@ int32_t current_isa();
 bool set_isa(int32_t isa);
 /* The kernels of the ISA in use. */
 const KernelTable &kernels();
+
+/* Optional extensions that an ISA build uses where the CPU has them, beyond that ISA's baseline
+ * (bit flags; same values as lowbit_cpu_feature in csrc/capi/lowbit_capi.h):
+ *   kFeatureAvx512Vnni  vpdpbusd in the avx512 build's int8 GEMM (CPUID.(7,0):ECX[11]).
+ * A kernel asks cpu_features() at each call. */
+enum Feature : uint32_t { kFeatureAvx512Vnni = 1u << 0, kAllFeatures = kFeatureAvx512Vnni };
+/* The features this CPU and OS support (with the ISA build that uses them compiled in). */
+uint32_t cpu_features_supported();
+/* The features in use: the supported ones within the mask of set_cpu_features (default: all). */
+uint32_t cpu_features();
+/* Use only the features in `mask` from now on (process-wide; tests reach the fallback paths). */
+void set_cpu_features(uint32_t mask);
 
 } // namespace cpu
 } // namespace lowbit

@@ -80,35 +80,10 @@ int32_t on_device(const char *fn, int32_t device, Fn &&launch) {
     return finish(fn, launch());
 }
 
-/* Step scalars, derived in double exactly as lowbit/backends/reference/optimizers.py does. */
+/* Step scalars: csrc/common/lowbit_optim.h (the CPU library derives them the same way). */
 OptimParams make_params(int32_t optimizer, const lowbit_cuda_optim_args &a) {
-    OptimParams P{};
-    P.beta1 = static_cast<float>(a.beta1);
-    P.beta2 = static_cast<float>(a.beta2);
-    P.beta3 = static_cast<float>(a.beta3);
-    P.alpha = static_cast<float>(a.alpha);
-    P.eps = static_cast<float>(a.eps);
-    P.weight_decay = static_cast<float>(a.weight_decay);
-    P.gnorm_scale = static_cast<float>(a.gnorm_scale);
-    P.one_minus_beta1 = static_cast<float>(1.0 - a.beta1);
-    P.one_minus_beta2 = static_cast<float>(1.0 - a.beta2);
-    P.one_minus_beta3 = static_cast<float>(1.0 - a.beta3);
-    const double step = static_cast<double>(a.step);
-    const double c1 = 1.0 - pow(a.beta1, step);       /* correction1 = 1.0 - beta1**step */
-    const double c2 = sqrt(1.0 - pow(a.beta2, step)); /* correction2 = math.sqrt(1.0 - beta2**step) */
-    P.correction1 = static_cast<float>(c1);
-    P.correction2 = static_cast<float>(c2);
-    P.decay = static_cast<float>(1.0 - a.lr * a.weight_decay);
-    P.neg_lr = static_cast<float>(-a.lr);
-    P.eps_correction2 = static_cast<float>(a.eps * c2);
-    P.neg_lr_over_c1 = static_cast<float>(-a.lr / c1);
-    P.step_size = optimizer == kAdam ? (-a.lr * c2) / c1 : -a.lr;
-    P.unorm_limit = a.max_unorm * a.param_norm;
-    P.step = a.step > INT_MAX ? INT_MAX : static_cast<int>(a.step);
-    P.has_weight_decay = a.weight_decay > 0.0 ? 1 : 0;
-    P.trust_ratio = (a.max_unorm > 0.0 && (optimizer == kAdam || optimizer == kMomentum ||
-                                           optimizer == kRmsprop)) ? 1 : 0;
-    return P;
+    return optim::make_params(optimizer, a.beta1, a.beta2, a.beta3, a.alpha, a.eps, a.weight_decay, a.lr,
+                              a.gnorm_scale, a.step, a.max_unorm, a.param_norm);
 }
 
 __global__ void k_probe(int *unused) {

@@ -1,7 +1,8 @@
 /* int8.cu -- LLM.int8 helpers: row-wise int8 quantization with outlier columns, and the float
  * epilogues of the int32 product. The int8 GEMM itself is torch._int_mm, called from Python.
  *
- * Semantics (lowbit/backends/reference/int8.py, every step one float32 operation):
+ * Semantics (lowbit/backends/reference/int8.py, every step one float32 operation; the per-element
+ * functions fmt::int8_* of csrc/common/lowbit_int8.h, shared with csrc/cpu/int8.cpp):
  *   vectorwise quant, threshold t (already rounded to A's dtype by the caller, so comparing the
  *   float value of x with it is comparing in A's dtype):
  *     outlier element: |x| >= t (t > 0); its column is an outlier column (flag[col] = 1)
@@ -9,7 +10,9 @@
  *     scale = row_stats > 0 ? (1 / row_stats) * 127 : 0   (the reference's `127.0 / row_stats`: torch
  *             evaluates a Python number divided by a tensor as tensor.reciprocal() * number)
  *     q = 0 for outlier elements and, when flags are given, every element of an outlier column;
- *         else rint(x * scale) (round half to even, as torch.round)
+ *         else rint(x * scale) (round half to even, as torch.round), cast to int8 as torch does
+ *         on x86: the low byte of the int32 conversion, 0 for +-Inf/NaN (the products of the
+ *         +Inf scale of a row whose max is below 2^-128)
  *   vectorwise dequant: out = (float(q) * stats[r]) * scale         (scale = float(1/127))
  *   mm dequant: out = cast(((float(A) * (row[r] * col[c])) * scale) [+ float(bias[c])])
  *                                                                  (scale = float(1/127^2))
@@ -20,6 +23,7 @@
  *   are plain stores of 1 by any row that finds one (benign, idempotent races).
  */
 #include "kernels.cuh"
+#include "lowbit_int8.h"
 
 namespace lowbit {
 namespace gpu {
@@ -34,7 +38,7 @@ __global__ void __launch_bounds__(kThreads)
     float m = 0.0f;
     for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
         const float v = abs_bits(E::load(a[c]));
-        if (threshold > 0.0f && v >= threshold) {
+        if (fmt::int8_is_outlier(v, threshold)) {
             if (flags != nullptr) flags[c] = 1;
         } else {
             m = (v > m) ? v : m;
@@ -51,11 +55,11 @@ __global__ void __launch_bounds__(kThreads)
                          int8_t *__restrict__ out) {
     const int64_t row = blockIdx.x;
     const float r = row_stats[row];
-    const float scale = (r > 0.0f) ? (1.0f / r) * 127.0f : 0.0f; /* torch: 127.0 / t is t.reciprocal() * 127 */
+    const float scale = fmt::int8_row_scale(r); /* torch: 127.0 / t is t.reciprocal() * 127 */
     for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
         const float x = E::load(A[row * cols + c]);
-        const bool zero = (flags != nullptr && flags[c] != 0) || (threshold > 0.0f && abs_bits(x) >= threshold);
-        out[row * cols + c] = zero ? int8_t{0} : static_cast<int8_t>(static_cast<int>(rintf(x * scale)));
+        const bool zero = (flags != nullptr && flags[c] != 0) || fmt::int8_is_outlier(abs_bits(x), threshold);
+        out[row * cols + c] = zero ? int8_t{0} : fmt::int8_quantize(x, scale);
     }
 }
 
@@ -65,7 +69,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t row = blockIdx.x;
     const float s = stats[row];
     for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
-        out[row * cols + c] = (static_cast<float>(A[row * cols + c]) * s) * scale;
+        out[row * cols + c] = fmt::int8_dequant(A[row * cols + c], s, scale);
 }
 
 template <class E>
@@ -76,8 +80,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t row = blockIdx.x;
     const float rs = row_stats[row];
     for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-        const float outer = rs * col_stats[c];
-        float v = (static_cast<float>(A[row * cols + c]) * outer) * scale;
+        float v = fmt::int8_mm_dequant(A[row * cols + c], rs, col_stats[c], scale);
         if (bias != nullptr) v = v + load_any(bias, bias_dtype, c);
         out[row * cols + c] = E::store(v);
     }

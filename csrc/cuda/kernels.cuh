@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "compat.cuh"
+#include "lowbit_optim.h"
 
 namespace lowbit {
 namespace gpu {
@@ -283,22 +284,13 @@ cudaError_t int8_mm_dequant(const int32_t *A, const float *row_stats, const floa
 /* Optimizers, numbered as lowbit_cuda_optimizer. */
 enum : int32_t { kAdam = 0, kMomentum = 1, kRmsprop = 2, kAdagrad = 3, kLion = 4, kAdemamix = 5 };
 
-/* Step scalars, derived on the host in double exactly as lowbit/backends/reference/optimizers.py
- * derives them, then rounded to float where torch rounds a Python scalar for a float32 op. */
-struct OptimParams {
-    float beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale;
-    float one_minus_beta1, one_minus_beta2, one_minus_beta3;
-    float correction1, correction2; /* 1 - beta1^step, sqrt(1 - beta2^step) */
-    float decay;                    /* 1 - lr * weight_decay */
-    float neg_lr;                   /* -lr */
-    float eps_correction2;          /* eps * correction2 (32-bit adam) */
-    float neg_lr_over_c1;           /* -lr / correction1 (8-bit adam) */
-    double step_size;               /* 32-bit: adam -lr*c2/c1, momentum/rmsprop -lr (x trust ratio) */
-    double unorm_limit;             /* max_unorm * param_norm */
-    int step;
-    int has_weight_decay; /* weight_decay > 0 */
-    int trust_ratio;      /* max_unorm > 0 and the optimizer uses it (adam, momentum, rmsprop) */
-};
+/* Step scalars (csrc/common/lowbit_optim.h: derived on the host in double exactly as
+ * lowbit/backends/reference/optimizers.py derives them, shared with the CPU kernels). */
+using OptimParams = ::lowbit::optim::Params;
+static_assert(int{kAdam} == int{optim::kAdam} && int{kMomentum} == int{optim::kMomentum} &&
+                  int{kRmsprop} == int{optim::kRmsprop} && int{kAdagrad} == int{optim::kAdagrad} &&
+                  int{kLion} == int{optim::kLion} && int{kAdemamix} == int{optim::kAdemamix},
+              "lowbit_cuda_optimizer and lowbit::optim::Optimizer must agree");
 cudaError_t optimizer_32bit(int32_t optimizer, int32_t dtype, const void *g, void *p, float *state1,
                             float *state2, int64_t n, const OptimParams &params, float *unorm_vec,
                             double *scratch, cudaStream_t stream);

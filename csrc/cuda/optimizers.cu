@@ -1,12 +1,14 @@
 /* optimizers.cu -- fused optimizer steps with 32-bit state and with 8-bit blockwise state.
  *
- * Formulas: lowbit/backends/reference/optimizers.py, operation by operation and in the same
- * order, each a float32 operation; the step scalars (1 - beta, bias corrections, -lr/c1, ...)
- * are derived in double on the host exactly as the reference derives them and rounded to float
- * where torch rounds a Python scalar (capi.cu, make_params). What can still differ from the
- * reference: torch's CPU kernels fuse some a + alpha*b into an FMA, and the LAMB/LARS update
- * norm is summed in another order (here in double). DESIGN.md §5 asks 1e-6 relative for 32-bit
- * and >= 99.9% identical codes for 8-bit.
+ * Arithmetic: csrc/common/lowbit_optim.h, shared with the CPU kernels (csrc/cpu/optimizers.cpp):
+ * the per-element updates (update32, update8: the reference's operations in its order, with
+ * torch's fused multiply-adds as explicit fmaf), the step scalars (make_params, on the host), the
+ * trust ratio, the 8-bit dequantize (dequant8), the per-block requantize rules (requant8_block)
+ * and the lookup bin (requant8_bins). This file adds the parallel decomposition and the GPU's
+ * lookup entries (lowbit_device.h) in place of the CPU's 64 KiB table. What can differ from the
+ * reference: torch.sqrt (MKL, not correctly rounded; lb_sqrtf here is) and the LAMB/LARS update
+ * norm's summation order (here in double). DESIGN.md §5 asks 1e-6 relative for 32-bit and
+ * >= 99.9% identical codes for 8-bit.
  *
  * 32-bit launch layout: grid-stride elementwise loop, 256 threads per CTA, one element per
  *   thread per step: every array (g, p, state1, state2) is read and written with consecutive
@@ -31,50 +33,26 @@ namespace {
 
 /* ---- 32-bit ---------------------------------------------------------------------------------- */
 
-/* One element of a 32-bit step. Returns the value whose norm the trust ratio needs (adam: the
- * update, momentum: the new state, rmsprop: the update; 0 otherwise). With `apply`, writes the
- * new state and parameter; `alpha` is the float step multiplier (already times the trust ratio). */
+/* lowbit_optim.h's scalar math with the GPU's correctly rounded square root (lb_sqrtf; the host
+ * pass and the emulation use sqrtf, which is IEEE there). */
+struct GpuSqrt {
+    LOWBIT_HD static float sqrt(float x) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+        return lb_sqrtf(x);
+#else
+        return sqrtf(x);
+#endif
+    }
+};
+using GpuMath = optim::FloatMathT<GpuSqrt>;
+
+/* One element of a 32-bit step (optim::update32). Returns the value whose norm the trust ratio
+ * needs; with `apply`, the caller writes the new state and parameter; `alpha` is the float step
+ * multiplier (already times the trust ratio). */
 template <int OPT>
 __device__ __forceinline__ float step32(const OptimParams &P, float g, float &p, float &s1, float &s1b,
                                         float &s2, float alpha) {
-    g = g * P.gnorm_scale;
-    if constexpr (OPT == kAdam) {
-        s1 = s1 * P.beta1 + P.one_minus_beta1 * g;
-        s2 = s2 * P.beta2 + (P.one_minus_beta2 * g) * g;
-        if (P.has_weight_decay) p = p * P.decay;
-        const float update = s1 / (lb_sqrtf(s2) + P.eps_correction2);
-        p = p + alpha * update;
-        return update;
-    } else if constexpr (OPT == kAdemamix) {
-        s1 = s1 * P.beta1 + P.one_minus_beta1 * g;   /* m1 */
-        s1b = s1b * P.beta3 + P.one_minus_beta3 * g; /* m2 */
-        s2 = s2 * P.beta2 + (P.one_minus_beta2 * g) * g;
-        if (P.has_weight_decay) p = p * P.decay;
-        const float update = (s1 / P.correction1 + P.alpha * s1b) / (lb_sqrtf(s2) / P.correction2 + P.eps);
-        p = p + P.neg_lr * update;
-        return 0.0f;
-    } else if constexpr (OPT == kMomentum) {
-        if (P.has_weight_decay) g = g + P.weight_decay * p;
-        s1 = (P.step == 1) ? g : s1 * P.beta1 + g;
-        p = p + alpha * s1;
-        return s1;
-    } else if constexpr (OPT == kLion) {
-        if (P.has_weight_decay) p = p * P.decay;
-        p = p + P.neg_lr * fmt::torch_sign(s1 * P.beta1 + P.one_minus_beta1 * g);
-        s1 = s1 * P.beta2 + P.one_minus_beta2 * g;
-        return 0.0f;
-    } else if constexpr (OPT == kRmsprop) {
-        if (P.has_weight_decay) g = g + P.weight_decay * p;
-        s1 = s1 * P.beta1 + (P.one_minus_beta1 * g) * g;
-        const float update = g / (lb_sqrtf(s1) + P.eps);
-        p = p + alpha * update;
-        return update;
-    } else { /* kAdagrad */
-        if (P.has_weight_decay) g = g + P.weight_decay * p;
-        s1 = s1 + (1.0f * g) * g;
-        p = p + P.neg_lr * (g / (lb_sqrtf(s1) + P.eps));
-        return 0.0f;
-    }
+    return optim::update32<GpuMath, OPT>(P, P.has_weight_decay != 0, P.step == 1, g, p, s1, s1b, s2, alpha);
 }
 
 /* pass 0: apply (alpha = step_size x trust ratio from *norm_sq when P.trust_ratio);
@@ -87,8 +65,8 @@ __global__ void __launch_bounds__(kThreads)
     float alpha = static_cast<float>(P.step_size);
     if (pass == 0 && P.trust_ratio) {
         /* the reference: unorm = float32 norm; ratio = limit / unorm in double when unorm > limit */
-        const double unorm = static_cast<double>(static_cast<float>(sqrt(*norm_sq)));
-        const double ratio = unorm > P.unorm_limit ? P.unorm_limit / unorm : 1.0;
+        float unorm = 0.0f;
+        const double ratio = optim::trust_ratio(P, *norm_sq, &unorm);
         alpha = static_cast<float>(P.step_size * ratio);
     }
     double sq = 0.0;
@@ -115,7 +93,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 __global__ void k_store_unorm(const double *__restrict__ norm_sq, float *__restrict__ unorm_vec) {
-    unorm_vec[0] = static_cast<float>(sqrt(*norm_sq));
+    unorm_vec[0] = static_cast<float>(sqrt(*norm_sq)); /* the float norm, as optim::trust_ratio */
 }
 
 template <int OPT, class E>
@@ -145,46 +123,16 @@ cudaError_t launch_32bit(const void *g, void *p, float *state1, float *state2, i
 
 /* ---- 8-bit blockwise --------------------------------------------------------------------------- */
 
-constexpr int kBlock8 = 256;                      /* state blocksize (formats.NESTED_BLOCKSIZE) */
+constexpr int kBlock8 = optim::kBlock8;           /* state blocksize (formats.NESTED_BLOCKSIZE) */
 constexpr int kEpt8 = kBlock8 / kLaneGroup;       /* 8 elements per lane */
 constexpr int kGroups8 = kThreads / kLaneGroup;   /* 8 state blocks per CTA */
 
-/* The reference's 8-bit formulas (they differ from the 32-bit ones in where eps and weight
- * decay enter). Updates p, s1 (and s1b, s2) in place. */
+/* One element of an 8-bit step on dequantized state (optim::update8: the reference's 8-bit
+ * formulas, which differ from the 32-bit ones in where eps and weight decay enter). */
 template <int OPT>
 __device__ __forceinline__ void step8(const OptimParams &P, float g, float &p, float &s1, float &s1b,
                                       float &s2) {
-    g = g * P.gnorm_scale;
-    if constexpr (OPT == kAdam) {
-        s1 = s1 * P.beta1 + P.one_minus_beta1 * g;
-        s2 = s2 * P.beta2 + (P.one_minus_beta2 * g) * g;
-        const float denom = lb_sqrtf(s2) / P.correction2 + P.eps;
-        if (P.has_weight_decay) p = p * P.decay;
-        p = p + P.neg_lr_over_c1 * (s1 / denom);
-    } else if constexpr (OPT == kAdemamix) {
-        s1 = s1 * P.beta1 + P.one_minus_beta1 * g;
-        s1b = s1b * P.beta3 + P.one_minus_beta3 * g;
-        s2 = s2 * P.beta2 + (P.one_minus_beta2 * g) * g;
-        const float update = (s1 / P.correction1 + P.alpha * s1b) / (lb_sqrtf(s2) / P.correction2 + P.eps);
-        if (P.has_weight_decay) p = p * P.decay;
-        p = p + P.neg_lr * update;
-    } else if constexpr (OPT == kMomentum) {
-        g = g + P.weight_decay * p; /* unconditional in the reference's 8-bit path */
-        s1 = (P.step == 1) ? g : s1 * P.beta1 + g;
-        p = p + P.neg_lr * s1;
-    } else if constexpr (OPT == kLion) {
-        if (P.has_weight_decay) p = p * P.decay;
-        p = p + P.neg_lr * fmt::torch_sign(s1 * P.beta1 + g * P.one_minus_beta1);
-        s1 = s1 * P.beta2 + P.one_minus_beta2 * g;
-    } else if constexpr (OPT == kRmsprop) {
-        g = g + P.weight_decay * p;
-        s1 = s1 * P.beta1 + (P.one_minus_beta1 * g) * g;
-        p = p + P.neg_lr * (g / (lb_sqrtf(s1) + P.eps));
-    } else { /* kAdagrad */
-        g = g + P.weight_decay * p;
-        s1 = s1 + (1.0f * g) * g;
-        p = p + P.neg_lr * (g / (lb_sqrtf(s1) + P.eps));
-    }
+    optim::update8<GpuMath, OPT>(P, P.has_weight_decay != 0, P.step == 1, g, p, s1, s1b, s2);
 }
 
 /* New absmax of one state block (the group's 8 x 32 values; absent elements are 0) and its
@@ -196,10 +144,13 @@ __device__ __forceinline__ void requantize8(const float (&s)[kEpt8], const float
 #pragma unroll
     for (int i = 0; i < kEpt8; ++i) absmax_add(s[i], m, nan);
     group_absmax<kLaneGroup>(m, nan);
-    const Block8 blk = block8(m, nan);
+    const optim::Requant8 blk = optim::requant8_block(m, nan != 0);
     absmax = blk.absmax;
 #pragma unroll
-    for (int i = 0; i < kEpt8; ++i) q[i] = blk.encode ? fmt::encode_8bit(s[i], blk.inv, mid, sorted) : 0;
+    for (int i = 0; i < kEpt8; ++i) {
+        const uint32_t bin = blk.encode ? optim::requant8_bins<GpuMath>(s[i], blk.inv) : 0u;
+        q[i] = blk.encode ? (sorted ? fmt::lut8_entry_sorted(mid, bin) : fmt::lut8_entry_sweep(mid, bin)) : 0;
+    }
 }
 
 template <int OPT, class E>
@@ -236,9 +187,9 @@ __global__ void __launch_bounds__(kThreads)
         pv[i] = s1[i] = s1b[i] = s2[i] = 0.0f;
         if (active && e < n) {
             pv[i] = E::load(p[e]);
-            s1[i] = qmap1[state1[e]] * a1;
-            if (OPT == kAdemamix) s1b[i] = qmap1[state1[n + e]] * a1b;
-            if (kTwo) s2[i] = qmap2[state2[e]] * a2;
+            s1[i] = optim::dequant8(qmap1, state1[e], a1);
+            if (OPT == kAdemamix) s1b[i] = optim::dequant8(qmap1, state1[n + e], a1b);
+            if (kTwo) s2[i] = optim::dequant8(qmap2, state2[e], a2);
             step8<OPT>(P, E::load(g[e]), pv[i], s1[i], s1b[i], s2[i]);
         }
     }

@@ -29,6 +29,7 @@
 
 #include "lowbit_capi.h"
 #include "lowbit_formats.h"
+#include "lowbit_int8.h"
 
 #if defined(__SSE__)
 #include <xmmintrin.h>
@@ -708,6 +709,373 @@ static void test_gemv() {
         }
 }
 
+/* ---- optimizers (lowbit_optimizer_update_*) ------------------------------------------------ */
+
+/* One optimizer step through the C ABI on exactly sized heap buffers (ASan sees any overread);
+ * returns every byte it wrote (p, states, absmax, unorm). */
+static std::vector<uint8_t> optim_outputs(int opt, int dt, int64_t n, bool eight_bit, int64_t step, double wd,
+                                          double max_unorm, int threads, uint64_t seed) {
+    const bool two = opt == LOWBIT_OPTIM_ADAM || opt == LOWBIT_OPTIM_ADEMAMIX;
+    const int64_t copies = opt == LOWBIT_OPTIM_ADEMAMIX ? 2 : 1, nb = (n + 255) / 256;
+    const size_t es = dt == 0 ? 4 : 2;
+    std::mt19937_64 rng(seed);
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    auto fill = [&](uint8_t *dst, int64_t count, float scale) {
+        for (int64_t i = 0; i < count; ++i) {
+            float x = u(rng) * scale;
+            if (i % 97 == 5) x = 0.0f;
+            if (i % 1009 == 7) x = -0.0f;
+            if (dt == 0) memcpy(dst + i * 4, &x, 4);
+            else {
+                const uint16_t h = dt == 1 ? fmt::float_to_half_bits(x) : fmt::float_to_bf16_bits(x);
+                memcpy(dst + i * 2, &h, 2);
+            }
+        }
+    };
+    std::unique_ptr<uint8_t[]> g(new uint8_t[(size_t)n * es]), p(new uint8_t[(size_t)n * es]);
+    fill(g.get(), n, 0.1f);
+    fill(p.get(), n, 1.0f);
+    if (n > 300) { /* a NaN gradient and an Inf one: NaN / Inf state blocks must not crash */
+        const float nan = NAN, inf = INFINITY;
+        if (dt == 0) {
+            memcpy(g.get() + 4 * 3, &nan, 4);
+            memcpy(g.get() + 4 * 290, &inf, 4);
+        }
+    }
+    lowbit_optim_args args{0.9, 0.999, 0.9999, 5.0, 1e-8, wd, 1e-3, 1.0, step, max_unorm, 10.0};
+    std::vector<uint8_t> out;
+    auto append = [&](const void *src, size_t bytes) {
+        out.insert(out.end(), static_cast<const uint8_t *>(src), static_cast<const uint8_t *>(src) + bytes);
+    };
+    if (!eight_bit) {
+        std::unique_ptr<float[]> s1(new float[(size_t)(copies * n)]), s2(two ? new float[(size_t)n] : nullptr);
+        for (int64_t i = 0; i < copies * n; ++i) s1[i] = u(rng) * 0.01f + (opt == LOWBIT_OPTIM_RMSPROP || opt == LOWBIT_OPTIM_ADAGRAD ? 0.02f : 0.0f);
+        for (int64_t i = 0; two && i < n; ++i) s2[i] = (u(rng) + 1.0f) * 1e-4f;
+        float unorm = -1.0f;
+        CHECK(lowbit_optimizer_update_32bit(opt, dt, g.get(), p.get(), s1.get(), s2.get(), n, &args, &unorm, threads) ==
+                  LOWBIT_OK, "32-bit step opt=%d dt=%d n=%lld", opt, dt, (long long)n);
+        append(s1.get(), sizeof(float) * (size_t)(copies * n));
+        if (two) append(s2.get(), sizeof(float) * (size_t)n);
+        append(&unorm, sizeof unorm);
+    } else {
+        std::vector<float> signed_code(256), unsigned_code(256);
+        for (int i = 0; i < 256; ++i) { /* sorted codes spanning [-1, 1] and [0, 1] */
+            signed_code[i] = -1.0f + 2.0f * (float)i / 255.0f;
+            unsigned_code[i] = (float)i / 255.0f;
+        }
+        std::unique_ptr<uint8_t[]> q1(new uint8_t[(size_t)(copies * n)]), q2(two ? new uint8_t[(size_t)n] : nullptr);
+        std::unique_ptr<float[]> a1(new float[(size_t)(copies * nb)]), a2(two ? new float[(size_t)nb] : nullptr);
+        for (int64_t i = 0; i < copies * n; ++i) q1[i] = (uint8_t)(rng() >> 56);
+        for (int64_t i = 0; two && i < n; ++i) q2[i] = (uint8_t)(rng() >> 56);
+        for (int64_t b = 0; b < copies * nb; ++b) a1[b] = b == 0 ? 0.0f : 0.01f * (float)(b % 7);
+        for (int64_t b = 0; two && b < nb; ++b) a2[b] = 1e-4f * (float)(b % 5);
+        CHECK(lowbit_optimizer_update_8bit_blockwise(opt, dt, g.get(), p.get(), q1.get(), q2.get(), n, &args,
+                                                     signed_code.data(), unsigned_code.data(), a1.get(), a2.get(),
+                                                     threads) == LOWBIT_OK,
+              "8-bit step opt=%d dt=%d n=%lld", opt, dt, (long long)n);
+        append(q1.get(), (size_t)(copies * n));
+        append(a1.get(), sizeof(float) * (size_t)(copies * nb));
+        if (two) {
+            append(q2.get(), (size_t)n);
+            append(a2.get(), sizeof(float) * (size_t)nb);
+        }
+    }
+    append(p.get(), (size_t)n * es);
+    return out;
+}
+
+static void test_optimizer_arguments() {
+    float buf[8] = {};
+    uint8_t q[8] = {};
+    const float code[256] = {};
+    lowbit_optim_args args{0.9, 0.999, 0.0, 0.0, 1e-8, 0.0, 1e-3, 1.0, 1, 0.0, 0.0};
+    lowbit_optim_args step0 = args;
+    step0.step = 0;
+    CHECK(lowbit_optimizer_update_32bit(6, 0, buf, buf, buf, buf, 1, &args, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "optimizer");
+    CHECK(lowbit_optimizer_update_32bit(-1, 0, buf, buf, buf, buf, 1, &args, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "optimizer");
+    CHECK(lowbit_optimizer_update_32bit(0, 3, buf, buf, buf, buf, 1, &args, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "dtype");
+    CHECK(lowbit_optimizer_update_32bit(0, 0, buf, buf, buf, buf, -1, &args, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "n < 0");
+    CHECK(lowbit_optimizer_update_32bit(0, 0, buf, buf, buf, buf, 1, nullptr, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "args");
+    CHECK(lowbit_optimizer_update_32bit(0, 0, buf, buf, buf, buf, 1, &step0, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "step 0");
+    CHECK(lowbit_optimizer_update_32bit(0, 0, nullptr, nullptr, nullptr, nullptr, 0, &args, nullptr, 1) == LOWBIT_OK, "n == 0");
+    CHECK(lowbit_optimizer_update_32bit(0, 0, buf, buf, buf, nullptr, 1, &args, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "adam state2");
+    CHECK(lowbit_optimizer_update_32bit(1, 0, buf, buf, buf, nullptr, 1, &args, nullptr, 1) == LOWBIT_OK, "momentum without state2");
+    CHECK(lowbit_optimizer_update_32bit(1, 0, nullptr, buf, buf, nullptr, 1, &args, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "null g");
+    lowbit_optim_args lamb = args;
+    lamb.max_unorm = 1.0;
+    CHECK(lowbit_optimizer_update_32bit(0, 0, buf, buf, buf, buf, 1, &lamb, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "unorm_vec");
+    CHECK(lowbit_optimizer_update_32bit(4, 0, buf, buf, buf, nullptr, 1, &lamb, nullptr, 1) == LOWBIT_OK, "lion ignores max_unorm");
+    CHECK(lowbit_optimizer_update_8bit_blockwise(6, 0, buf, buf, q, q, 1, &args, code, code, buf, buf, 1) == LOWBIT_ERR_ARGUMENT, "optimizer");
+    CHECK(lowbit_optimizer_update_8bit_blockwise(0, 0, buf, buf, q, q, 1, &step0, code, code, buf, buf, 1) == LOWBIT_ERR_ARGUMENT, "step 0");
+    CHECK(lowbit_optimizer_update_8bit_blockwise(0, 0, nullptr, nullptr, nullptr, nullptr, 0, &args, nullptr, nullptr, nullptr, nullptr, 1) == LOWBIT_OK, "n == 0");
+    CHECK(lowbit_optimizer_update_8bit_blockwise(0, 0, buf, buf, q, q, 1, &args, code, nullptr, buf, buf, 1) == LOWBIT_ERR_ARGUMENT, "qmap2");
+    CHECK(lowbit_optimizer_update_8bit_blockwise(0, 0, buf, buf, q, q, 1, &args, code, code, buf, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "absmax2");
+    CHECK(lowbit_optimizer_update_8bit_blockwise(2, 0, buf, buf, q, nullptr, 1, &args, code, nullptr, buf, nullptr, 1) == LOWBIT_OK, "rmsprop one state");
+    CHECK(lowbit_optimizer_update_8bit_blockwise(2, 0, buf, buf, q, nullptr, 1, &args, nullptr, nullptr, buf, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "qmap1");
+}
+
+/* Every optimizer, dtype, both state widths: every ISA and thread count writes the scalar build's bytes. */
+static void test_optimizers_isas_and_threads() {
+    const std::vector<int> isas = supported_isas();
+    const int64_t sizes[] = {1, 255, 257, 1000, 70001};
+    int iter = 0;
+    for (int eight = 0; eight < 2; ++eight)
+        for (int opt = 0; opt < 6; ++opt)
+            for (int dt = 0; dt < 3; ++dt)
+                for (int64_t n : sizes) {
+                    ++iter;
+                    const int64_t step = iter % 3 == 0 ? 1 : 4;
+                    const double wd = iter % 2 ? 0.0 : 0.01;
+                    const double max_unorm = (!eight && iter % 4 == 1) ? 0.01 : 0.0;
+                    lowbit_set_cpu_isa(LOWBIT_ISA_SCALAR);
+                    const std::vector<uint8_t> want = optim_outputs(opt, dt, n, eight, step, wd, max_unorm, 1, n + iter);
+                    for (int isa : isas) {
+                        lowbit_set_cpu_isa(isa);
+                        for (int threads : {1, 2, 7}) {
+                            if (n < 70001 && threads > 1) continue;
+                            const std::vector<uint8_t> got =
+                                optim_outputs(opt, dt, n, eight, step, wd, max_unorm, threads, n + iter);
+                            CHECK(got == want, "%s %d-bit opt=%d dt=%d n=%lld threads=%d differs from scalar", isa_name(isa),
+                                  eight ? 8 : 32, opt, dt, (long long)n, threads);
+                        }
+                    }
+                }
+    lowbit_set_cpu_isa(isas.back());
+}
+
+/* ---- LLM.int8 (lowbit_int8_*) ---------------------------------------------------------------- */
+
+static void test_int8_arguments() {
+    int8_t a[8] = {}, b[8] = {}, q[8] = {};
+    int32_t acc[8] = {}, out32[8] = {};
+    float x[8] = {}, stats[8] = {1, 1, 1, 1, 1, 1, 1, 1}, outf[8] = {};
+    uint8_t flags[8] = {};
+    /* matmul */
+    CHECK(lowbit_int8_linear_matmul(a, -1, 8, b, 1, out32, 1) == LOWBIT_ERR_ARGUMENT, "matmul M < 0");
+    CHECK(lowbit_int8_linear_matmul(a, 1, 0, b, 1, out32, 1) == LOWBIT_ERR_ARGUMENT, "matmul K < 1");
+    CHECK(lowbit_int8_linear_matmul(a, 1, 8, b, -1, out32, 1) == LOWBIT_ERR_ARGUMENT, "matmul N < 0");
+    CHECK(lowbit_int8_linear_matmul(a, int64_t{1} << 40, int64_t{1} << 40, b, 1, out32, 1) == LOWBIT_ERR_ARGUMENT,
+          "matmul M*K overflow");
+    CHECK(lowbit_int8_linear_matmul(nullptr, 0, 8, nullptr, 3, nullptr, 1) == LOWBIT_OK, "matmul M == 0");
+    CHECK(lowbit_int8_linear_matmul(nullptr, 3, 8, nullptr, 0, nullptr, 1) == LOWBIT_OK, "matmul N == 0");
+    CHECK(lowbit_int8_linear_matmul(nullptr, 1, 8, b, 1, out32, 1) == LOWBIT_ERR_ARGUMENT, "matmul null A");
+    CHECK(lowbit_int8_linear_matmul(a, 1, 8, nullptr, 1, out32, 1) == LOWBIT_ERR_ARGUMENT, "matmul null B");
+    CHECK(lowbit_int8_linear_matmul(a, 1, 8, b, 1, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "matmul null out");
+    /* quantize */
+    CHECK(lowbit_int8_vectorwise_quant(3, x, 1, 8, 0.0f, q, stats, flags, 1) == LOWBIT_ERR_ARGUMENT, "quant dtype");
+    CHECK(lowbit_int8_vectorwise_quant(0, x, -1, 8, 0.0f, q, stats, flags, 1) == LOWBIT_ERR_ARGUMENT, "quant rows");
+    CHECK(lowbit_int8_vectorwise_quant(0, x, 1, -8, 0.0f, q, stats, flags, 1) == LOWBIT_ERR_ARGUMENT, "quant cols");
+    CHECK(lowbit_int8_vectorwise_quant(0, x, 1, 8, -1.0f, q, stats, flags, 1) == LOWBIT_ERR_ARGUMENT, "threshold < 0");
+    CHECK(lowbit_int8_vectorwise_quant(0, x, 1, 8, NAN, q, stats, flags, 1) == LOWBIT_ERR_ARGUMENT, "threshold NaN");
+    CHECK(lowbit_int8_vectorwise_quant(0, x, 1, 8, INFINITY, q, stats, flags, 1) == LOWBIT_ERR_ARGUMENT, "threshold Inf");
+    CHECK(lowbit_int8_vectorwise_quant(0, nullptr, 0, 8, 0.0f, nullptr, nullptr, nullptr, 1) == LOWBIT_OK, "quant empty");
+    CHECK(lowbit_int8_vectorwise_quant(0, nullptr, 1, 8, 0.0f, q, stats, flags, 1) == LOWBIT_ERR_ARGUMENT, "quant null A");
+    CHECK(lowbit_int8_vectorwise_quant(0, x, 1, 8, 0.0f, nullptr, stats, flags, 1) == LOWBIT_ERR_ARGUMENT, "quant null out");
+    CHECK(lowbit_int8_vectorwise_quant(0, x, 1, 8, 0.0f, q, nullptr, flags, 1) == LOWBIT_ERR_ARGUMENT, "quant null stats");
+    CHECK(lowbit_int8_vectorwise_quant(0, x, 1, 8, 0.0f, q, stats, nullptr, 1) == LOWBIT_OK, "quant without flags");
+    CHECK(lowbit_int8_colwise_quant(0, x, 1, 8, -2.0f, q, stats, 1) == LOWBIT_ERR_ARGUMENT, "colwise threshold");
+    CHECK(lowbit_int8_colwise_quant(0, x, 1, 8, 0.0f, q, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "colwise null stats");
+    /* dequantize */
+    CHECK(lowbit_int8_vectorwise_dequant(q, stats, 1, -1, 1.0f, outf, 1) == LOWBIT_ERR_ARGUMENT, "dequant cols");
+    CHECK(lowbit_int8_vectorwise_dequant(q, nullptr, 1, 8, 1.0f, outf, 1) == LOWBIT_ERR_ARGUMENT, "dequant null stats");
+    CHECK(lowbit_int8_vectorwise_dequant(nullptr, nullptr, 0, 8, 1.0f, nullptr, 1) == LOWBIT_OK, "dequant empty");
+    CHECK(lowbit_int8_mm_dequant(acc, stats, stats, 1, 8, 1.0f, nullptr, 0, 3, outf, 1) == LOWBIT_ERR_ARGUMENT,
+          "mm_dequant out dtype");
+    CHECK(lowbit_int8_mm_dequant(acc, stats, stats, 1, 8, 1.0f, stats, 7, 0, outf, 1) == LOWBIT_ERR_ARGUMENT,
+          "mm_dequant bias dtype");
+    CHECK(lowbit_int8_mm_dequant(acc, stats, stats, 1, 8, 1.0f, nullptr, 7, 0, outf, 1) == LOWBIT_OK,
+          "mm_dequant: bias dtype ignored without a bias");
+    CHECK(lowbit_int8_mm_dequant(acc, nullptr, stats, 1, 8, 1.0f, nullptr, 0, 0, outf, 1) == LOWBIT_ERR_ARGUMENT,
+          "mm_dequant null row_stats");
+    /* features */
+    const int32_t features = lowbit_cpu_features();
+    CHECK((features & ~lowbit_cpu_features_supported()) == 0, "features in use are supported");
+    CHECK(lowbit_set_cpu_features(-1) == LOWBIT_ERR_ARGUMENT && lowbit_set_cpu_features(2) == LOWBIT_ERR_ARGUMENT,
+          "unknown feature bits rejected");
+    CHECK(lowbit_cpu_features() == features, "unchanged after a rejected set");
+    CHECK(lowbit_set_cpu_features(0) == LOWBIT_OK && lowbit_cpu_features() == 0, "features off");
+    CHECK(lowbit_set_cpu_features(LOWBIT_CPU_FEATURE_AVX512_VNNI) == LOWBIT_OK && lowbit_cpu_features() == features,
+          "features restored");
+}
+
+/* The ISA / feature combinations to run: every supported ISA, and avx512 without VNNI too. */
+static std::vector<std::pair<int, int>> int8_modes() {
+    std::vector<std::pair<int, int>> modes;
+    const int all = lowbit_cpu_features_supported();
+    for (int isa : supported_isas()) {
+        modes.push_back({isa, all});
+        if (isa == LOWBIT_ISA_AVX512 && all != 0) modes.push_back({isa, 0});
+    }
+    return modes;
+}
+
+/* int8 GEMM on exactly sized heap buffers against a 64-bit sum, every ISA, 1 and 7 threads. */
+static void check_int8_matmul(std::mt19937_64 &rng, int64_t M, int64_t K, int64_t N, bool extremes) {
+    std::unique_ptr<int8_t[]> A(new int8_t[(size_t)(M * K)]), B(new int8_t[(size_t)(N * K)]);
+    std::uniform_int_distribution<int> d(-128, 127);
+    for (int64_t i = 0; i < M * K; ++i) A[i] = extremes ? int8_t{-128} : static_cast<int8_t>(d(rng));
+    for (int64_t i = 0; i < N * K; ++i) B[i] = extremes ? int8_t{-128} : static_cast<int8_t>(d(rng));
+    std::vector<int32_t> want((size_t)(M * N));
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+            int64_t s = 0;
+            for (int64_t k = 0; k < K; ++k) s += int64_t{A[m * K + k]} * B[n * K + k];
+            want[m * N + n] = static_cast<int32_t>(s); /* fits: |s| <= 2^14 K < 2^31 here */
+        }
+    for (auto mode : int8_modes()) {
+        lowbit_set_cpu_isa(mode.first);
+        lowbit_set_cpu_features(mode.second);
+        for (int threads : {1, 7}) {
+            std::unique_ptr<int32_t[]> out(new int32_t[(size_t)(M * N)]);
+            CHECK(lowbit_int8_linear_matmul(A.get(), M, K, B.get(), N, out.get(), threads) == LOWBIT_OK, "int8 matmul");
+            int bad = 0;
+            for (int64_t i = 0; i < M * N; ++i) bad += out[i] != want[i];
+            CHECK(bad == 0, "%s%s int8 matmul M=%lld K=%lld N=%lld threads=%d: %d outputs differ", isa_name(mode.first),
+                  mode.second ? "+vnni" : "", (long long)M, (long long)K, (long long)N, threads, bad);
+        }
+    }
+    lowbit_set_cpu_isa(supported_isas().back());
+    lowbit_set_cpu_features(LOWBIT_CPU_FEATURE_AVX512_VNNI);
+}
+
+/* Quantize (row- and column-wise, with and without outlier columns), dequantize and mm_dequant on
+ * every ISA against the per-element definition of lowbit_int8.h. */
+static void check_int8_quant(std::mt19937_64 &rng, int dt, int64_t rows, int64_t cols, float threshold) {
+    const size_t es = dt == 0 ? 4 : 2;
+    const int64_t n = rows * cols;
+    std::normal_distribution<float> nd(0.0f, 2.5f);
+    std::unique_ptr<uint8_t[]> A(new uint8_t[(size_t)n * es]);
+    std::vector<float> x((size_t)n);
+    for (int64_t i = 0; i < n; ++i) {
+        float v = nd(rng);
+        if (i % 37 == 3) v = 0.0f;
+        if (i % 53 == 7) v = -0.0f;
+        if (rows > 3 && i / cols == 3) v *= 1e-40f; /* a subnormal row: 1 / rowmax overflows */
+        if (dt == 0) memcpy(&A[(size_t)i * 4], &v, 4);
+        else {
+            const uint16_t h = dt == 1 ? fmt::float_to_half_bits(v) : fmt::float_to_bf16_bits(v);
+            memcpy(&A[(size_t)i * 2], &h, 2);
+            v = dt == 1 ? fmt::half_bits_to_float(h) : fmt::bf16_bits_to_float(h);
+        }
+        x[(size_t)i] = v;
+    }
+    auto absf = [](float v) { return fabsf(v); };
+    /* the definition */
+    std::vector<float> rs((size_t)rows, 0.0f), cs((size_t)cols, 0.0f);
+    std::vector<uint8_t> fl((size_t)cols, 0);
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) {
+            const float v = absf(x[(size_t)(r * cols + c)]);
+            if (fmt::int8_is_outlier(v, threshold)) {
+                fl[(size_t)c] = 1;
+                continue;
+            }
+            rs[(size_t)r] = std::max(rs[(size_t)r], v);
+            cs[(size_t)c] = std::max(cs[(size_t)c], v);
+        }
+    std::vector<int8_t> q_rows_flags((size_t)n), q_rows((size_t)n), q_cols((size_t)n);
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) {
+            const size_t i = (size_t)(r * cols + c);
+            const bool out = fmt::int8_is_outlier(absf(x[i]), threshold);
+            q_rows[i] = out ? 0 : fmt::int8_quantize(x[i], fmt::int8_row_scale(rs[(size_t)r]));
+            q_rows_flags[i] = fl[(size_t)c] ? 0 : q_rows[i];
+            q_cols[i] = out ? 0 : fmt::int8_quantize(x[i], fmt::int8_row_scale(cs[(size_t)c]));
+        }
+    const float dq_scale = 7.874015718698502e-3f, mm_scale = 6.200124e-05f;
+    std::unique_ptr<int32_t[]> acc(new int32_t[(size_t)n]);
+    std::uniform_int_distribution<int32_t> di(INT32_MIN, INT32_MAX);
+    for (int64_t i = 0; i < n; ++i) acc[i] = di(rng);
+    std::unique_ptr<uint16_t[]> bias(new uint16_t[(size_t)cols]);
+    for (int64_t c = 0; c < cols; ++c) bias[c] = fmt::float_to_bf16_bits(nd(rng));
+
+    for (auto mode : int8_modes()) {
+        lowbit_set_cpu_isa(mode.first);
+        lowbit_set_cpu_features(mode.second);
+        const char *isa = isa_name(mode.first);
+        for (int threads : {1, 7}) {
+            std::unique_ptr<int8_t[]> q(new int8_t[(size_t)n]);
+            std::unique_ptr<float[]> st(new float[(size_t)std::max(rows, cols)]);
+            std::unique_ptr<uint8_t[]> flags(new uint8_t[(size_t)cols]);
+            /* row-wise with outlier columns */
+            CHECK(lowbit_int8_vectorwise_quant(dt, A.get(), rows, cols, threshold, q.get(), st.get(), flags.get(),
+                                               threads) == LOWBIT_OK, "int8 quant");
+            CHECK(memcmp(q.get(), q_rows_flags.data(), (size_t)n) == 0 && memcmp(flags.get(), fl.data(), (size_t)cols) == 0 &&
+                      memcmp(st.get(), rs.data(), (size_t)rows * 4) == 0,
+                  "%s int8 quant dt=%d %lldx%lld t=%g threads=%d", isa, dt, (long long)rows, (long long)cols,
+                  (double)threshold, threads);
+            /* row-wise, outlier elements only */
+            CHECK(lowbit_int8_vectorwise_quant(dt, A.get(), rows, cols, threshold, q.get(), st.get(), nullptr,
+                                               threads) == LOWBIT_OK, "int8 quant");
+            CHECK(memcmp(q.get(), q_rows.data(), (size_t)n) == 0, "%s int8 quant (no flags) dt=%d %lldx%lld", isa, dt,
+                  (long long)rows, (long long)cols);
+            /* column-wise */
+            CHECK(lowbit_int8_colwise_quant(dt, A.get(), rows, cols, threshold, q.get(), st.get(), threads) == LOWBIT_OK,
+                  "int8 colwise");
+            CHECK(memcmp(q.get(), q_cols.data(), (size_t)n) == 0 && memcmp(st.get(), cs.data(), (size_t)cols * 4) == 0,
+                  "%s int8 colwise dt=%d %lldx%lld t=%g", isa, dt, (long long)rows, (long long)cols, (double)threshold);
+            /* dequantize */
+            std::unique_ptr<float[]> dq(new float[(size_t)n]);
+            CHECK(lowbit_int8_vectorwise_dequant(q_rows.data(), rs.data(), rows, cols, dq_scale, dq.get(), threads) ==
+                      LOWBIT_OK, "int8 dequant");
+            int bad = 0;
+            for (int64_t i = 0; i < n; ++i)
+                bad += fbits(dq[i]) != fbits(fmt::int8_dequant(q_rows[(size_t)i], rs[(size_t)(i / cols)], dq_scale));
+            CHECK(bad == 0, "%s int8 dequant: %d differ", isa, bad);
+            /* mm_dequant into A's dtype with a bf16 bias */
+            std::unique_ptr<uint8_t[]> o(new uint8_t[(size_t)n * es]);
+            CHECK(lowbit_int8_mm_dequant(acc.get(), rs.data(), cs.data(), rows, cols, mm_scale, bias.get(),
+                                         LOWBIT_BFLOAT16, dt, o.get(), threads) == LOWBIT_OK, "mm_dequant");
+            bad = 0;
+            for (int64_t i = 0; i < n; ++i) {
+                const float v = fmt::int8_mm_dequant(acc[i], rs[(size_t)(i / cols)], cs[(size_t)(i % cols)], mm_scale) +
+                                fmt::bf16_bits_to_float(bias[i % cols]);
+                if (dt == 0) {
+                    uint32_t got;
+                    memcpy(&got, &o[(size_t)i * 4], 4);
+                    bad += got != fbits(v);
+                } else {
+                    uint16_t got;
+                    memcpy(&got, &o[(size_t)i * 2], 2);
+                    bad += got != (dt == 1 ? fmt::float_to_half_bits(v) : fmt::float_to_bf16_bits(v));
+                }
+            }
+            CHECK(bad == 0, "%s mm_dequant dt=%d: %d differ", isa, dt, bad);
+            std::unique_ptr<float[]> o32(new float[(size_t)n]);
+            CHECK(lowbit_int8_mm_dequant(acc.get(), rs.data(), cs.data(), rows, cols, mm_scale, nullptr, 0,
+                                         LOWBIT_FLOAT32, o32.get(), threads) == LOWBIT_OK, "mm_dequant fp32");
+            bad = 0;
+            for (int64_t i = 0; i < n; ++i)
+                bad += fbits(o32[i]) !=
+                       fbits(fmt::int8_mm_dequant(acc[i], rs[(size_t)(i / cols)], cs[(size_t)(i % cols)], mm_scale));
+            CHECK(bad == 0, "%s mm_dequant fp32: %d differ", isa, bad);
+        }
+    }
+    lowbit_set_cpu_isa(supported_isas().back());
+    lowbit_set_cpu_features(LOWBIT_CPU_FEATURE_AVX512_VNNI);
+}
+
+static void test_int8() {
+    /* the -128 * -128 extreme; torch's float -> int8 cast of +-Inf/NaN (0) */
+    CHECK(fmt::int8_quantize(1.0f, INFINITY) == 0 && fmt::int8_quantize(0.0f, INFINITY) == 0 &&
+              fmt::int8_quantize(-1.0f, INFINITY) == 0, "int8_quantize of an infinite scale is 0");
+    CHECK(fmt::int8_quantize(2.5f, 1.0f) == 2 && fmt::int8_quantize(-2.5f, 1.0f) == -2 &&
+              fmt::int8_quantize(126.5f, 1.0f) == 126 && fmt::int8_quantize(-127.0f, 1.0f) == -127,
+          "int8_quantize rounds half to even");
+    CHECK(fbits(fmt::int8_row_scale(0.0f)) == 0 && fmt::int8_row_scale(1e-40f) == INFINITY,
+          "int8_row_scale of 0 and of a subnormal");
+    std::mt19937_64 rng(8);
+    const int64_t shapes[][3] = {{1, 1, 1}, {3, 5, 7}, {6, 64, 4}, {7, 65, 9}, {13, 129, 17}, {2, 300, 5},
+                                 {20, 1000, 3}, {97, 70, 6}, {2, 4096 + 100, 5}};
+    for (const auto &s : shapes) check_int8_matmul(rng, s[0], s[1], s[2], false);
+    check_int8_matmul(rng, 7, 200, 5, true);
+    check_int8_matmul(rng, 1, (int64_t{1} << 17) - 1, 2, true); /* 2^14 (2^17 - 1) < 2^31 */
+    const int64_t qshapes[][2] = {{1, 1}, {3, 16}, {5, 100}, {9, 33}, {2, 257}};
+    int i = 0;
+    for (const auto &s : qshapes)
+        for (float t : {0.0f, 6.0f, 2.0f}) check_int8_quant(rng, i++ % 3, s[0], s[1], t);
+}
+
 int main(int argc, char **argv) {
     const bool exhaustive = argc > 1 && strcmp(argv[1], "--exhaustive") == 0;
     printf("lowbit self-test; build: %s\n", lowbit_build_info());
@@ -727,6 +1095,10 @@ int main(int argc, char **argv) {
     test_isa_narrowing(exhaustive);
     test_gemv_arguments();
     test_gemv();
+    test_int8_arguments();
+    test_int8();
+    test_optimizer_arguments();
+    test_optimizers_isas_and_threads();
     printf("%ld checks, %d failures\n", g_checks, g_failures);
     return g_failures == 0 ? 0 : 1;
 }

@@ -36,6 +36,8 @@ DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 QUANT_TYPES = {"fp4": 0, "nf4": 1}
 #: lowbit_isa, narrowest first (the numbering orders them).
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
+#: lowbit_cpu_feature: optional extensions an ISA build uses where the CPU has them (bit flags).
+CPU_FEATURES = {"avx512_vnni": 1}
 TABLES = {
     "nf4_code": 0,
     "fp4_code": 1,
@@ -46,7 +48,7 @@ TABLES = {
     "blocksizes": 6,
 }
 
-_p, _i32, _i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
+_p, _i32, _i64, _f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "lowbit_abi_version": ([], _i32),
     "lowbit_build_info": ([], ctypes.c_char_p),
@@ -59,6 +61,16 @@ _SIGNATURES = {
     "lowbit_quantize_blockwise": ([_i32, _p, _p, _i64, _i64, _p, _p, _i32], _i32),
     "lowbit_dequantize_blockwise": ([_i32, _p, _p, _p, _i64, _i64, _p, _i32], _i32),
     "lowbit_gemv_4bit": ([_i32, _p, _i64, _i64, _p, _p, _p, _i64, _i64, _i32, _p, _i32], _i32),
+    "lowbit_cpu_features_supported": ([], _i32),
+    "lowbit_cpu_features": ([], _i32),
+    "lowbit_set_cpu_features": ([_i32], _i32),
+    "lowbit_int8_linear_matmul": ([_p, _i64, _i64, _p, _i64, _p, _i32], _i32),
+    "lowbit_int8_vectorwise_quant": ([_i32, _p, _i64, _i64, _f32, _p, _p, _p, _i32], _i32),
+    "lowbit_int8_colwise_quant": ([_i32, _p, _i64, _i64, _f32, _p, _p, _i32], _i32),
+    "lowbit_int8_vectorwise_dequant": ([_p, _p, _i64, _i64, _f32, _p, _i32], _i32),
+    "lowbit_int8_mm_dequant": ([_p, _p, _p, _i64, _i64, _f32, _p, _i32, _i32, _p, _i32], _i32),
+    "lowbit_optimizer_update_32bit": ([_i32, _i32, _p, _p, _p, _p, _i64, _p, _p, _i32], _i32),
+    "lowbit_optimizer_update_8bit_blockwise": ([_i32, _i32, _p, _p, _p, _p, _i64, _p, _p, _p, _p, _p, _i32], _i32),
 }
 
 
@@ -122,6 +134,7 @@ def details() -> dict[str, Any]:
         capped = f" ({ENV_ISA}={os.environ[ENV_ISA].strip()})" if os.environ.get(ENV_ISA) else ""
         info["cpu_isa"] = cpu_isa() + capped
         info["cpu_isas_supported"] = " ".join(supported_isas())
+        info["cpu_features"] = " ".join(cpu_features()) or "none"
         info["build"] = library.lowbit_build_info().decode()
         info["abi_version"] = ABI_VERSION
     return info
@@ -161,6 +174,36 @@ def use_cpu_isa(name: str) -> Iterator[None]:
             set_cpu_isa(previous)
 
 
+def supported_cpu_features() -> list[str]:
+    """The optional extensions (``CPU_FEATURES``) this CPU supports."""
+    mask = lib().lowbit_cpu_features_supported()
+    return [name for name, bit in CPU_FEATURES.items() if mask & bit]
+
+
+def cpu_features() -> list[str]:
+    """The optional extensions the native kernels use now."""
+    mask = lib().lowbit_cpu_features()
+    return [name for name, bit in CPU_FEATURES.items() if mask & bit]
+
+
+@contextlib.contextmanager
+def use_cpu_features(names: list[str]) -> Iterator[None]:
+    """Let the native kernels use only the extensions ``names`` inside the block (tests reach the
+    paths a CPU without them takes), then restore the previous choice."""
+    unknown = set(names) - set(CPU_FEATURES)
+    if unknown:
+        raise ValueError(f"unknown CPU features {sorted(unknown)}; valid names: {', '.join(CPU_FEATURES)}")
+    with _isa_lock:
+        # the mask that reproduces the current state: the features in use plus the unsupported ones
+        every = sum(CPU_FEATURES.values())
+        previous = lib().lowbit_cpu_features() | (every & ~lib().lowbit_cpu_features_supported())
+        check(lib().lowbit_set_cpu_features(sum(CPU_FEATURES[n] for n in names)), "lowbit_set_cpu_features")
+        try:
+            yield
+        finally:
+            check(lib().lowbit_set_cpu_features(previous), "lowbit_set_cpu_features")
+
+
 def table(name: str) -> list[float]:
     """A format table as compiled into the library (for the constants test)."""
     values = (ctypes.c_float * 256)()
@@ -169,8 +212,9 @@ def table(name: str) -> list[float]:
     return list(values[: count.value])
 
 
-def ptr(t: torch.Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
+def ptr(t: Optional[torch.Tensor]) -> ctypes.c_void_p:
+    """The data pointer of ``t`` (NULL for None, the C ABI's "not given")."""
+    return ctypes.c_void_p(t.data_ptr() if t is not None else None)
 
 
 def num_threads() -> int:
