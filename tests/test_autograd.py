@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import lowbit
 from lowbit import functional as LF
 from lowbit.autograd import MatmulLtState, matmul, matmul_4bit
+from lowbit.autograd.matmul_4bit import GEMV_MAX_ROWS
 from support import CPU_BACKENDS
 
 K, N = 192, 80  # in_features, out_features (192 = 3 blocks of 64 per row)
@@ -66,7 +67,7 @@ def _quantized(quant_type, nested, seed=0):
 
 @pytest.mark.parametrize("quant_type,nested", QUANT_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(7, K), (2, 3, K)], ids=["2d", "3d"])
+@pytest.mark.parametrize("shape", [(GEMV_MAX_ROWS + 3, K), (2, 5, K)], ids=["2d", "3d"])
 def test_matmul_4bit_inference_is_the_dense_product(quant_type, nested, dtype, shape):
     packed, state, W = _quantized(quant_type, nested)
     A = _input(shape, dtype)
@@ -83,21 +84,23 @@ def test_matmul_4bit_inference_is_the_dense_product(quant_type, nested, dtype, s
 
 @pytest.mark.parametrize("quant_type,nested", QUANT_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_matmul_4bit_single_token_uses_gemv(quant_type, nested, dtype, monkeypatch):
+@pytest.mark.parametrize("shape", [(1, 1, K), (GEMV_MAX_ROWS, K)], ids=["1token", "max_rows"])
+def test_matmul_4bit_few_tokens_use_the_fused_product(quant_type, nested, dtype, shape, monkeypatch):
     packed, state, W = _quantized(quant_type, nested)
     calls = []
-    gemv = torch.ops.lowbit.gemv_4bit
-    monkeypatch.setattr(torch.ops.lowbit, "gemv_4bit", lambda *args: calls.append(1) or gemv(*args))
-    A = _input((1, 1, K), dtype)
+    fused = torch.ops.lowbit.matmul_4bit
+    monkeypatch.setattr(torch.ops.lowbit, "matmul_4bit", lambda *args: calls.append(1) or fused(*args))
+    A = _input(shape, dtype)
     bias = torch.randn(N, generator=_gen(2)).to(dtype)
-    out = matmul_4bit(A, packed, state, bias=bias)
-    assert calls, "a single token of inference must go through gemv_4bit"
-    # gemv accumulates in float32 and rounds once; F.linear in `dtype` may round differently:
-    # within one rounding of the output dtype (plus float32 summation order).
+    with torch.no_grad():
+        out = matmul_4bit(A, packed, state, bias=bias)
+    assert calls, "inference on a few tokens must go through the fused matmul_4bit op"
+    # the op accumulates in float32 and rounds once: within one rounding of the output dtype
+    # (plus float32 summation order) of the float32 product
     expected = F.linear(A.float(), W, bias.float())
     tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
-    assert out.shape == (1, 1, N) and out.dtype == dtype
+    assert out.shape == (*shape[:-1], N) and out.dtype == dtype
 
 
 @pytest.mark.parametrize("quant_type,nested", QUANT_CASES)

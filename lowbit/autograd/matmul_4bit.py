@@ -2,11 +2,13 @@
 
 Paths:
 
-* one token of inference (``A`` holds a single row, no gradient needed): ``gemv_4bit``, the fused
-  dequantize-dot op that backends implement without materializing the weight (bitsandbytes up to
-  0.45 did the same; 0.50 dequantizes here too);
+* inference on a few rows (up to ``GEMV_MAX_ROWS`` rows of ``A``, no gradient needed: decoding,
+  small batches): ``gemv_4bit``, the fused dequantize-dot op that backends implement without
+  materializing the weight (float32 products and sums, one rounding to ``A``'s dtype; bitsandbytes
+  up to 0.45 did the same for one row; 0.50 dequantizes here too);
 * other inference: dequantize the weight straight to ``A``'s dtype, then ``F.linear``. This is
-  what bitsandbytes 0.50 computes on CPU, so outputs are bit-identical to it;
+  what bitsandbytes 0.50 computes on CPU, so outputs are bit-identical to it, and with many rows
+  the dequantization is paid once for all of them;
 * training: the same product inside :class:`MatMul4Bit`, which keeps only the packed weight for
   the backward pass and dequantizes it again there (the dense weight is never stored).
 """
@@ -22,6 +24,10 @@ import torch.nn.functional as F
 from ..core import formats
 from ..core.quant_state import QuantState
 from ..functional import block_absmax_of
+
+#: Rows of ``A`` up to which inference uses the fused ``gemv_4bit`` (the CPU kernel reads the weight
+#: once per 8 rows; beyond that dequantizing once and running a GEMM is faster).
+GEMV_MAX_ROWS = 8
 
 
 def dense_weight(B: torch.Tensor, quant_state: QuantState, dtype: torch.dtype) -> torch.Tensor:
@@ -128,16 +134,16 @@ def matmul_4bit(
         # `out` is filled by a differentiable copy; handed to the Function it would come back
         # as a new tensor object
         return to_out(MatMul4Bit.apply(A, B, None, bias, quant_state), out)
-    if A.numel() == k_in:  # a single token: fused dequantize-dot, no dense weight
-        result = torch.ops.lowbit.gemv_4bit(
+    if 0 < A.numel() <= GEMV_MAX_ROWS * k_in:  # a few tokens: fused dequantize-dot, no dense weight
+        # bias joins the float32 sums before the one rounding to A's dtype
+        result = torch.ops.lowbit.matmul_4bit(
             A.contiguous(),
             B,
             [n_out, k_in],
             block_absmax_of(quant_state),
             _code(quant_state, A.device),
             quant_state.blocksize,
+            bias,
         )
-        if bias is not None:
-            result = result + bias
         return to_out(result, out)
     return to_out(F.linear(A, dense_weight(B, quant_state, A.dtype), bias), out)

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import lowbit.nn as lnn
+from lowbit.autograd.matmul_4bit import GEMV_MAX_ROWS
 
 from . import conftest
 from .conftest import QUANT_TYPES, assert_identical, dtype_name
@@ -49,7 +50,9 @@ def _float_state() -> dict[str, torch.Tensor]:
     return state
 
 
-def _input(rows: int = 6, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def _input(rows: int = 12, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inputs of more rows than lowbit's fused 4-bit path takes (``GEMV_MAX_ROWS``), so that both
+    libraries dequantize and run F.linear and their outputs are bit-identical."""
     x = torch.randn(rows, SIZES[0], generator=torch.Generator().manual_seed(99))
     x[:, 3] = 25.0  # an outlier feature, so that threshold=6 decomposes it
     return x.to(dtype)
@@ -177,11 +180,12 @@ def test_linear4bit_fsdp_quant_storage_both_ways(backend, quant_storage, tmp_pat
     assert_identical(_outputs(back, x), expected, "bitsandbytes output after the round trip")
 
 
+@pytest.mark.parametrize("rows", [1, GEMV_MAX_ROWS])
 @pytest.mark.parametrize("quant_type,nested,compute_dtype", CASES_4BIT)
-def test_linear4bit_single_token_within_tolerance(backend, quant_type, nested, compute_dtype):
+def test_linear4bit_few_tokens_within_tolerance(backend, quant_type, nested, compute_dtype, rows):
     bnb_model = _quantized(_model_4bit(_bnb_nn(), quant_type, nested, compute_dtype))
     lowbit_model = _quantized(_model_4bit(lnn, quant_type, nested, compute_dtype))
-    x = _input(rows=1)
+    x = _input(rows=rows)
     # lowbit: gemv_4bit, float32 accumulation rounded once to compute_dtype; bitsandbytes:
     # F.linear in compute_dtype. One rounding of compute_dtype per layer (two layers), relative
     # to the output's magnitude.
