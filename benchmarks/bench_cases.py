@@ -308,6 +308,32 @@ def dequantize_4bit(libs: Libs, dtype: torch.dtype) -> list[Impl]:
     ]
 
 
+def dequantize_4bit_out(libs: Libs, dtype: torch.dtype) -> list[Impl]:
+    """dequantize_4bit into a preallocated ``out=``: the kernel alone. A fresh output (the plain
+    dequantize_4bit rows) pays for first-touching its pages (64 MiB for fp32), several times the
+    kernel's time for both libraries; here each library writes its own buffer, touched by a first
+    call when the case is built (which also shows n/a for a library that cannot write into out=)."""
+    w = quantize_nf4(libs, dtype)
+    check = same_as("bitsandbytes")
+
+    def into_out(fn: Callable[[], Callable[..., Any]], state: Callable[[], Any]) -> Factory:
+        def factory() -> Callable[[], Any]:
+            dequantize, st = fn(), state()
+            out = torch.empty(N, K, dtype=dtype)
+            dequantize(w.packed, st, out=out)
+            return lambda: dequantize(w.packed, st, out=out)
+
+        return factory
+
+    return [
+        libs.impl("lowbit", "F.dequantize_4bit nf4, out=", into_out(lambda: libs.F.dequantize_4bit, lambda: w.state),
+                  check=check),
+        libs.impl("bitsandbytes", "F.dequantize_4bit nf4, out=",
+                  into_out(lambda: libs.BF.dequantize_4bit, lambda: bnb_state_4bit(libs, w, dtype))),
+        unavailable("torch", "", NO_TORCH_FORMAT),
+    ]  # fmt: skip
+
+
 def quantize_blockwise(libs: Libs, dtype: torch.dtype) -> list[Impl]:
     W = weight(dtype)
     return [
@@ -501,6 +527,9 @@ def cases(llc_bytes: int, libs: Libs) -> list[Case]:
     for name, build in (("quantize_4bit", quantize_4bit), ("dequantize_4bit", dequantize_4bit)):
         for dtype in (torch.bfloat16, torch.float32):
             found.append(Case(f"{name} {N}×{K} nf4 {dtype_name(dtype)}", "4-bit", lambda b=build, d=dtype: b(libs, d)))
+    for dtype in (torch.bfloat16, torch.float32):
+        found.append(Case(f"dequantize_4bit {N}×{K} nf4 {dtype_name(dtype)} into out=", "4-bit",
+                          lambda d=dtype: dequantize_4bit_out(libs, d)))  # fmt: skip
     for name, build in (("quantize_blockwise", quantize_blockwise), ("dequantize_blockwise", dequantize_blockwise)):
         for dtype in (torch.float32, torch.bfloat16):
             found.append(Case(f"{name} {N}×{K} {dtype_name(dtype)}", "8-bit", lambda b=build, d=dtype: b(libs, d)))

@@ -210,6 +210,9 @@ def notes_text(results: list[CaseResult], copy: CaseResult, info: dict[str, Any]
         "- torch columns: dense `F.linear` runs on the dequantized 4-bit weight, i.e. the same product; "
         "`_weight_int4pack_mm_for_cpu` (torch's int4 weight-only format, group 64) runs on random int4 weights of "
         "the same shape and is timed, not checked. Quantize/dequantize rows have no torch equivalent.",
+        "- dequantize_4bit: the plain rows return a new tensor, and most of their time is the first touch of "
+        "its pages (page faults zero-filling 64 MiB for fp32, the same for both libraries); the 'into out=' rows "
+        "write a preallocated output, touched once before timing, so they time the kernel itself.",
         "- Decode: one token (1×4096 bf16) through the whole stack, each layer's output feeding the next; the "
         f"packed weights exceed the {info['machine']['llc_bytes'] >> 20} MiB last-level cache several times, so "
         "every token streams them from memory. GB/s = bytes the implementation must read per token (packed "

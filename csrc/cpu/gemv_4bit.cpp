@@ -18,7 +18,10 @@
  * so every decoded vector meets its activations with one load and one FMA whatever A's dtype.
  * Nothing of B is written anywhere: the weights exist only in registers.
  *
- * Scaling. Products are summed in fp32 per lane and multiplied by absmax once per block:
+ * Scaling. With up to 4 rows of A, products are summed in fp32 per lane and the sums multiplied
+ * by absmax once per block (kPrescale below: from 5 rows of A on, each decoded vector is first
+ * multiplied by its lanes' absmax, as dequantize_4bit does, and the products go straight into
+ * the totals; the same number of operations, fewer registers). The absmax pattern per path:
  *   kBlocks        K % blocksize == 0, blocksize >= 8W: whole blocks are summed, then scaled;
  *   kAlignedLanes  K % blocksize == 0, blocksize < 8W (e.g. the default 64 with AVX-512): a chunk
  *                  spans 8W/blocksize whole blocks; its lane sums are scaled by a vector of
@@ -32,9 +35,13 @@
  * Accumulation order differs from a plain dot product (and FMA rounds once), so results agree
  * with the reference within what the order explains, not bit for bit.
  *
- * Threads split the N output rows; each output is computed by one thread in a fixed order, so the
- * result does not depend on the thread count. Rows of A are processed in groups of up to 8 (the
- * accumulators of a group stay in registers), one pass over B per group.
+ * Threads split the N output rows; each output is computed by one thread in an order fixed by M
+ * alone, so the result does not depend on the thread count. Rows of A are processed in groups of
+ * up to 8 (the totals of a group stay in registers), one pass over B per group. Per group size M
+ * (the tuning block below): how many output rows share each load of A (1 for M = 1, so that each
+ * thread reads B as one sequential stream), how many independent FMA chains a sum is split into,
+ * and, for M = 1, a software prefetch one row of B ahead: one row of A decodes ~16 GB/s per
+ * core on Zen 4, fast enough that DRAM latency shows when B streams from memory.
  */
 #include <stddef.h>
 
@@ -65,16 +72,37 @@ constexpr int64_t kMinWeightsPerThread = int64_t{1} << 18;
 /* How a row is summed (see the top of this file). */
 enum Path { kBlocks, kAlignedLanes, kLanes, kElements };
 
-/* Independent FMA chains per row of A when a sum runs over many chunks (a whole block), so that a
- * few rows still hide the FMA latency. A sum over one chunk needs one: successive chunks are
- * independent and the out-of-order core overlaps them. */
+/* Tuning, per number of rows of A (M). Everything here depends on M only, never on how many
+ * output rows share a pass, so every output is summed in the same order wherever the threads'
+ * ranges start (the result does not depend on the thread count).
+ *
+ * kChains: independent FMA chains per (output row, row of A). A sum over a chunk or a block is
+ * split by slot into R partial sums (slot S feeds chain S % R), so that a few rows of A still keep
+ * both FMA pipes busy instead of waiting on one chain's latency. */
 template <int M>
-constexpr int kChains = M == 1 ? 4 : (M == 2 ? 2 : 1);
+constexpr int kChains = M <= 2 ? 2 : 1;
 
-/* Output rows per pass. With several rows of A, two output rows share every load of A (A comes
- * from L2 half as often); one row when that would not fit the 16 AVX2 registers. */
+/* kPrescale: with many rows of A, the decoded weights are multiplied by their absmax first (one
+ * multiply per vector of weights, as dequantize_4bit does) and every product goes straight into
+ * the row's total: the same number of vector operations as scaling each row's chunk sum, without
+ * the M per-chunk accumulators (registers for a second output row instead). */
 template <int M>
-constexpr int kRowsPerPass = (M == 1 || (W == 8 && M > 4)) ? 1 : 2;
+constexpr bool kPrescale = M >= 5;
+
+/* Output rows per pass (NB). The decoded weights of NB rows of B meet each load of A, so A (M
+ * rows, 4 bytes per weight: beyond L1 from M = 2 on) is read once per NB output rows; bounded by
+ * the registers (NB * M totals, NB * M * R accumulators unless kPrescale, NB dwords and scales,
+ * the code table: 32 vector registers with AVX-512, 16 with AVX2). One row of A reads B as a single
+ * sequential stream, which the hardware prefetchers follow best when B comes from DRAM
+ * (several interleaved streams 2 KiB apart measured up to 2x slower on AMD Zen 4). */
+template <int M>
+constexpr int kRowsPerPass = M == 1 || W < 16 ? 1 : 2;
+
+/* Bytes of B prefetched ahead of each row's reads with one row of A, where the loop is fast
+ * enough for DRAM latency to show past the hardware prefetcher (more rows of A are bound by the
+ * FMAs, and the extra loads only cost them). */
+template <int M>
+constexpr int64_t kPrefetchBytes = M == 1 ? 2048 : 0;
 
 struct Problem {
     const uint8_t *B;
@@ -99,22 +127,28 @@ struct Acc {
             for (auto &chains : row)
                 for (F &a : chains) a = Vec::zero();
     }
-    /* tot[r][m] += (sum of the chains) * scale[r] */
-    LOWBIT_ALWAYS_INLINE void scale_into(F (&tot)[NB][M], const F (&scale)[NB]) const {
+    /* tot[r][m][0] += (sum of the chains) * scale[r] */
+    LOWBIT_ALWAYS_INLINE void scale_into(Acc &tot, const F (&scale)[NB]) const {
         for (int r = 0; r < NB; ++r)
-            for (int m = 0; m < M; ++m) {
-                F s = v[r][m][0];
-                for (int c = 1; c < R; ++c) s = Vec::add(s, v[r][m][c]);
-                tot[r][m] = Vec::fmadd(s, scale[r], tot[r][m]);
-            }
+            for (int m = 0; m < M; ++m) tot.v[r][m][0] = Vec::fmadd(chains_sum(r, m), scale[r], tot.v[r][m][0]);
+    }
+    LOWBIT_ALWAYS_INLINE F chains_sum(int r, int m) const {
+        F s = v[r][m][0];
+        for (int c = 1; c < R; ++c) s = Vec::add(s, v[r][m][c]);
+        return s;
     }
 };
 
-/* acc += Ap[m][slot S] * decode(dwords[r], slot S) (ap: the chunk in row 0 of the workspace). */
-template <int S, int M, int NB, int R>
-LOWBIT_ALWAYS_INLINE void dot_slot(const Problem &p, const I (&dwords)[NB], const float *ap, Acc<M, NB, R> &acc) {
+/* acc += Ap[m][slot S] * w[r] with w[r] = decode(dwords[r], slot S), times scale[r] when
+ * kPrescale (ap: the chunk in row 0 of the workspace). */
+template <int S, bool kPrescale, int M, int NB, int R>
+LOWBIT_ALWAYS_INLINE void dot_slot(const Problem &p, const I (&dwords)[NB], const F (&scale)[NB], const float *ap,
+                                   Acc<M, NB, R> &acc) {
     F w[NB];
-    for (int r = 0; r < NB; ++r) w[r] = Vec::lookup(p.code, Vec::shift_right<4 * S>(dwords[r]));
+    for (int r = 0; r < NB; ++r) {
+        w[r] = Vec::lookup(p.code, Vec::shift_right<4 * S>(dwords[r]));
+        if (kPrescale) w[r] = Vec::mul(w[r], scale[r]);
+    }
     for (int m = 0; m < M; ++m) {
         const F a = Vec::loadu(ap + m * p.ap_row + S * W);
         for (int r = 0; r < NB; ++r) {
@@ -125,15 +159,24 @@ LOWBIT_ALWAYS_INLINE void dot_slot(const Problem &p, const I (&dwords)[NB], cons
 }
 
 /* The 8 slots of one chunk. */
-template <int M, int NB, int R, int... S>
-LOWBIT_ALWAYS_INLINE void dot_chunk(const Problem &p, const I (&dwords)[NB], const float *ap, Acc<M, NB, R> &acc,
-                                    std::integer_sequence<int, S...>) {
-    (dot_slot<S>(p, dwords, ap, acc), ...);
+template <bool kPrescale, int M, int NB, int R, int... S>
+LOWBIT_ALWAYS_INLINE void dot_chunk(const Problem &p, const I (&dwords)[NB], const F (&scale)[NB], const float *ap,
+                                    Acc<M, NB, R> &acc, std::integer_sequence<int, S...>) {
+    (dot_slot<S, kPrescale>(p, dwords, scale, ap, acc), ...);
 }
 
+/* One chunk of NB rows: into tot directly (kPrescale), else summed apart, then scaled into tot. */
 template <int M, int NB, int R>
-LOWBIT_ALWAYS_INLINE void dot_chunk(const Problem &p, const I (&dwords)[NB], const float *ap, Acc<M, NB, R> &acc) {
-    dot_chunk(p, dwords, ap, acc, std::make_integer_sequence<int, 8>{});
+LOWBIT_ALWAYS_INLINE void dot_chunk(const Problem &p, const I (&dwords)[NB], const F (&scale)[NB], const float *ap,
+                                    Acc<M, NB, R> &tot) {
+    if constexpr (kPrescale<M>) {
+        dot_chunk<true>(p, dwords, scale, ap, tot, std::make_integer_sequence<int, 8>{});
+    } else {
+        Acc<M, NB, R> acc;
+        acc.clear();
+        dot_chunk<false>(p, dwords, scale, ap, acc, std::make_integer_sequence<int, 8>{});
+        acc.scale_into(tot, scale);
+    }
 }
 
 inline void store_out(const Problem &p, int64_t i, float v) {
@@ -144,61 +187,81 @@ inline void store_out(const Problem &p, int64_t i, float v) {
     }
 }
 
-template <int M, int NB>
-inline void store_rows(const Problem &p, int64_t n, const F (&tot)[NB][M]) {
+template <int M, int NB, int R>
+inline void store_rows(const Problem &p, int64_t n, const Acc<M, NB, R> &tot) {
     for (int r = 0; r < NB; ++r)
-        for (int m = 0; m < M; ++m) store_out(p, m * p.N + n + r, Vec::reduce_add(tot[r][m]));
+        for (int m = 0; m < M; ++m) store_out(p, m * p.N + n + r, Vec::reduce_add(tot.chains_sum(r, m)));
+}
+
+/* The dwords of a row of B at weight k of the row (the first `lanes` only when kPartial),
+ * prefetching kPrefetchBytes ahead (past the row's end is fine: a prefetch never faults). */
+template <int M, bool kPartial>
+LOWBIT_ALWAYS_INLINE I row_dwords(const uint8_t *row, int64_t k, int lanes) {
+    if (kPrefetchBytes<M> > 0) prefetch(reinterpret_cast<uintptr_t>(row) + static_cast<uintptr_t>(k / 2 + kPrefetchBytes<M>));
+    return kPartial ? Vec::load_dwords(row + k / 2, lanes) : Vec::load_dwords(row + k / 2);
 }
 
 /* Output rows n..n+NB-1, K % blocksize == 0, blocksize >= kChunk: whole blocks, then scaled. */
 template <int M, int NB>
 void pass_blocks(const Problem &p, int64_t n) {
+    constexpr int R = kChains<M>;
     const int64_t blocks = p.K / p.blocksize;
-    F tot[NB][M];
-    for (auto &row : tot)
-        for (F &t : row) t = Vec::zero();
+    Acc<M, NB, R> tot;
+    tot.clear();
     for (int64_t b = 0; b < blocks; ++b) {
-        Acc<M, NB, kChains<M>> acc;
-        acc.clear();
-        for (int64_t k = b * p.blocksize; k < (b + 1) * p.blocksize; k += kChunk) {
-            I dwords[NB];
-            for (int r = 0; r < NB; ++r) dwords[r] = Vec::load_dwords(p.B + ((n + r) * p.K + k) / 2);
-            dot_chunk(p, dwords, p.Ap + k, acc);
-        }
         F scale[NB];
         for (int r = 0; r < NB; ++r) scale[r] = Vec::set1(p.absmax[(n + r) * blocks + b]);
-        acc.scale_into(tot, scale);
+        Acc<M, NB, R> acc;
+        Acc<M, NB, R> &sums = kPrescale<M> ? tot : acc; /* kPrescale: weights scaled, summed into tot */
+        if (!kPrescale<M>) acc.clear();
+        for (int64_t k = b * p.blocksize; k < (b + 1) * p.blocksize; k += kChunk) {
+            I dwords[NB];
+            for (int r = 0; r < NB; ++r) dwords[r] = row_dwords<M, false>(p.B + (n + r) * p.K / 2, k, W);
+            dot_chunk<kPrescale<M>>(p, dwords, scale, p.Ap + k, sums, std::make_integer_sequence<int, 8>{});
+        }
+        if (!kPrescale<M>) acc.scale_into(tot, scale);
     }
-    store_rows<M, NB>(p, n, tot);
+    store_rows(p, n, tot);
+}
+
+/* One chunk of pass_lanes at weight k of the rows. */
+template <int M, int NB, int R, bool kAligned, bool kPartial>
+LOWBIT_ALWAYS_INLINE void lanes_chunk(const Problem &p, int64_t n, int64_t k, I aligned_blocks, int aligned_count,
+                                      Acc<M, NB, R> &tot) {
+    const int lanes = kPartial ? static_cast<int>((p.K - k) / 8) : W;
+    I dwords[NB];
+    F scale[NB];
+    for (int r = 0; r < NB; ++r) {
+        const int64_t e = (n + r) * p.K + k;
+        dwords[r] = row_dwords<M, kPartial>(p.B + (n + r) * p.K / 2, k, lanes);
+        const float *absmax = p.absmax + (e >> p.log2bs);
+        if (kAligned && !kPartial) {
+            scale[r] = Vec::absmax_lanes(absmax, aligned_blocks, aligned_count);
+        } else {
+            const int64_t offset = e & (p.blocksize - 1); /* 0 when kAligned */
+            const int count = static_cast<int>((offset + 8 * (lanes - 1)) >> p.log2bs) + 1; /* blocks touched */
+            scale[r] = Vec::absmax_lanes(absmax, kAligned ? aligned_blocks : Vec::lane_blocks(offset, p.log2bs), count);
+        }
+    }
+    dot_chunk(p, dwords, scale, p.Ap + k, tot);
 }
 
 /* Output rows n..n+NB-1, K % 8 == 0: each chunk's lane sums scaled by the per-lane absmax. A
  * row starts at a multiple of 8 weights, so no lane straddles a block edge. kAligned (K %
- * blocksize == 0): every chunk starts where a block does, so the lanes' block pattern is fixed. */
+ * blocksize == 0): every chunk starts where a block does, so the lanes' block pattern is fixed
+ * and a whole chunk always touches kChunk / blocksize blocks. */
 template <int M, int NB, bool kAligned>
 void pass_lanes(const Problem &p, int64_t n) {
+    constexpr int R = kChains<M>;
     const I aligned_blocks = Vec::lane_blocks(0, p.log2bs);
-    F tot[NB][M];
-    for (auto &row : tot)
-        for (F &t : row) t = Vec::zero();
-    for (int64_t k = 0; k < p.K; k += kChunk) {
-        const int lanes = static_cast<int>(std::min<int64_t>(W, (p.K - k) / 8));
-        I dwords[NB];
-        F scale[NB];
-        for (int r = 0; r < NB; ++r) {
-            const int64_t e = (n + r) * p.K + k;
-            const int64_t offset = e & (p.blocksize - 1); /* 0 when kAligned */
-            const int count = static_cast<int>((offset + 8 * (lanes - 1)) >> p.log2bs) + 1; /* blocks touched */
-            dwords[r] = lanes == W ? Vec::load_dwords(p.B + e / 2) : Vec::load_dwords(p.B + e / 2, lanes);
-            scale[r] = Vec::absmax_lanes(p.absmax + (e >> p.log2bs),
-                                         kAligned ? aligned_blocks : Vec::lane_blocks(offset, p.log2bs), count);
-        }
-        Acc<M, NB, 1> acc;
-        acc.clear();
-        dot_chunk(p, dwords, p.Ap + k, acc);
-        acc.scale_into(tot, scale);
-    }
-    store_rows<M, NB>(p, n, tot);
+    const int aligned_count = static_cast<int>(kChunk >> p.log2bs);
+    Acc<M, NB, R> tot;
+    tot.clear();
+    const int64_t whole = p.K - p.K % kChunk;
+    for (int64_t k = 0; k < whole; k += kChunk)
+        lanes_chunk<M, NB, R, kAligned, false>(p, n, k, aligned_blocks, aligned_count, tot);
+    if (whole < p.K) lanes_chunk<M, NB, R, kAligned, true>(p, n, whole, aligned_blocks, aligned_count, tot);
+    store_rows(p, n, tot);
 }
 
 /* Output rows [n0, n1): passes of kRowsPerPass<M> rows, then single rows. */

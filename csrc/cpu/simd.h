@@ -66,6 +66,16 @@ namespace lowbit {
 namespace cpu {
 namespace LOWBIT_CPU_ISA {
 
+/* A hint to bring the cache line holding address `at` into the caches ahead of its loads. Only a
+ * hint: the address is never dereferenced, so it may lie past the end of the data. */
+inline void prefetch(uintptr_t at) {
+#if defined(__GNUC__) || defined(__clang__)
+    __builtin_prefetch(reinterpret_cast<const void *>(at), 0, 3);
+#else
+    (void)at;
+#endif
+}
+
 /* Four bytes as a little-endian dword, whatever the host byte order (compiles to one load). */
 inline uint32_t load_le32(const uint8_t *p) {
     return uint32_t{p[0]} | (uint32_t{p[1]} << 8) | (uint32_t{p[2]} << 16) | (uint32_t{p[3]} << 24);
@@ -331,6 +341,7 @@ struct Vec {
     static F set1(float x) { return x; }
     static F loadu(const float *p) { return *p; }
     static F add(F a, F b) { return a + b; }
+    static F mul(F a, F b) { return a * b; }
     /* Two roundings (contraction is off): software fma would be far slower without the hardware. */
     static F fmadd(F a, F b, F c) { return a * b + c; }
     static float reduce_add(F a) { return a; }
