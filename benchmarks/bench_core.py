@@ -309,6 +309,16 @@ def same_as(lib: str, what: str = "") -> Check:
     return check
 
 
+def equals(ref: torch.Tensor, what: str) -> Check:
+    """The output is bit-identical to ``ref`` (an exactly computed result)."""
+
+    def check(out: Any, _: dict[str, Any]) -> Verdict:
+        equal = out.shape == ref.shape and out.dtype == ref.dtype and torch.equal(out, ref)
+        return Verdict(equal, f"{'equals' if equal else 'DIFFERS from'} {what}")
+
+    return check
+
+
 def all_of(*checks: Check) -> Check:
     """Every check must pass; notes are joined."""
 
