@@ -99,3 +99,17 @@ def test_packed_numel():
     assert formats.packed_numel(8, torch.float32) == 1
     assert formats.num_blocks(65, 64) == 2
 
+
+
+def test_native_optimizer_ids_match_the_c_enum():
+    """formats.NATIVE_OPTIMIZER_IDS numbers optimizers as csrc/common/lowbit_optim.h does."""
+    import re
+
+    header = Path(__file__).resolve().parents[1] / "csrc" / "common" / "lowbit_optim.h"
+    if not header.is_file():
+        pytest.skip("needs the source checkout (csrc/)")
+    enum = re.search(r"enum Optimizer : int32_t \{([^}]*)\}", header.read_text()).group(1)
+    c_ids = {name.lower(): int(value) for name, value in re.findall(r"k(\w+) = (\d+)", enum)}
+    primary = {name: formats.NATIVE_OPTIMIZER_IDS[name] for name in c_ids}
+    assert primary == c_ids
+    assert set(formats.NATIVE_OPTIMIZER_IDS.values()) == set(c_ids.values())

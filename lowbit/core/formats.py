@@ -166,3 +166,15 @@ def packed_numel(n: int, quant_storage: torch.dtype) -> int:
 
 def num_blocks(n: int, blocksize: int) -> int:
     return -(-n // blocksize)
+
+
+#: Native optimizer numbers (``lowbit::optim::Optimizer`` in csrc/common/lowbit_optim.h, the
+#: ``optimizer`` argument of the CPU and GPU C ABIs), aliases resolved as the reference does:
+#: adamw and lamb run adam's update, lars momentum's (the trust ratio is separate).
+NATIVE_OPTIMIZER_IDS = {
+    "adam": 0, "adamw": 0, "lamb": 0,
+    "momentum": 1, "lars": 1,
+    "rmsprop": 2, "adagrad": 3, "lion": 4, "ademamix": 5,
+}  # fmt: skip
+#: Native optimizers whose 32-bit step applies a trust ratio when max_unorm > 0 (LAMB, LARS, rmsprop).
+NATIVE_TRUST_RATIO_IDS = (0, 1, 2)

@@ -18,16 +18,11 @@ import ctypes
 
 import torch
 
+from ...core import formats, ops
 from . import kernels, native
 
-#: lowbit_optimizer (csrc/capi/lowbit_capi.h); aliases resolved as the reference does.
-OPTIMIZERS = {
-    "adam": 0, "adamw": 0, "lamb": 0,
-    "momentum": 1, "lars": 1,
-    "rmsprop": 2, "adagrad": 3, "lion": 4, "ademamix": 5,
-}  # fmt: skip
-_TWO_STATES = (0, 5)
-_TRUST_RATIO = (0, 1, 2)  # adam/lamb, momentum/lars, rmsprop
+OPTIMIZERS = formats.NATIVE_OPTIMIZER_IDS
+_TWO_STATES = tuple(sorted({OPTIMIZERS[name] for name in ops.OPTIMIZERS_TWO_STATES}))
 
 
 class OptimArgs(ctypes.Structure):
@@ -68,7 +63,7 @@ def optimizer_update_32bit(
     if skip_zeros:
         raise NotImplementedError("skip_zeros is not supported")
     optimizer = OPTIMIZERS[optimizer_name]
-    trust = max_unorm > 0.0 and optimizer in _TRUST_RATIO
+    trust = max_unorm > 0.0 and optimizer in formats.NATIVE_TRUST_RATIO_IDS
     args = _args(beta1, beta2, beta3, alpha, eps, weight_decay, lr, gnorm_scale, step, max_unorm, param_norm)
     native.check(
         native.lib().lowbit_optimizer_update_32bit(

@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 import torch
 
+from ...core import formats
+
 ABI_VERSION = 1  # must equal LOWBIT_CUDA_ABI_VERSION in csrc/cuda/lowbit_cuda_capi.h
 
 LIBRARY_NAMES = {"cuda": "liblowbit_cuda.so", "hip": "liblowbit_hip.so"}
@@ -44,11 +46,7 @@ BUILD_HINTS = {
 STATUS = {0: "ok", 1: "invalid argument", 2: "unsupported", 3: "runtime error"}
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 QUANT_TYPES = {"fp4": 0, "nf4": 1}
-OPTIMIZERS = {
-    "adam": 0, "adamw": 0, "lamb": 0,
-    "momentum": 1, "lars": 1,
-    "rmsprop": 2, "adagrad": 3, "lion": 4, "ademamix": 5,
-}  # fmt: skip
+OPTIMIZERS = formats.NATIVE_OPTIMIZER_IDS
 
 
 class OptimArgs(ctypes.Structure):

@@ -8,6 +8,7 @@ import ctypes
 
 import torch
 
+from ...core import formats
 from ...core.registry import KernelTable
 from .native import DTYPES, OPTIMIZERS, GpuLibrary, args_struct, ptr
 
@@ -22,7 +23,7 @@ def install(kernels: KernelTable, gpu: GpuLibrary) -> None:
         if skip_zeros:
             raise NotImplementedError("skip_zeros is not supported")
         optimizer = OPTIMIZERS[optimizer_name]
-        trust = max_unorm > 0.0 and optimizer in (0, 1, 2)  # adam/lamb, momentum/lars, rmsprop
+        trust = max_unorm > 0.0 and optimizer in formats.NATIVE_TRUST_RATIO_IDS
         scratch = torch.zeros(1, dtype=torch.float64, device=p.device) if trust else None
         args = args_struct(beta1, beta2, beta3, alpha, eps, weight_decay, lr, gnorm_scale, step, max_unorm, param_norm)
         gpu.call(
