@@ -124,7 +124,12 @@ def main(argv=None) -> int:
 
     from lowbit.integrations import peft as lowbit_peft
 
-    workdir = args.workdir or tempfile.mkdtemp(prefix="lowbit-qlora-")
+    workdir = args.workdir
+    if workdir is None:  # one temporary folder for all ranks (of this host): rank 0's
+        chosen = [tempfile.mkdtemp(prefix="lowbit-qlora-") if rank == 0 else None]
+        if distributed:
+            dist.broadcast_object_list(chosen, src=0)
+        workdir = chosen[0]
     if distributed and args.model == "tiny":
         if rank == 0:
             build_model(args.model, getattr(torch, args.quant_storage), workdir, device)  # write it once
@@ -191,6 +196,10 @@ def main(argv=None) -> int:
                     f,
                 )  # fmt: skip
     if distributed:
+        # tear down together, and free DDP's reducer (it holds gloo work) before its process group:
+        # otherwise a rank may exit mid-teardown ("terminate called without an active exception")
+        dist.barrier()
+        del model, optimizer
         dist.destroy_process_group()
     return 0
 

@@ -27,8 +27,11 @@ if not REQUIRED and not all(importlib.util.find_spec(m) for m in ("transformers"
 
 
 def _run(strategy: str, workdir, tmp_path) -> dict:
+    """``workdir`` None: the script's default, one temporary folder that rank 0 picks for all."""
     out = tmp_path / f"{strategy}.json"
-    args = ["--strategy", strategy, "--steps", str(STEPS), "--workdir", str(workdir), "--out", str(out)]
+    args = ["--strategy", strategy, "--steps", str(STEPS), "--out", str(out)]
+    if workdir is not None:
+        args += ["--workdir", str(workdir)]
     if strategy == "single":
         command = [sys.executable, SCRIPT, *args]
     else:
@@ -64,7 +67,7 @@ def test_single_process_learns(single):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_processes_match_single(single, strategy, tmp_path):
     reference, _ = single
-    result = _run(strategy, tmp_path / "model", tmp_path)
+    result = _run(strategy, None, tmp_path)
     assert result["world"] == 2
     assert result["losses"] == pytest.approx(reference["losses"], rel=1e-4, abs=1e-5)
     assert result["weight_dtype"] == "torch.bfloat16"
