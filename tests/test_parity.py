@@ -224,13 +224,15 @@ def test_every_native_kernel_has_parity_cases(backend):
     assert not untested, f"{backend} implements {sorted(untested)} without parity cases in test_parity.py"
 
 
-def _run_cases(backend: str, isa: str, op: str, compare) -> None:
+def _run_cases(backend: str, isa: str, op: str, compare, results=None) -> None:
+    """Run every case of ``op`` (``results(op)``: (args, reference output) pairs; the 4-bit/8-bit
+    cases by default) on ``backend``'s kernel and ``compare`` with the reference output."""
     kernel = registry.get(backend).kernels.get(op)
     if kernel is None:
         pytest.skip(f"{backend} has no {op} kernel (dispatch falls back to the reference)")
     count = 0
     with _running(backend, isa):
-        for count, (args, want) in enumerate(_reference_results(op), start=1):
+        for count, (args, want) in enumerate((results or _reference_results)(op), start=1):
             if op.endswith(".out"):
                 got = args[-1].clone()
                 args = args[:-1]
@@ -639,22 +641,9 @@ def _int8_reference_results(op: str) -> list[tuple]:
 
 
 def _run_int8_cases(backend: str, isa: str, op: str) -> None:
-    kernel = registry.get(backend).kernels.get(op)
-    if kernel is None:
-        pytest.skip(f"{backend} has no {op} kernel (dispatch falls back to the reference)")
-    count = 0
-    with _running(backend, isa):
-        for count, (args, want) in enumerate(_int8_reference_results(op), start=1):
-            if op.endswith(".out"):
-                got = args[-1].clone()
-                kernel(*args[:-1], got)
-            else:
-                got = kernel(*args)
-            context = f"{backend}[{isa}].{op} case {count}: " + ", ".join(
-                f"{tuple(a.shape)} {a.dtype}" if isinstance(a, torch.Tensor) else repr(a) for a in args
-            )
-            _int8_exact(got, want, context)
-    assert count > 0
+    _run_cases(
+        backend, isa, op, lambda got, want, args, context: _int8_exact(got, want, context), _int8_reference_results
+    )
 
 
 @pytest.mark.parametrize(("backend", "isa"), _BACKEND_ISA)
