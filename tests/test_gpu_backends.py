@@ -181,6 +181,15 @@ def test_library_that_fails_to_load(cuda_torch, tmp_path):
     assert reason.startswith(f"native library at {broken} failed to load: ")
 
 
+def test_truncated_library_is_refused_before_dlopen(cuda_torch, tmp_path):
+    """dlopen of a truncated file dies of SIGBUS: the shared loader (lowbit/backends/native_library.py)
+    checks the ELF headers first."""
+    truncated = tmp_path / "liblowbit_cuda.so"
+    truncated.write_bytes(_stub_library().read_bytes()[:4096])
+    reason = gpu_probe.backend_problem(native.GpuLibrary("cuda", truncated), rocm=False)
+    assert reason.startswith(f"native library at {truncated} failed to load: it is truncated: ")
+
+
 def test_library_missing_a_symbol(cuda_torch):
     stub = _stub_library(omit="lowbit_cuda_gemv_4bit")
     reason = gpu_probe.backend_problem(native.GpuLibrary("cuda", stub), rocm=False)

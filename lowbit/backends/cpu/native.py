@@ -25,6 +25,8 @@ from typing import Any, Optional
 
 import torch
 
+from .. import native_library
+
 ABI_VERSION = 2  # must equal LOWBIT_ABI_VERSION in csrc/capi/lowbit_capi.h
 LIBRARY_NAME = "liblowbit_cpu.so"
 ENV_LIBRARY = "LOWBIT_CPU_LIBRARY"
@@ -91,10 +93,10 @@ def library_path() -> Path:
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
     path = library_path()
-    if not path.is_file():
+    if not path.exists():
         return None, f"native library not found at {path} (lowbit was installed without its native build)"
     try:
-        lib = ctypes.CDLL(str(path))
+        lib = native_library.load(path)
     except OSError as err:
         return None, f"native library at {path} failed to load: {err}"
     try:

@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 
 from ...core import formats
+from .. import native_library
 
 ABI_VERSION = 1  # must equal LOWBIT_CUDA_ABI_VERSION in csrc/cuda/lowbit_cuda_capi.h
 
@@ -183,11 +184,11 @@ class GpuLibrary:
 
     def _open(self) -> tuple[Optional[ctypes.CDLL], Optional[str]]:
         path = self.library_path()
-        if not path.is_file():
+        if not path.exists():
             hint = BUILD_HINTS.get(self.platform, "build it with csrc/cuda/CMakeLists.txt")
             return None, f"native library {self.name} is not built (looked for {path}); {hint}"
         try:
-            lib = ctypes.CDLL(str(path))
+            lib = native_library.load(path)
         except OSError as err:
             hint = ""
             if "libcudart.so" in str(err):
