@@ -113,3 +113,16 @@ def test_native_optimizer_ids_match_the_c_enum():
     primary = {name: formats.NATIVE_OPTIMIZER_IDS[name] for name in c_ids}
     assert primary == c_ids
     assert set(formats.NATIVE_OPTIMIZER_IDS.values()) == set(c_ids.values())
+
+
+def test_int8_matmul_max_k_matches_the_c_constant():
+    """formats.INT8_MATMUL_MAX_K is kInt8MatmulMaxK of csrc/common/lowbit_int8.h, and is the largest
+    K for which K products of (-128)(-128) still fit int32."""
+    import re
+
+    header = Path(__file__).resolve().parents[1] / "csrc" / "common" / "lowbit_int8.h"
+    if not header.is_file():
+        pytest.skip("needs the source checkout (csrc/)")
+    shift, minus = re.search(r"kInt8MatmulMaxK = \(int64_t\{1\} << (\d+)\) - (\d+);", header.read_text()).groups()
+    assert formats.INT8_MATMUL_MAX_K == (1 << int(shift)) - int(minus)
+    assert formats.INT8_MATMUL_MAX_K * 128 * 128 <= 2**31 - 1 < (formats.INT8_MATMUL_MAX_K + 1) * 128 * 128

@@ -21,9 +21,9 @@
  *                  (exactly representable: |.| <= 2^14 K) is subtracted per row of A. Every
  *                  product u*a lies in [-32640, 32385] and vpdpbusd adds them with wrap-around
  *                  (no saturation, unlike vpdpbusds), so the int32 result is the true sum mod
- *                  2^32 -- exact whenever the true product fits int32 (always for K <= 2^17,
- *                  since |a*b| <= 2^14), and otherwise the same wrapped value as the reference's
- *                  int32 matmul. -128 * -128 is no special case.
+ *                  2^32 -- exact whenever the true product fits int32, which the C ABI
+ *                  guarantees by refusing K > kInt8MatmulMaxK = 2^17 - 1 (|a*b| <= 2^14).
+ *                  -128 * -128 is no special case.
  *                  MR = 6: 24 accumulators + 4 B + 1 A + the 0x80 constant = 30 zmm registers.
  *   avx512 (no VNNI), avx2
  *                  sign-extend bytes to int16 (vpmovsxbw) and vpmaddwd: each int32 lane gets

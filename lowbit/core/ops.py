@@ -296,6 +296,11 @@ def _check_int8_linear_matmul(A, B, out=None) -> None:
     B = checks.tensor(B, "B", (torch.int8,), device=A.device)
     if B.dim() != 2 or B.shape[1] != A.shape[-1]:
         raise ValueError(f"B must be 2-D (out_features, {A.shape[-1]}), got shape {tuple(B.shape)}")
+    if A.shape[-1] > formats.INT8_MATMUL_MAX_K:
+        raise ValueError(
+            f"A's last dimension (K = {A.shape[-1]}) exceeds {formats.INT8_MATMUL_MAX_K}, the largest inner size whose "
+            "int32 accumulation of int8 products cannot overflow"
+        )
     if out is not None:
         _check_out(out, (*A.shape[:-1], B.shape[0]), torch.int32, A.device)
 
