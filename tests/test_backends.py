@@ -216,3 +216,20 @@ def test_cli_demo_runs():
 def test_native_library_was_built_and_loads():
     status = next(s for s in lowbit.backends.available() if s.name == "cpu")
     assert status.available, status.reason
+
+
+@pytest.mark.skipif(not NATIVE_CPU_BACKENDS, reason="native CPU library not built")
+def test_native_refusal_is_a_value_error_naming_the_argument():
+    """The C ABI checks every size against the buffers the caller declared (a too-large n into
+    lowbit_dequantize_4bit used to overflow the heap); native.check turns a refusal into a ValueError
+    carrying the library's words."""
+    packed, absmax, code = torch.zeros(32, dtype=torch.uint8), torch.ones(1), torch.zeros(16)
+    out = torch.empty(64)
+    status = native.lib().lowbit_dequantize_4bit(
+        0, *native.buf(packed), *native.buf(absmax), 64, *native.buf(code), native.ptr(out), 1 << 20, 1
+    )
+    with pytest.raises(ValueError, match=re.escape("lowbit_dequantize_4bit: A_len = 32, but (n + 1) / 2 = 524288")):
+        native.check(status, "lowbit_dequantize_4bit")
+    assert native.lib().lowbit_dequantize_4bit(
+        0, *native.buf(packed), *native.buf(absmax), 64, *native.buf(code), native.ptr(out), 64, 1
+    ) == 0
