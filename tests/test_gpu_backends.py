@@ -93,7 +93,7 @@ def _stub_library(omit: str = "") -> Path:
         "#include <stdint.h>",
         "#include <stdlib.h>",
         "static const char *env(const char *k, const char *d) { const char *v = getenv(k); return v ? v : d; }",
-        'int32_t lowbit_cuda_abi_version(void) { return atoi(env("LOWBIT_STUB_ABI", "1")); }',
+        f'int32_t lowbit_cuda_abi_version(void) {{ return atoi(env("LOWBIT_STUB_ABI", "{native.ABI_VERSION}")); }}',
         'const char *lowbit_cuda_build_info(void) { return "stub for tests/test_gpu_backends.py"; }',
         'const char *lowbit_cuda_platform(void) { return env("LOWBIT_STUB_PLATFORM", "cuda"); }',
         'const char *lowbit_cuda_targets(void) { return env("LOWBIT_STUB_TARGETS", "sm_80 compute_80"); }',
@@ -342,14 +342,40 @@ def test_built_library_binds_and_describes_itself(platform_name, path):
     assert set(targets.split()) == set(listing["targets"]), (targets, listing["targets"])
     assert f"targets={targets}" in lib.lowbit_cuda_build_info().decode()
     # the C ABI's own argument checks (no device needed: they run before any runtime call)
-    assert lib.lowbit_cuda_quantize_4bit(0, None, 10, 64, 1, None, None, 0, None) == 1
-    assert "null pointer" in lib.lowbit_cuda_last_error().decode()
-    assert lib.lowbit_cuda_quantize_4bit(0, None, 10, 48, 1, None, None, 0, None) == 1
-    assert lib.lowbit_cuda_quantize_4bit(0, None, 0, 64, 1, None, None, 0, None) == 0  # empty: nothing to do
+    _check_c_abi_refusals(lib)
     assert lib.lowbit_cuda_gemv_4bit_max_rows() == matmul_4bit.MAX_ROWS
     if not torch.cuda.is_available():
         assert lib.lowbit_cuda_device_check(0) != 0
         assert lib.lowbit_cuda_last_error().decode(), "a failed device check must say why"
+
+
+def _check_c_abi_refusals(lib) -> None:
+    """The C ABI's own argument checks (csrc/common/lowbit_capi_checks.h; they run before any runtime
+    call, so no device is needed): declared lengths must agree with the shape, with the reason in
+    lowbit_cuda_last_error()."""
+    assert lib.lowbit_cuda_quantize_4bit(0, None, 10, 64, 1, None, 5, None, 1, 0, None) == 1
+    assert lib.lowbit_cuda_last_error().decode() == "lowbit_cuda_quantize_4bit: A is a null pointer"
+    assert lib.lowbit_cuda_quantize_4bit(0, None, 10, 48, 1, None, 5, None, 1, 0, None) == 1
+    assert "blocksize = 48" in lib.lowbit_cuda_last_error().decode()
+    assert lib.lowbit_cuda_quantize_4bit(0, None, 0, 64, 1, None, 0, None, 0, 0, None) == 0  # empty: nothing to do
+    # a too-large n against the packed bytes and absmax the caller has
+    packed, absmax, out = torch.zeros(32, dtype=torch.uint8), torch.ones(1), torch.empty(64)
+    assert lib.lowbit_cuda_dequantize_4bit(0, *native.buf(packed), *native.buf(absmax), 64, 1, native.ptr(out), 1 << 20, 0, None) == 1
+    assert lib.lowbit_cuda_last_error().decode() == "lowbit_cuda_dequantize_4bit: A_len = 32, but (n + 1) / 2 = 524288"
+    assert lib.lowbit_cuda_gemv_4bit(0, None, 9, None, 0, 1, 8, None, 0, None, 16, 64, None, 0, 0, None, 0, None) == 1
+    assert "rows = 9 must be in [0, 8]" in lib.lowbit_cuda_last_error().decode()
+    state = torch.zeros(8, dtype=torch.uint8)
+    args = native.args_struct(0.9, 0.999, 0.0, 0.0, 1e-8, 0.0, 1e-3, 1.0, 1)
+    assert lib.lowbit_cuda_optimizer_update_8bit_blockwise(
+        0, 0, None, None, 8, *native.buf(state), *native.buf(state), ctypes.byref(args), None, 256, None, 255,
+        None, 1, None, 1, 0, None,
+    ) == 1  # fmt: skip
+    assert lib.lowbit_cuda_last_error().decode().endswith("qmap2_len = 255, but the size of an 8-bit code = 256")
+
+
+def test_emulated_c_abi_refuses_inconsistent_sizes():
+    """The GPU library's C ABI checks, on its host emulation (the same capi.cu)."""
+    _check_c_abi_refusals(EmulatedLibrary(_emulation_library(cp_async=False)).lib())
 
 
 # ---- 3. parity ----------------------------------------------------------------------------------------

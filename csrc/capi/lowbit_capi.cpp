@@ -28,9 +28,7 @@
 namespace {
 
 namespace fmt = lowbit::fmt;
-using lowbit::capi::ArgCheck;
-using lowbit::capi::num_blocks;
-using lowbit::capi::packed4_len;
+using namespace lowbit::capi;
 using lowbit::cpu::kernels;
 
 static_assert(int{LOWBIT_ISA_SCALAR} == int{lowbit::cpu::kIsaScalar} &&
@@ -44,6 +42,9 @@ static_assert(int{LOWBIT_OPTIM_ADAM} == int{lowbit::optim::kAdam} &&
                   int{LOWBIT_OPTIM_LION} == int{lowbit::optim::kLion} &&
                   int{LOWBIT_OPTIM_ADEMAMIX} == int{lowbit::optim::kAdemamix},
               "lowbit_optimizer and lowbit::optim::Optimizer must agree");
+static_assert(LOWBIT_FLOAT32 == 0 && LOWBIT_FLOAT16 == 1 && LOWBIT_BFLOAT16 == 2 && int{LOWBIT_FP4} == fmt::kFP4 &&
+                  int{LOWBIT_NF4} == fmt::kNF4,
+              "lowbit_dtype / lowbit_quant_type and the checks of lowbit_capi_checks.h must agree");
 
 thread_local char g_last_error[512] = "";
 
@@ -51,32 +52,6 @@ thread_local char g_last_error[512] = "";
 int32_t refuse(const ArgCheck &check) {
     snprintf(g_last_error, sizeof g_last_error, "%s", check.message());
     return LOWBIT_ERR_ARGUMENT;
-}
-
-bool valid_dtype(int32_t dtype) {
-    return dtype == LOWBIT_FLOAT32 || dtype == LOWBIT_FLOAT16 || dtype == LOWBIT_BFLOAT16;
-}
-constexpr const char *kDtypes = "0 (float32), 1 (float16), 2 (bfloat16)";
-
-ArgCheck &check_dtype(ArgCheck &c, const char *name, int32_t dtype) {
-    return c.enumeration(name, dtype, valid_dtype(dtype), kDtypes);
-}
-
-/* Shared scalar checks of the blockwise entry points. */
-ArgCheck &check_blockwise(ArgCheck &c, int32_t dtype, int64_t n, int64_t blocksize) {
-    check_dtype(c, "dtype", dtype).count("n", n);
-    return c.expect(fmt::is_supported_blocksize(blocksize), "blocksize = %lld is not a power of two in [32, 4096]",
-                    static_cast<long long>(blocksize));
-}
-
-/* rows x cols matrices of the LLM.int8 entry points (either may be 0: nothing to do). */
-ArgCheck &check_matrix(ArgCheck &c, int64_t rows, int64_t cols) {
-    return c.count("rows", rows).count("cols", cols).product("rows", rows, "cols", cols);
-}
-/* A threshold of 0 means "no outliers"; NaN, Inf and negative values are refused. */
-ArgCheck &check_threshold(ArgCheck &c, float t) {
-    return c.expect(t >= 0.0f && t <= 3.4028234663852886e38f, "threshold = %g must be finite and >= 0",
-                    static_cast<double>(t));
 }
 
 template <class Fn>
@@ -94,15 +69,6 @@ template <class T>
 void copy_table(const T *src, int32_t len, float *out, int32_t capacity, int32_t *count) {
     for (int32_t i = 0; i < len && i < capacity; ++i) out[i] = static_cast<float>(src[i]);
     *count = len;
-}
-
-/* Scalar checks of both optimizer entry points. */
-ArgCheck &check_optim_call(ArgCheck &c, int32_t optimizer, int32_t dtype, int64_t n, const lowbit_optim_args *args) {
-    c.enumeration("optimizer", optimizer, optimizer >= LOWBIT_OPTIM_ADAM && optimizer <= LOWBIT_OPTIM_ADEMAMIX,
-                  "0 (adam) .. 5 (ademamix)");
-    check_dtype(c, "dtype", dtype).count("n", n).pointer("args", args);
-    return c.expect(args == nullptr || args->step >= 1, "args->step = %lld must be >= 1",
-                    static_cast<long long>(args == nullptr ? 0 : args->step));
 }
 
 lowbit::optim::Params optim_params(int32_t optimizer, const lowbit_optim_args &a) {
@@ -161,9 +127,7 @@ LOWBIT_API int32_t lowbit_quantize_4bit(int32_t dtype, const void *A, int64_t n,
                                         int32_t quant_type, uint8_t *out, int64_t out_len,
                                         float *absmax, int64_t absmax_len, int32_t num_threads) {
     ArgCheck c("lowbit_quantize_4bit");
-    check_blockwise(c, dtype, n, blocksize)
-        .enumeration("quant_type", quant_type, quant_type == LOWBIT_FP4 || quant_type == LOWBIT_NF4, "0 (fp4), 1 (nf4)");
-    if (c.failed()) return refuse(c);
+    if (check_quant_type(check_blockwise(c, dtype, n, blocksize), quant_type).failed()) return refuse(c);
     c.length("out_len", out_len, packed4_len(n), "(n + 1) / 2")
         .length("absmax_len", absmax_len, num_blocks(n, blocksize), "ceil(n / blocksize)");
     if (c.failed()) return refuse(c);
@@ -238,9 +202,7 @@ LOWBIT_API int32_t lowbit_gemv_4bit(int32_t a_dtype, const void *A, int64_t M, i
                                     int64_t blocksize, int32_t out_dtype, void *out, int32_t num_threads) {
     ArgCheck c("lowbit_gemv_4bit");
     check_dtype(c, "a_dtype", a_dtype);
-    check_dtype(c, "out_dtype", out_dtype)
-        .expect(fmt::is_supported_blocksize(blocksize), "blocksize = %lld is not a power of two in [32, 4096]",
-                static_cast<long long>(blocksize))
+    check_blocksize(check_dtype(c, "out_dtype", out_dtype), blocksize)
         .count("M", M).count("N", N).count("K", K)
         .expect(K >= 1, "K = %lld must be >= 1", static_cast<long long>(K));
     if (c.failed()) return refuse(c);
@@ -300,9 +262,8 @@ LOWBIT_API int32_t lowbit_int8_vectorwise_quant(int32_t dtype, const void *A, in
     ArgCheck c("lowbit_int8_vectorwise_quant");
     check_dtype(c, "dtype", dtype);
     if (check_threshold(check_matrix(c, rows, cols), threshold).failed()) return refuse(c);
-    c.length("row_stats_len", row_stats_len, rows, "rows")
-        .length("outlier_flags_len", outlier_flags_len, outlier_flags == nullptr ? 0 : cols,
-                outlier_flags == nullptr ? "0 for a null outlier_flags" : "cols");
+    c.length("row_stats_len", row_stats_len, rows, "rows");
+    check_optional(c, "outlier_flags_len", outlier_flags, outlier_flags_len, cols, "cols", "0 for a null outlier_flags");
     if (c.failed()) return refuse(c);
     if (rows == 0 || cols == 0) return LOWBIT_OK;
     if (c.pointer("A", A).pointer("out", out).pointer("row_stats", row_stats).failed()) return refuse(c);
@@ -350,8 +311,8 @@ LOWBIT_API int32_t lowbit_int8_mm_dequant(const int32_t *A, const float *row_sta
     if (bias != nullptr) check_dtype(c, "bias_dtype", bias_dtype);
     if (check_matrix(c, rows, cols).failed()) return refuse(c);
     c.length("row_stats_len", row_stats_len, rows, "rows")
-        .length("col_stats_len", col_stats_len, cols, "cols")
-        .length("bias_len", bias_len, bias == nullptr ? 0 : cols, bias == nullptr ? "0 for a null bias" : "cols");
+        .length("col_stats_len", col_stats_len, cols, "cols");
+    check_optional(c, "bias_len", bias, bias_len, cols, "cols", "0 for a null bias");
     if (c.failed()) return refuse(c);
     if (rows == 0 || cols == 0) return LOWBIT_OK;
     if (c.pointer("A", A).pointer("row_stats", row_stats).pointer("col_stats", col_stats).pointer("out", out).failed())
@@ -368,12 +329,9 @@ LOWBIT_API int32_t lowbit_optimizer_update_32bit(int32_t optimizer, int32_t dtyp
                                                  int64_t state2_len, const lowbit_optim_args *args,
                                                  float *unorm_vec, int32_t num_threads) {
     ArgCheck c("lowbit_optimizer_update_32bit");
-    if (check_optim_call(c, optimizer, dtype, n, args).failed()) return refuse(c);
+    if (check_optimizer_call(c, optimizer, dtype, n, args).failed()) return refuse(c);
+    if (check_optimizer_32bit_lengths(c, optimizer, n, state1_len, state2_len).failed()) return refuse(c);
     const bool two = lowbit::optim::has_state2(optimizer);
-    const bool ademamix = optimizer == LOWBIT_OPTIM_ADEMAMIX;
-    c.length("state1_len", state1_len, ademamix ? 2 * n : n, ademamix ? "2 * n (ademamix)" : "n");
-    if (two) c.length("state2_len", state2_len, n, "n");
-    if (c.failed()) return refuse(c);
     if (n == 0) return LOWBIT_OK;
     const lowbit::optim::Params params = optim_params(optimizer, *args);
     c.pointer("g", g).pointer("p", p).pointer("state1", state1);
@@ -393,18 +351,12 @@ LOWBIT_API int32_t lowbit_optimizer_update_8bit_blockwise(
     const float *qmap2, int64_t qmap2_len, float *absmax1, int64_t absmax1_len, float *absmax2,
     int64_t absmax2_len, int32_t num_threads) {
     ArgCheck c("lowbit_optimizer_update_8bit_blockwise");
-    if (check_optim_call(c, optimizer, dtype, n, args).failed()) return refuse(c);
+    if (check_optimizer_call(c, optimizer, dtype, n, args).failed()) return refuse(c);
+    if (check_optimizer_8bit_lengths(c, optimizer, n, state1_len, state2_len, qmap1_len, qmap2_len, absmax1_len,
+                                     absmax2_len)
+            .failed())
+        return refuse(c);
     const bool two = lowbit::optim::has_state2(optimizer);
-    const int64_t copies = optimizer == LOWBIT_OPTIM_ADEMAMIX ? 2 : 1;  // ademamix: m1 and m2 in state1
-    const int64_t blocks = num_blocks(n, lowbit::optim::kBlock8);
-    c.length("state1_len", state1_len, copies * n, copies == 2 ? "2 * n (ademamix)" : "n")
-        .length("absmax1_len", absmax1_len, copies * blocks, copies == 2 ? "2 * ceil(n / 256) (ademamix)" : "ceil(n / 256)")
-        .length("qmap1_len", qmap1_len, fmt::kCode8Size, "the size of an 8-bit code");
-    if (two)
-        c.length("state2_len", state2_len, n, "n")
-            .length("absmax2_len", absmax2_len, blocks, "ceil(n / 256)")
-            .length("qmap2_len", qmap2_len, fmt::kCode8Size, "the size of an 8-bit code");
-    if (c.failed()) return refuse(c);
     if (n == 0) return LOWBIT_OK;
     c.pointer("g", g).pointer("p", p).pointer("state1", state1).pointer("qmap1", qmap1).pointer("absmax1", absmax1);
     if (two) c.pointer("state2", state2).pointer("qmap2", qmap2).pointer("absmax2", absmax2);

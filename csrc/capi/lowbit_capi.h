@@ -169,8 +169,8 @@ LOWBIT_API int32_t lowbit_set_cpu_features(int32_t mask);
 LOWBIT_API int32_t lowbit_int8_linear_matmul(const int8_t *A, int64_t M, int64_t K, const int8_t *B, int64_t N,
                                              int32_t *out, int32_t num_threads);
 /* Row-wise quantization of A (rows x cols of dtype): row_stats[r] (row_stats_len = rows) = max |x|
- * over the row's regular elements, out[r, c] = the int8 code (lowbit_int8.h). threshold >= 0 and
- * finite (0: no outliers), already rounded to A's dtype; |x| >= threshold > 0 is an outlier.
+ * over the row's regular elements, out[r, c] = the int8 code (lowbit_int8.h). threshold >= 0 (0 or
+ * +Inf: no outliers), already rounded to A's dtype; |x| >= threshold > 0 is an outlier.
  * outlier_flags (outlier_flags_len = cols bytes) is optional (NULL, length 0): when given it
  * receives 1 for every column holding an outlier, 0 elsewhere, and every element of such a column
  * is coded 0; without it only the outlier elements are 0. */

@@ -19,6 +19,10 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "lowbit_formats.h"
+#include "lowbit_int8.h"
+#include "lowbit_optim.h"
+
 namespace lowbit {
 namespace capi {
 
@@ -79,6 +83,69 @@ class ArgCheck {
     bool failed_ = false;
     char message_[320];
 };
+
+/* ---- checks shared by the entry points of both libraries ---------------------------------------- */
+
+/* lowbit_dtype: 0 float32, 1 float16, 2 bfloat16. */
+inline ArgCheck &check_dtype(ArgCheck &c, const char *name, int32_t dtype) {
+    return c.enumeration(name, dtype, dtype >= 0 && dtype <= 2, "0 (float32), 1 (float16), 2 (bfloat16)");
+}
+inline ArgCheck &check_quant_type(ArgCheck &c, int32_t quant_type) {
+    return c.enumeration("quant_type", quant_type, quant_type == fmt::kFP4 || quant_type == fmt::kNF4,
+                         "0 (fp4), 1 (nf4)");
+}
+inline ArgCheck &check_blocksize(ArgCheck &c, int64_t blocksize) {
+    return c.expect(fmt::is_supported_blocksize(blocksize), "blocksize = %lld is not a power of two in [32, 4096]",
+                    static_cast<long long>(blocksize));
+}
+/* dtype, n and blocksize of a blockwise (de)quantization. */
+inline ArgCheck &check_blockwise(ArgCheck &c, int32_t dtype, int64_t n, int64_t blocksize) {
+    return check_blocksize(check_dtype(c, "dtype", dtype).count("n", n), blocksize);
+}
+/* A rows x cols matrix (either may be 0: nothing to do). */
+inline ArgCheck &check_matrix(ArgCheck &c, int64_t rows, int64_t cols) {
+    return c.count("rows", rows).count("cols", cols).product("rows", rows, "cols", cols);
+}
+/* LLM.int8 outlier threshold: 0 (and +Inf) mean "no outliers"; NaN and negative values are refused. */
+inline ArgCheck &check_threshold(ArgCheck &c, float threshold) {
+    return c.expect(threshold >= 0.0f, "threshold = %g must be >= 0", static_cast<double>(threshold));
+}
+/* An optional buffer of `required` elements: NULL with length 0, or a pointer with exactly that length. */
+inline ArgCheck &check_optional(ArgCheck &c, const char *len_name, const void *p, int64_t len, int64_t required,
+                                const char *rule, const char *null_rule) {
+    return c.length(len_name, len, p == nullptr ? 0 : required, p == nullptr ? null_rule : rule);
+}
+
+/* optimizer, dtype, n and the step of an optimizer entry point (`step` is args->step; args may be NULL). */
+template <class Args>
+ArgCheck &check_optimizer_call(ArgCheck &c, int32_t optimizer, int32_t dtype, int64_t n, const Args *args) {
+    c.enumeration("optimizer", optimizer, optimizer >= optim::kAdam && optimizer <= optim::kAdemamix,
+                  "0 (adam) .. 5 (ademamix)");
+    check_dtype(c, "dtype", dtype).count("n", n).pointer("args", args);
+    return c.expect(args == nullptr || args->step >= 1, "args->step = %lld must be >= 1",
+                    static_cast<long long>(args == nullptr ? 0 : args->step));
+}
+/* State lengths of a 32-bit step: state1 n floats (2n for ademamix), state2 n floats when used. */
+inline ArgCheck &check_optimizer_32bit_lengths(ArgCheck &c, int32_t optimizer, int64_t n, int64_t state1_len,
+                                               int64_t state2_len) {
+    const bool ademamix = optimizer == optim::kAdemamix;
+    c.length("state1_len", state1_len, ademamix ? 2 * n : n, ademamix ? "2 * n (ademamix)" : "n");
+    return optim::has_state2(optimizer) ? c.length("state2_len", state2_len, n, "n") : c;
+}
+/* State lengths of an 8-bit blockwise step (256 values per absmax; ademamix keeps m1 and m2 in state1). */
+inline ArgCheck &check_optimizer_8bit_lengths(ArgCheck &c, int32_t optimizer, int64_t n, int64_t state1_len,
+                                              int64_t state2_len, int64_t qmap1_len, int64_t qmap2_len,
+                                              int64_t absmax1_len, int64_t absmax2_len) {
+    const bool ademamix = optimizer == optim::kAdemamix;
+    const int64_t copies = ademamix ? 2 : 1, blocks = num_blocks(n, optim::kBlock8);
+    c.length("state1_len", state1_len, copies * n, ademamix ? "2 * n (ademamix)" : "n")
+        .length("absmax1_len", absmax1_len, copies * blocks, ademamix ? "2 * ceil(n / 256) (ademamix)" : "ceil(n / 256)")
+        .length("qmap1_len", qmap1_len, fmt::kCode8Size, "the size of an 8-bit code");
+    if (!optim::has_state2(optimizer)) return c;
+    return c.length("state2_len", state2_len, n, "n")
+        .length("absmax2_len", absmax2_len, blocks, "ceil(n / 256)")
+        .length("qmap2_len", qmap2_len, fmt::kCode8Size, "the size of an 8-bit code");
+}
 
 } // namespace capi
 } // namespace lowbit

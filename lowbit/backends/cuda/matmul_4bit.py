@@ -10,7 +10,7 @@ import torch
 
 from ...core.registry import KernelTable
 from ..reference import matmul_4bit as reference
-from .native import DTYPES, GpuLibrary, ptr
+from .native import DTYPES, GpuLibrary, buf, ptr
 
 MAX_ROWS = 8  # lowbit_cuda_gemv_4bit_max_rows()
 
@@ -19,8 +19,8 @@ def _fused(gpu: GpuLibrary, A, B, shapeB, absmax, code, blocksize, bias, out) ->
     N, K = shapeB
     gpu.call(
         "lowbit_cuda_gemv_4bit", A.device,
-        DTYPES[A.dtype], ptr(A), A.numel() // K, ptr(B), N, K, ptr(absmax), ptr(code), blocksize,
-        ptr(bias), DTYPES[bias.dtype] if bias is not None else 0, ptr(out),
+        DTYPES[A.dtype], ptr(A), A.numel() // K, ptr(B), B.nbytes, N, K, *buf(absmax), *buf(code), blocksize,
+        *buf(bias), DTYPES[bias.dtype] if bias is not None else 0, ptr(out),
     )  # fmt: skip
 
 
