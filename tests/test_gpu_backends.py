@@ -790,6 +790,9 @@ def test_optimizer_8bit_blockwise(target, name):
     for dtype in (torch.float32, torch.bfloat16):
         for step, weight_decay in ((1, 0.0), (5, 0.01)):
             grad, p, q1, q2, qmap1, qmap2, a1, a2 = _optim_tensors(name, n, dtype, step, eight_bit=True)
+            # the non-finite policy (csrc/common/lowbit_optim.h): these elements keep their p and state
+            for index, value in ((5, float("nan")), (300, float("inf")), (700, float("-inf")), (1000, 1e30)):
+                grad[index] = value
             want = [t.clone() if t is not None else None for t in (p, q1, q2, a1, a2)]
             got = [target.to(t.clone()) if t is not None else None for t in (p, q1, q2, a1, a2)]
             reference(name, grad.clone(), want[0], want[1], want[2], beta1, beta2, beta3, alpha, eps, step, lr,
@@ -797,6 +800,7 @@ def test_optimizer_8bit_blockwise(target, name):
             op(name, target.to(grad), got[0], got[1], got[2], beta1, beta2, beta3, alpha, eps, step, lr,
                target.to(qmap1), target.to(qmap2), got[3], got[4], weight_decay, gnorm_scale)  # fmt: skip
             context = f"{name} {dtype} step={step} wd={weight_decay}"
+            assert torch.isfinite(got[0].cpu()).all() and torch.equal(got[0].cpu()[[5, 300, 700]], p[[5, 300, 700]]), context
             _close_param(got[0], want[0], "p " + context)
             for index, label in ((1, "state1"), (2, "state2")):
                 if want[index] is not None:
