@@ -246,7 +246,9 @@ inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kMinElement
 constexpr int kNr = 4;            /* rows of B per tile */
 constexpr int64_t kKc = 4096;     /* K block */
 constexpr int64_t kMc = 96;       /* rows of A per M block (a multiple of every MR) */
+#if defined(LOWBIT_SIMD_AVX512)
 constexpr int64_t kPrefetch = 1024; /* bytes ahead in each row of B (prefetches past a row's end are harmless) */
+#endif
 /* Tiles of B per thread at least this many multiply-adds (a thread wake-up costs ~5-10 us). */
 constexpr int64_t kMinMacsPerThread = int64_t{1} << 21;
 
