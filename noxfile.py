@@ -165,3 +165,23 @@ def integration(session: nox.Session) -> None:
         "pytest", *INTEGRATION_TESTS, "-v", "--durations=12", *session.posargs,
         env={**REQUIRE_NATIVE, "LOWBIT_INTEGRATION": "1"},
     )  # fmt: skip
+
+
+# ---- fuzzing the C ABI (issue 14; csrc/fuzz, ci/fuzz_capi.py) ---------------------------------------
+@nox.session(default=False)
+def fuzz(session: nox.Session) -> None:
+    """libFuzzer on every entry point of the CPU library's C ABI under ASan + UBSan (clang).
+
+    Default: 1,000,000 executions over 2 workers (what .ci/run runs); `-- --seconds 3600` for a long
+    run, `-- --workers N`. Skipped, with the reason, when no clang++ with libFuzzer is installed.
+    """
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fuzz_capi", "ci/fuzz_capi.py")
+    fuzz_capi = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fuzz_capi)
+    compiler, problem = fuzz_capi.find_compiler()
+    if compiler is None:
+        session.skip(problem)
+    session.install("cmake", "ninja")
+    session.run("python", "ci/fuzz_capi.py", *session.posargs)
