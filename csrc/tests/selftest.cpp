@@ -6,7 +6,8 @@
  *   - fp16/bf16 conversions against independent references (sampled; `--exhaustive` walks all
  *     2^32 floats);
  *   - the 8-bit lookup: sweep == counting definition;
- *   - the C ABI: argument validation, n == 0, known bytes for special blocks, NaN/Inf blocks,
+ *   - the C ABI: argument validation (sizes, declared buffer lengths, products, enums, pointers,
+ *     each refusal with its lowbit_last_error() message), n == 0, known bytes for special blocks, NaN/Inf blocks,
  *     results independent of the thread count and of the caller's FTZ/DAZ state;
  *   - CPU ISA selection (lowbit_cpu_isa*), and every ISA this CPU runs against the scalar build:
  *     identical bytes for quantize/dequantize on fuzzed inputs (thresholds, subnormals, NaN/Inf),
