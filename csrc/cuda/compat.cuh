@@ -5,11 +5,13 @@
  * Nothing else in csrc/cuda may include a runtime header directly.
  *
  * Also defined here:
- *  - LOWBIT_WARP_SIZE (device code only): 32 on NVIDIA and on RDNA (gfx10xx/gfx11xx), 64 on
- *    GCN/CDNA (gfx9xx: gfx906, gfx908, gfx90a, gfx940). A compile-time constant per target, checked
- *    against the compiler's own __AMDGCN_WAVEFRONT_SIZE. Host code never uses it: a HIP fat
- *    binary mixes wave32 and wave64 targets, so launch shapes are chosen without it (kernels
- *    reduce over 32-lane groups, which are whole warps on NVIDIA/RDNA and half-wavefronts on CDNA).
+ *  - LOWBIT_WARP_SIZE (device code only): 32 on NVIDIA and on RDNA (gfx10xx/gfx11xx/gfx12xx), 64
+ *    on GCN/CDNA (gfx9xx: gfx906, gfx908, gfx90a, gfx942, gfx950). A compile-time constant per
+ *    target from the compiler's family macros (__GFX9__, ...), not from __AMDGCN_WAVEFRONT_SIZE,
+ *    which ROCm 6.4+ compilers deprecate (a warning, an error under -Werror). Host code never uses
+ *    it: a HIP fat binary mixes wave32 and wave64 targets, so launch shapes are chosen without it
+ *    (kernels reduce over 32-lane groups, which are whole warps on NVIDIA/RDNA and half-wavefronts
+ *    on CDNA; an RDNA build forced to wave64 would still be correct, only the groups are halves).
  *  - lb_shfl_xor: butterfly shuffle over a power-of-two group of lanes <= 32 (CUDA needs the
  *    *_sync form with a member mask, ROCm 5.2 only has the mask-less form).
  *  - LOWBIT_LAUNCH(grid, block, stream, kernel)(args): the <<<>>> launch, spelled so that the
@@ -92,9 +94,6 @@ typedef hipFuncAttributes cudaFuncAttributes;
 #define LOWBIT_WARP_SIZE 64
 #else
 #error "lowbit: unknown AMD GPU family; add its wavefront size to csrc/cuda/compat.cuh"
-#endif
-#if defined(__AMDGCN_WAVEFRONT_SIZE) && __AMDGCN_WAVEFRONT_SIZE != LOWBIT_WARP_SIZE
-#error "lowbit: LOWBIT_WARP_SIZE disagrees with the compiler's wavefront size for this target"
 #endif
 #elif defined(__CUDA_ARCH__)
 #define LOWBIT_WARP_SIZE 32
