@@ -73,6 +73,8 @@ def report() -> int:
             state = "forced"
         detail = status.reason if not status.available else ", ".join(f"{k}: {v}" for k, v in status.details.items())
         print(f"{status.name:<10} {status.device_type:<6} {state:<12} {','.join(active_for) or '-':<10} {detail}")
+        if not status.available and "variant" in status.details:  # GPU backends: which library file and why
+            print(f"{'':<10} library: {status.details['library']} ({status.details['variant']})")
     print()
     print("self-test:")
     for status in registry.available():

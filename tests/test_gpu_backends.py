@@ -39,7 +39,7 @@ import torch
 
 import lowbit
 from lowbit.backends import gpu_probe
-from lowbit.backends.cuda import blockwise_8bit, int8, matmul_4bit, native, optimizers, quantize_4bit
+from lowbit.backends.cuda import blockwise_8bit, int8, matmul_4bit, native, optimizers, quantize_4bit, runtime
 from lowbit.backends.reference.quantize_4bit import decode_4bit
 from lowbit.core import formats, registry
 from lowbit.core.registry import KernelTable
@@ -47,6 +47,7 @@ from lowbit.core.registry import KernelTable
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_SRC = ROOT / "csrc" / "cuda"
 sys.path.insert(0, str(ROOT / "ci"))
+import gpu_build  # noqa: E402
 import gpu_fatbin  # noqa: E402
 
 FAMILIES = (quantize_4bit, blockwise_8bit, matmul_4bit, int8, optimizers)
@@ -150,7 +151,7 @@ def test_rocm_torch_sends_cuda_users_to_hip_and_cuda_torch_has_no_hip(monkeypatc
     monkeypatch.setattr(torch.version, "hip", None)
     reason = gpu_probe.backend_problem(native.GpuLibrary("hip", tmp_path / "x.so"), rocm=True)
     assert reason.startswith("this torch is not a ROCm build (torch.version.hip is None)")
-    assert "liblowbit_hip.so is not built" in reason and "DLOWBIT_GPU_TOOLCHAIN=hip" in reason
+    assert "native library x.so is not built" in reason and "DLOWBIT_GPU_TOOLCHAIN=hip" in reason
 
 
 def test_no_visible_gpu(cuda_torch, tmp_path):
@@ -206,7 +207,7 @@ def test_library_without_the_devices_arch(cuda_torch):
     cuda_torch.setenv("LOWBIT_STUB_TARGETS", "sm_75 sm_80 sm_90 compute_90")
     reason = gpu_probe.backend_problem(native.GpuLibrary("cuda", _stub_library()), rocm=False)
     assert reason.startswith("GPU 0 (Fake GPU): the library was built without code for this GPU (compute capability 7.0, sm_70)")
-    assert "it holds sm_75 sm_80 sm_90 compute_90" in reason and "build_cuda_sm70" in reason
+    assert "it holds sm_75 sm_80 sm_90 compute_90" in reason and "build_cuda12" in reason
 
 
 def test_library_that_runs_on_the_device_is_available(cuda_torch):
@@ -231,6 +232,119 @@ def test_hip_arch_check(rocm_torch):
     rocm_torch.setattr(torch.cuda, "get_device_properties", lambda index=0: props)
     reason = gpu_probe.backend_problem(native.GpuLibrary("hip", stub), rocm=True)
     assert "built without code for this GPU (gfx942)" in reason and "gfx906 gfx90a gfx1030" in reason
+
+
+# ---- which library variant, bound to which runtime ------------------------------------------------
+@pytest.mark.parametrize(
+    ("torch_cuda", "library", "runtime_name"),
+    [
+        ("12.1", "liblowbit_cuda12.so", "libcudart.so.12"),
+        ("12.8", "liblowbit_cuda12.so", "libcudart.so.12"),
+        ("12.9", "liblowbit_cuda12.so", "libcudart.so.12"),
+        ("13.0", "liblowbit_cuda13.so", "libcudart.so.13"),
+        ("13.1", "liblowbit_cuda13.so", "libcudart.so.13"),
+        ("11.8", None, None),  # no CUDA 11 build
+        ("14.0", None, None),
+        (None, None, None),  # CPU-only torch
+    ],
+)
+def test_cuda_variant_follows_torchs_cuda_major(torch_cuda, library, runtime_name):
+    variant = runtime.cuda_variant(torch_cuda)
+    assert (variant.library, variant.runtime) == (library, runtime_name)
+    if library is not None:
+        assert variant.reason == f"torch is built with CUDA {torch_cuda}: {library} links its shared {runtime_name}"
+    elif torch_cuda is None:
+        assert "torch.version.cuda is None" in variant.reason
+    else:
+        assert f"torch is built with CUDA {torch_cuda}; lowbit builds liblowbit_cuda12.so, liblowbit_cuda13.so only" == variant.reason
+
+
+@pytest.mark.parametrize(
+    ("torch_hip", "runtime_name"),
+    [("6.2.41133-dd7f95766", "libamdhip64.so.6"), ("6.4.43482", "libamdhip64.so.6"), ("7.0.51831", "libamdhip64.so.7"), (None, None)],
+)
+def test_hip_variant_is_one_library_bound_to_torchs_rocm(torch_hip, runtime_name):
+    variant = runtime.hip_variant(torch_hip)
+    assert variant.library == ("liblowbit_hip.so" if torch_hip else None)
+    assert variant.runtime == runtime_name
+
+
+def test_library_file_name_follows_the_variant(cuda_torch, monkeypatch):
+    monkeypatch.delenv("LOWBIT_CUDA_LIBRARY", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    assert native.GpuLibrary("cuda").name == "liblowbit_cuda12.so"
+    assert native.GpuLibrary("cuda").library_path().name == "liblowbit_cuda12.so"
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert native.GpuLibrary("cuda").name == "liblowbit_cuda13.so"
+    assert native.GpuLibrary("cuda").details()["variant"].startswith("torch is built with CUDA 13.0")
+    monkeypatch.setattr(torch.version, "cuda", "11.8")
+    library = native.GpuLibrary("cuda")
+    assert not library.selected()
+    assert library.load_error() == "no cuda library variant for this torch: torch is built with CUDA 11.8; lowbit builds liblowbit_cuda12.so, liblowbit_cuda13.so only"
+    assert library.details()["library"] == "none"
+
+
+def test_runtime_is_the_copy_torch_loaded(tmp_path):
+    maps = (
+        "7f00-7f01 r-xp 00000000 08:01 1 /venv/lib/python3.11/site-packages/nvidia/cuda_runtime/lib/libcudart.so.12\n"
+        "7f02-7f03 r--p 00000000 08:01 2 /venv/lib/python3.11/site-packages/torch/lib/libamdhip64.so.6\n"
+        "7f04-7f05 rw-p 00000000 00:00 0 [heap]\n"
+    )
+    loaded = runtime.loaded_libraries(maps)
+    assert [p.name for p in loaded] == ["libcudart.so.12", "libamdhip64.so.6"]
+    wheel_dir = tmp_path / "nvidia" / "cu13" / "lib"
+    wheel_dir.mkdir(parents=True)
+    (wheel_dir / "libcudart.so.13").write_bytes(b"")
+    assert runtime.find_runtime("libcudart.so.12", loaded, [wheel_dir]) == loaded[0]  # the loaded copy first
+    assert runtime.find_runtime("libcudart.so.13", loaded, [wheel_dir]) == wheel_dir / "libcudart.so.13"
+    assert runtime.find_runtime("libamdhip64.so.6", loaded, []) == loaded[1]
+    assert runtime.find_runtime("libamdhip64.so.7", loaded, [wheel_dir]) is None  # never another major
+    assert runtime.find_runtime("libcudart.so.1", loaded, []) is None  # no prefix confusion with .so.12
+
+
+def test_a_library_whose_runtime_is_missing_says_so(tmp_path):
+    """A library that NEEDs libcudart.so.12 where neither the process nor torch's wheels have one."""
+    compiler = _compiler("c")
+    if compiler is None:
+        pytest.skip("needs a C compiler")
+    fake_runtime = tmp_path / "libcudart.so.12"
+    subprocess.run([compiler, "-shared", "-fPIC", "-x", "c", "-", "-o", str(fake_runtime), "-Wl,-soname,libcudart.so.12"],
+                   input="int lowbit_fake_cudart;\n", text=True, check=True)  # fmt: skip
+    needs = tmp_path / "liblowbit_cuda12.so"
+    subprocess.run([compiler, "-shared", "-fPIC", "-x", "c", "-", "-x", "none", "-Wl,--no-as-needed", str(fake_runtime), "-o", str(needs)],
+                   input="int x;\n", text=True, check=True)  # fmt: skip
+    fake_runtime.unlink()
+    # in a fresh process: an earlier test may have loaded a real libcudart.so.12 into this one
+    code = (
+        "import torch; from lowbit.backends.cuda import native, runtime; torch.version.cuda = '12.8'; "
+        f"runtime.runtime_dirs = lambda platform: []; print(native.GpuLibrary('cuda', {str(needs)!r}).load_error())"
+    )
+    result = _run_python(code, PYTHONPATH=str(ROOT))
+    assert result.returncode == 0, result.stderr
+    reason = result.stdout.strip()
+    assert reason.startswith(f"native library at {needs} failed to load: ") and "libcudart.so.12" in reason
+    assert "(liblowbit_cuda12.so needs libcudart.so.12, which is neither loaded in this process nor in torch's wheels" in reason
+
+
+@pytest.mark.parametrize(
+    ("name", "needed", "undefined", "problem"),
+    [
+        ("liblowbit_cuda12.so", ["libcudart.so.12", "libc.so.6"], {"__cudaRegisterFatBinary"}, None),
+        ("liblowbit_cuda13.so", ["libcudart.so.13"], {"__cudaRegisterFatBinary"}, None),
+        ("liblowbit_cuda13.so", ["libcudart.so.12"], {"__cudaRegisterFatBinary"}, "NEEDs ['libcudart.so.12'], not libcudart.so.13"),
+        ("liblowbit_cuda13.so", ["libstdc++.so.6"], set(), "NEEDs no libcudart"),  # static cudart
+        ("liblowbit_cuda13.so", ["libstdc++.so.6"], set(), "a static cudart is linked in"),
+        ("liblowbit_hip.so", ["libstdc++.so.6"], {"__hipRegisterFatBinary"}, None),
+        ("liblowbit_hip.so", ["libamdhip64.so.5"], {"__hipRegisterFatBinary"}, "it would load with one ROCm major only"),
+        ("liblowbit_cuda.so", ["libcudart.so.12"], {"__cudaRegisterFatBinary"}, "carries no CUDA major"),
+    ],
+)
+def test_build_check_of_the_runtime_link(name, needed, undefined, problem):
+    problems = gpu_build.runtime_problems(Path(name), needed, undefined)
+    if problem is None:
+        assert problems == []
+    else:
+        assert any(problem in p for p in problems), problems
 
 
 @pytest.mark.parametrize(
@@ -303,10 +417,11 @@ def _built_libraries() -> list[tuple[str, Path]]:
     for platform_name, variable in native.ENV_LIBRARY.items():
         if os.environ.get(variable):
             found[Path(os.environ[variable])] = platform_name
-    for platform_name, name in native.LIBRARY_NAMES.items():
-        for path in [ROOT / "lowbit" / "_native" / name, *sorted((ROOT / "build").glob(f"*/{name}")),
-                     *sorted((ROOT / "build").glob(f"*/*/{name}"))]:  # fmt: skip
-            found.setdefault(path, platform_name)
+    for platform_name, names in native.LIBRARY_NAMES.items():
+        for name in names:
+            for path in [ROOT / "lowbit" / "_native" / name, *sorted((ROOT / "build").glob(f"*/{name}")),
+                         *sorted((ROOT / "build").glob(f"*/*/{name}"))]:  # fmt: skip
+                found.setdefault(path, platform_name)
     return [(platform_name, path) for path, platform_name in found.items() if path.is_file()]
 
 
@@ -319,6 +434,18 @@ BUILT = _built_libraries()
     ids=[f"{p}:{path.parent.name}" for p, path in BUILT] or ["none"],
 )
 def test_built_library_binds_and_describes_itself(platform_name, path):
+    # The library binds to the runtime of the process (torch's on a GPU machine): here, a system one
+    # if there is one -- Debian's hipcc brings ROCm 5.2's libamdhip64; ci/cuda12_path.py's tree has
+    # the CUDA 12 wheel's libcudart.so.12, a CUDA 13 toolkit libcudart.so.13.
+    if platform_name == "hip":
+        wanted = runtime.HIP_RUNTIME
+    else:
+        wanted = f"libcudart.so.{path.name[len('liblowbit_cuda'):].split('.')[0]}"
+    system_dirs = [ROOT / "build" / "gpu" / "cuda12" / "lib64", Path("/usr/local/cuda/lib64"), Path("/usr/local/cuda/lib"),
+                   Path("/usr/lib/x86_64-linux-gnu"), Path("/opt/rocm/lib")]  # fmt: skip
+    system = runtime.find_runtime(wanted, [], [d for d in system_dirs if d.is_dir()])
+    if system is not None:
+        ctypes.CDLL(str(system), mode=os.RTLD_GLOBAL)
     library = native.GpuLibrary(platform_name, path)
     error = library.load_error()
     if error is not None and "failed to load" in error:
@@ -332,6 +459,9 @@ def test_built_library_binds_and_describes_itself(platform_name, path):
     listing = gpu_fatbin.list_targets(path)
     assert set(targets.split()) == set(listing["targets"]), (targets, listing["targets"])
     assert f"targets={targets}" in lib.lowbit_cuda_build_info().decode()
+    # the runtime it binds to: the shared libcudart.so.<major> of its name / no versioned libamdhip64
+    if shutil.which("readelf"):
+        assert gpu_build.runtime_problems(path, *gpu_build.dynamic_section(path)) == []
     # the C ABI's own argument checks (no device needed: they run before any runtime call)
     assert lib.lowbit_cuda_quantize_4bit(0, None, 10, 64, 1, None, None, 0, None) == 1
     assert "null pointer" in lib.lowbit_cuda_last_error().decode()
