@@ -486,6 +486,28 @@ def test_device_math_equals_the_cpu_definitions():
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
 
 
+def test_emulator_exposes_a_missing_barrier_and_stale_shared_memory():
+    """Planted bugs (csrc/cuda/tests/emu_race_test.cpp): a read of shared memory before the
+    __syncthreads that orders it after the write, and a CTA reading shared memory only an earlier
+    CTA wrote. The emulator's varied thread order and per-CTA poison expose both; the plain index
+    order with persistent shared memory (LOWBIT_EMU_SCHEDULE=index, the emulator before them) does
+    not -- which is why it matters. The correct forms pass under both."""
+    binary = _build(
+        "emu_race_test", "c++", [CUDA_SRC / "tests" / "emu_race_test.cpp", CUDA_SRC / "emu" / "emu_runtime.cpp"],
+        ["-std=c++17", "-O1", "-U_FORTIFY_SOURCE", f"-I{CUDA_SRC}", f"-I{ROOT / 'csrc' / 'common'}"],
+    )  # fmt: skip
+
+    def run(schedule: Optional[str]) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "LOWBIT_EMU_SCHEDULE"}
+        if schedule:
+            env["LOWBIT_EMU_SCHEDULE"] = schedule
+        result = subprocess.run([str(binary)], capture_output=True, text=True, env=env, timeout=60, check=True)
+        return dict(line.split() for line in result.stdout.splitlines())
+
+    assert run(None) == {"missing_barrier": "wrong", "with_barrier": "ok", "stale_shared": "wrong", "initialized_shared": "ok"}
+    assert run("index") == {"missing_barrier": "ok", "with_barrier": "ok", "stale_shared": "ok", "initialized_shared": "ok"}
+
+
 class EmulatedLibrary(native.GpuLibrary):
     """The host emulation of the GPU library: CPU tensors, device 0, no stream."""
 

@@ -5,7 +5,17 @@
  * Model: a launch runs its CTAs one after another; the threads of a CTA are fibers (ucontext)
  * on the calling thread, switched only at __syncthreads / __syncthreads_and / __shfl_xor_sync.
  * So:
- *  - __shared__ is `static` (one CTA at a time: statics are that CTA's shared memory);
+ *  - __shared__ is `static`, placed in one ELF section (lowbit_emu_shared): one CTA at a time,
+ *    statics are that CTA's shared memory. The scheduler fills the whole section with a poison
+ *    byte pattern (0xFF: floats read NaN, integers -1) before every CTA, so a kernel that reads
+ *    shared memory it did not write in this CTA -- a previous CTA's data on a CPU, garbage on a
+ *    GPU -- computes with poison instead of passing by luck;
+ *  - between two synchronization points the fibers of a CTA run one after another, and the order
+ *    changes from one such phase to the next (by index, reversed, shuffled: chosen from the CTA
+ *    and phase numbers, so runs are reproducible). A missing __syncthreads lets a reader run
+ *    before the writer in some phase of some CTA: with the poison above it reads garbage, as it
+ *    could on a GPU. LOWBIT_EMU_SCHEDULE=index restores the plain index order and no poison (to
+ *    show that a test catches a planted race only because of these two);
  *  - threadIdx/blockIdx/blockDim/gridDim are globals the scheduler sets before resuming a fiber;
  *  - a shuffle is a warp-wide exchange: all 32 lanes of the warp must take part (the emulator
  *    aborts with a message if a lane has exited or the warp is incomplete -- undefined behaviour
@@ -33,7 +43,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+#define __shared__ static __attribute__((section("lowbit_emu_shared")))
 
 namespace lowbit {
 namespace emu {
