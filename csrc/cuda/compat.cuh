@@ -17,7 +17,7 @@
  *  - LOWBIT_LAUNCH(grid, block, stream, kernel)(args): the <<<>>> launch, spelled so that the
  *    host emulation (csrc/cuda/emu, -DLOWBIT_EMULATION=1, tests only) can run the same sources on
  *    the CPU; LOWBIT_CHECK_ALIGNED lets the emulation verify vector-access alignment.
- *  - lb_sqrtf (correctly rounded on every toolchain) and the cp.async helpers (sm_80+).
+ *  - lb_sqrtf (correctly rounded on every toolchain).
  *  - bf16: ROCm 5.2 has no hip_bf16.h, so no bf16 type from either runtime is used anywhere:
  *    fp16/bf16 data are raw uint16_t bits converted with lowbit_formats.h's helpers (exact,
  *    round-to-nearest-even, the CPU's bits). NVIDIA sm_80+ paths may use the hardware
@@ -59,6 +59,7 @@ typedef hipStream_t cudaStream_t;
 #define cudaGetDeviceCount hipGetDeviceCount
 #define cudaDeviceGetAttribute hipDeviceGetAttribute
 #define cudaDevAttrConcurrentManagedAccess hipDeviceAttributeConcurrentManagedAccess
+#define cudaDevAttrMultiProcessorCount hipDeviceAttributeMultiprocessorCount
 #define cudaRuntimeGetVersion hipRuntimeGetVersion
 #define cudaDriverGetVersion hipDriverGetVersion
 #define cudaFuncGetAttributes hipFuncGetAttributes
@@ -99,20 +100,12 @@ typedef hipFuncAttributes cudaFuncAttributes;
 #define LOWBIT_WARP_SIZE 32
 #endif
 
-/* True in the device pass for NVIDIA sm_80 or newer (cp.async, hardware bf16 conversion). */
+/* True in the device pass for NVIDIA sm_80 or newer (hardware bf16 conversion). */
 #if defined(__CUDA_ARCH__) && !defined(__HIP_DEVICE_COMPILE__) && __CUDA_ARCH__ >= 800
 #define LOWBIT_SM80 1
 #else
 #define LOWBIT_SM80 0
 #endif
-/* Kernels take their cp.async path on sm_80+, and in the emulation when LOWBIT_EMU_CP_ASYNC is
- * set (cp.async emulated by an immediate copy: it checks the pipeline's slot bookkeeping). */
-#if LOWBIT_SM80 || (defined(LOWBIT_EMULATION) && LOWBIT_EMULATION && defined(LOWBIT_EMU_CP_ASYNC) && LOWBIT_EMU_CP_ASYNC)
-#define LOWBIT_CP_ASYNC 1
-#else
-#define LOWBIT_CP_ASYNC 0
-#endif
-
 #if defined(LOWBIT_WARP_SIZE)
 static_assert(LOWBIT_WARP_SIZE % 32 == 0, "32-lane groups (kLaneGroup) must tile a warp");
 #endif
@@ -147,33 +140,6 @@ __device__ __forceinline__ float lb_sqrtf(float x) {
     return __fsqrt_rn(x);
 #endif
 }
-
-/* ---- cp.async (16-byte global -> shared copies that bypass L1, sm_80+) ---------------------- */
-#if LOWBIT_SM80
-__device__ __forceinline__ unsigned shared_address(const void *p) {
-    unsigned r;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
-    return r;
-}
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(smem)), "l"(gmem)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-#elif LOWBIT_CP_ASYNC
-inline void cp_async16(void *smem, const void *gmem) {
-    LOWBIT_CHECK_ALIGNED(smem, 16);
-    LOWBIT_CHECK_ALIGNED(gmem, 16);
-    memcpy(smem, gmem, 16);
-}
-inline void cp_async_commit() {}
-template <int N>
-inline void cp_async_wait() {}
-#endif
 
 } // namespace gpu
 } // namespace lowbit

@@ -95,6 +95,9 @@ struct uint4 {
 struct uint2 {
     unsigned x, y;
 };
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 
 inline void __syncthreads() { ::lowbit::emu::sync_block(); }
@@ -147,6 +150,7 @@ inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes *a, const void *) {
     a->maxThreadsPerBlock = 1024;
     return cudaSuccess;
 }
+/* One multiprocessor: launchers that size grids by the SM count take their small-grid paths. */
 inline cudaError_t cudaDeviceGetAttribute(int *value, cudaDeviceAttr, int) { *value = 1; return cudaSuccess; }
 inline cudaError_t cudaMallocManaged(void **p, size_t bytes, unsigned) {
     *p = malloc(bytes);
