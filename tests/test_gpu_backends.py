@@ -739,7 +739,7 @@ def test_gemv_4bit(target):
                 B, absmax = quantize(W, blocksize, qt, torch.uint8)
                 code = formats.code_tensor(qt)
                 Wq = decode_4bit(B, absmax, code, blocksize, N * K).view(N, K)
-                for lead in ((1,), (3,), (8,), (9,), (2, 3)):
+                for lead in ((1,), (3,), (8,), (9,), (2, 3), (17,)):  # 9: two launches; 17: the reference
                     A = torch.randn(*lead, K, generator=g).to(dtype)
                     args = (target.to(A), target.to(B), [N, K], target.to(absmax), target.to(code), blocksize)
                     context = f"{qt} bs={blocksize} N={N} K={K} A{tuple(A.shape)} {dtype}"

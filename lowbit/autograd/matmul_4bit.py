@@ -2,7 +2,7 @@
 
 Paths:
 
-* inference on a few rows (up to ``GEMV_MAX_ROWS`` rows of ``A``, no gradient needed: decoding,
+* inference on a few rows (up to :func:`gemv_max_rows` rows of ``A``, no gradient needed: decoding,
   small batches): ``gemv_4bit``, the fused dequantize-dot op that backends implement without
   materializing the weight (float32 products and sums, one rounding to ``A``'s dtype; bitsandbytes
   up to 0.45 did the same for one row; 0.50 dequantizes here too);
@@ -25,9 +25,19 @@ from ..core import formats
 from ..core.quant_state import QuantState
 from ..functional import block_absmax_of
 
-#: Rows of ``A`` up to which inference uses the fused ``gemv_4bit`` (the CPU kernel reads the weight
-#: once per 8 rows; beyond that dequantizing once and running a GEMM is faster).
+#: Rows of ``A`` up to which inference on the CPU uses the fused ``gemv_4bit`` (the CPU kernel reads
+#: the weight once per 8 rows; beyond that dequantizing once and running a GEMM is faster).
 GEMV_MAX_ROWS = 8
+#: The same crossover on a GPU. The fused kernel reads 0.5 byte per weight per 8 rows; dequantize +
+#: cuBLAS moves ~4.5 (write and read a 16-bit weight) but multiplies on tensor cores. With the fused
+#: kernel's scalar float32 FMAs the two meet around 16 rows on an A100 and 32 on an H100 (bandwidth
+#: and FMA-rate estimates; ``python benchmarks/gpu.py`` measures both paths per row count).
+GPU_GEMV_MAX_ROWS = 16
+
+
+def gemv_max_rows(device: torch.device) -> int:
+    """Rows up to which inference on ``device`` takes the fused ``gemv_4bit`` path."""
+    return GPU_GEMV_MAX_ROWS if device.type == "cuda" else GEMV_MAX_ROWS
 
 
 def dense_weight(B: torch.Tensor, quant_state: QuantState, dtype: torch.dtype) -> torch.Tensor:
@@ -134,7 +144,7 @@ def matmul_4bit(
         # `out` is filled by a differentiable copy; handed to the Function it would come back
         # as a new tensor object
         return to_out(MatMul4Bit.apply(A, B, None, bias, quant_state), out)
-    if 0 < A.numel() <= GEMV_MAX_ROWS * k_in:  # a few tokens: fused dequantize-dot, no dense weight
+    if 0 < A.numel() <= gemv_max_rows(A.device) * k_in:  # a few tokens: fused dequantize-dot, no dense weight
         # bias joins the float32 sums before the one rounding to A's dtype
         result = torch.ops.lowbit.matmul_4bit(
             A.contiguous(),
