@@ -759,7 +759,7 @@ def test_gemv_4bit(target):
     assert cases > 0
 
 
-INT8_SHAPES = ((1, 7), (5, 64), (33, 300), (2, 3, 40), (70, 16))
+INT8_SHAPES = ((1, 7), (5, 64), (33, 300), (2, 3, 40), (70, 16), (2, 2049))  # 2049: the two-pass quantizer
 
 
 def _int8_input(shape, dtype, seed: int, outliers: bool) -> torch.Tensor:
