@@ -564,7 +564,11 @@ def _target(name: str) -> Target:
     return _TARGETS[name]
 
 
-@pytest.fixture(scope="module", params=["emulation", "gpu"])
+# LOWBIT_TEST_TARGETS=gpu (benchmarks/gpu.py on a lent GPU) leaves the emulation out
+TARGETS = [name for name in os.environ.get("LOWBIT_TEST_TARGETS", "emulation,gpu").split(",") if name]
+
+
+@pytest.fixture(scope="module", params=TARGETS)
 def target(request) -> Target:
     return _target(request.param)
 
@@ -612,6 +616,56 @@ def test_quantize_4bit(target):
                     want = reference(x, blocksize, qt, storage)
                     _assert_exact(got[0], want[0], f"packed {dtype} bs={blocksize} {qt} n={n}")
                     _assert_exact(got[1], want[1], f"absmax {dtype} bs={blocksize} {qt} n={n}")
+
+
+def _sparse(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of ``numel`` elements whose pages exist only once written (an anonymous private
+    mapping without swap reservation): gigabytes of address space for a few written kilobytes."""
+    import mmap
+
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    noreserve = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux's value; Python < 3.13 lacks the name
+    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | noreserve)
+    return torch.frombuffer(buffer, dtype=dtype, count=numel)
+
+
+BEYOND_INT32 = 2**31 + 1000  # elements: every index past the first 2^31 needs 64-bit math
+
+
+def test_index_math_beyond_2_31_elements(monkeypatch):
+    """quantize_4bit, dequantize_4bit and gemv_4bit over more than 2^31 elements, in emulation:
+    the buffers are sparse (only their ends are written) and the emulator runs only the last CTAs
+    of each launch (LOWBIT_EMU_LAST_CTAS), whose indices all exceed 2^31. Their output must equal
+    the reference's on the same trailing blocks: a 32-bit product or offset anywhere in the
+    kernels' index math would read or write elsewhere."""
+    target = _target("emulation")
+    monkeypatch.setenv("LOWBIT_EMU_LAST_CTAS", "3")
+    g = torch.Generator().manual_seed(11)
+    # the last 3 CTAs cover > 1024 elements of quantize_4bit (512 per CTA), > 8192 of dequantize_4bit
+    n, blocksize, tail = BEYOND_INT32, 64, 960
+    start = (n - tail) // blocksize * blocksize
+    x = _sparse(n, torch.bfloat16)
+    x[start:] = torch.randn(n - start, generator=g).to(torch.bfloat16)
+    packed, absmax = target.kernels.get("quantize_4bit")(x, blocksize, "nf4", torch.uint8)
+    want_packed, want_absmax = _reference("quantize_4bit")(x[start:].clone(), blocksize, "nf4", torch.uint8)
+    _assert_exact(packed.view(-1)[start // 2 :], want_packed.view(-1), "quantize_4bit packed beyond 2^31")
+    _assert_exact(absmax[start // blocksize :], want_absmax, "quantize_4bit absmax beyond 2^31")
+
+    out = target.kernels.get("dequantize_4bit")(packed.view(-1), absmax, blocksize, "nf4", [n], torch.bfloat16)
+    want = _reference("dequantize_4bit")(want_packed.view(-1), want_absmax, blocksize, "nf4", [n - start], torch.bfloat16)
+    _assert_exact(out[start:], want, "dequantize_4bit beyond 2^31")
+
+    # gemv: N * K > 2^31 weights; the last 3 CTAs compute the last 24 features (8 per CTA)
+    N, K, rows = (BEYOND_INT32 // 4096) + 5, 4096, 9
+    B, absmax = _sparse(N * K // 2, torch.uint8), _sparse(N * K // blocksize, torch.float32)
+    W = torch.randn(rows, K, generator=g)
+    packed_rows, absmax_rows = _reference("quantize_4bit")(W, blocksize, "nf4", torch.uint8)
+    B[(N - rows) * K // 2 :], absmax[(N - rows) * K // blocksize :] = packed_rows.view(-1), absmax_rows
+    A = torch.randn(1, K, generator=g).to(torch.bfloat16)
+    code = formats.code_tensor("nf4")
+    got = target.kernels.get("gemv_4bit")(A, B, [N, K], absmax, code, blocksize)
+    Wq = decode_4bit(B[(N - rows) * K // 2 :], absmax[(N - rows) * K // blocksize :], code, blocksize, rows * K).view(rows, K)
+    _product_close(got[:, N - rows :], A, Wq, None, "gemv_4bit beyond 2^31")
 
 
 def test_quantize_4bit_unaligned_input(target):

@@ -15,7 +15,9 @@
  *    and phase numbers, so runs are reproducible). A missing __syncthreads lets a reader run
  *    before the writer in some phase of some CTA: with the poison above it reads garbage, as it
  *    could on a GPU. LOWBIT_EMU_SCHEDULE=index restores the plain index order and no poison (to
- *    show that a test catches a planted race only because of these two);
+ *    show that a test catches a planted race only because of these two); LOWBIT_EMU_LAST_CTAS=k
+ *    runs only the last k CTAs of each launch (tests of the 64-bit index math at the end of
+ *    launches over more than 2^31 elements);
  *  - threadIdx/blockIdx/blockDim/gridDim are globals the scheduler sets before resuming a fiber;
  *  - a shuffle is a warp-wide exchange: all 32 lanes of the warp must take part (the emulator
  *    aborts with a message if a lane has exited or the warp is incomplete -- undefined behaviour
