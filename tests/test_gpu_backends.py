@@ -974,6 +974,39 @@ def test_optimizer_8bit_blockwise(target, name):
                 _close_rel(got[4], want[4], "absmax2 " + context)
 
 
+LARGE_ELEMENTS, LARGE_INT8, LARGE_WEIGHT = 2**27 + 13, (4097, 14336), (14336, 4096)
+
+
+def test_large_shapes(target):
+    """Every op family on shapes of a real model (a 14336 x 4096 projection, 2^27 elements),
+    against the reference backend on the same device."""
+    if target.emulated:
+        pytest.skip("minutes in emulation; test_index_math_beyond_2_31_elements covers the index math there")
+    g = torch.Generator(device=target.device).manual_seed(5)
+    ref = {op: _reference(op) for op in ("quantize_4bit", "dequantize_4bit", "quantize_blockwise", "int8_vectorwise_quant")}
+    x = torch.randn(LARGE_ELEMENTS, generator=g, device=target.device).to(torch.bfloat16)
+    got, want = target.kernels.get("quantize_4bit")(x, 64, "nf4", torch.uint8), ref["quantize_4bit"](x, 64, "nf4", torch.uint8)
+    _assert_exact(got[0], want[0].cpu(), f"quantize_4bit {LARGE_ELEMENTS} packed")
+    _assert_exact(got[1], want[1].cpu(), f"quantize_4bit {LARGE_ELEMENTS} absmax")
+    args = (want[0], want[1], 64, "nf4", [x.numel()], torch.bfloat16)
+    _assert_exact(target.kernels.get("dequantize_4bit")(*args), ref["dequantize_4bit"](*args).cpu(), f"dequantize_4bit {LARGE_ELEMENTS}")
+    code = formats.dynamic_map().to(target.device)
+    got, want = target.kernels.get("quantize_blockwise")(x, code, 4096), ref["quantize_blockwise"](x, code, 4096)
+    _assert_exact(got[0], want[0].cpu(), f"quantize_blockwise {LARGE_ELEMENTS}")
+    A = torch.randn(*LARGE_INT8, generator=g, device=target.device).to(torch.bfloat16)
+    for name, a, b in zip(("q", "row_stats", "cols"), target.kernels.get("int8_vectorwise_quant")(A, 6.0), ref["int8_vectorwise_quant"](A, 6.0)):
+        _assert_exact(a, b.cpu(), f"int8_vectorwise_quant {LARGE_INT8} {name}")
+    N, K = LARGE_WEIGHT
+    W = torch.randn(N, K, generator=g, device=target.device)
+    B, absmax = ref["quantize_4bit"](W, 64, "nf4", torch.uint8)
+    nf4 = formats.code_tensor("nf4").to(target.device)
+    Wq = decode_4bit(B, absmax, nf4, 64, N * K).view(N, K)
+    for rows in (1, 5, 16):
+        A = torch.randn(rows, K, generator=g, device=target.device).to(torch.float16)
+        out = target.kernels.get("gemv_4bit")(A, B, [N, K], absmax, nf4, 64)
+        _product_close(out, A.cpu(), Wq.cpu(), None, f"gemv_4bit {rows}x{K} @ {N}x{K}")
+
+
 def test_paged_memory(target):
     if target.emulated:
         library = EmulatedLibrary(_emulation_library())
