@@ -55,6 +55,21 @@ __device__ __forceinline__ void load_row(const typename E::T *row, int64_t c, fl
     }
 }
 
+/* Folds VEC elements (columns c..) into the row max m, flagging outlier columns. */
+template <int VEC>
+__device__ __forceinline__ void add_row_stats(const float (&x)[VEC], int64_t c, float threshold,
+                                              uint8_t *__restrict__ flags, float &m) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+        const float ax = abs_bits(x[j]);
+        if (fmt::int8_is_outlier(ax, threshold)) {
+            if (flags != nullptr) flags[c + j] = 1;
+        } else {
+            m = (ax > m) ? ax : m;
+        }
+    }
+}
+
 /* Quantizes VEC elements and stores them (VEC > 1: one VEC-byte store). */
 template <int VEC>
 __device__ __forceinline__ void store_quantized(const float (&x)[VEC], int64_t c, float threshold, float scale,
@@ -86,15 +101,7 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t c = (static_cast<int64_t>(v) * kThreads + threadIdx.x) * VEC;
         if (c < cols) {
             load_row<E, VEC>(a, c, x[v]);
-#pragma unroll
-            for (int j = 0; j < VEC; ++j) {
-                const float ax = abs_bits(x[v][j]);
-                if (fmt::int8_is_outlier(ax, threshold)) {
-                    if (flags != nullptr) flags[c + j] = 1;
-                } else {
-                    m = (ax > m) ? ax : m;
-                }
-            }
+            add_row_stats<VEC>(x[v], c, threshold, flags, m);
         }
     }
     m = block_max(m);
@@ -117,15 +124,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t c = static_cast<int64_t>(threadIdx.x) * VEC; c < cols; c += static_cast<int64_t>(kThreads) * VEC) {
         float x[VEC];
         load_row<E, VEC>(a, c, x);
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-            const float ax = abs_bits(x[j]);
-            if (fmt::int8_is_outlier(ax, threshold)) {
-                if (flags != nullptr) flags[c + j] = 1;
-            } else {
-                m = (ax > m) ? ax : m;
-            }
-        }
+        add_row_stats<VEC>(x, c, threshold, flags, m);
     }
     m = block_max(m);
     if (threadIdx.x == 0) row_stats[row] = m;
