@@ -283,6 +283,21 @@ def test_library_file_name_follows_the_variant(cuda_torch, monkeypatch):
     assert library.details()["library"] == "none"
 
 
+def test_report_names_the_variant_and_why(monkeypatch, capsys):
+    """python -m lowbit: the library file the cuda backend would load, and why that one."""
+    from lowbit.__main__ import report
+
+    monkeypatch.delenv("LOWBIT_CUDA_LIBRARY", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    report()
+    lines = capsys.readouterr().out.splitlines()
+    row = next(i for i, line in enumerate(lines) if line.startswith("cuda "))
+    assert lines[row + 1].split()[0] == "library:"
+    assert lines[row + 1].endswith(
+        "liblowbit_cuda12.so (torch is built with CUDA 12.8: liblowbit_cuda12.so links its shared libcudart.so.12)"
+    )
+
+
 def test_runtime_is_the_copy_torch_loaded(tmp_path):
     maps = (
         "7f00-7f01 r-xp 00000000 08:01 1 /venv/lib/python3.11/site-packages/nvidia/cuda_runtime/lib/libcudart.so.12\n"
