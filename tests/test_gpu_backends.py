@@ -283,14 +283,13 @@ def test_library_file_name_follows_the_variant(cuda_torch, monkeypatch):
     assert library.details()["library"] == "none"
 
 
-def test_report_names_the_variant_and_why(monkeypatch, capsys):
-    """python -m lowbit: the library file the cuda backend would load, and why that one."""
-    from lowbit.__main__ import report
-
-    monkeypatch.delenv("LOWBIT_CUDA_LIBRARY", raising=False)
-    monkeypatch.setattr(torch.version, "cuda", "12.8")
-    report()
-    lines = capsys.readouterr().out.splitlines()
+def test_report_names_the_variant_and_why():
+    """python -m lowbit: the library file the cuda backend would load, and why that one (in a fresh
+    process: the registry probes each backend once, so torch must look like cu12.8 from the start)."""
+    code = "import torch; torch.version.cuda = '12.8'; from lowbit.__main__ import report; report()"
+    result = _run_python(code, PYTHONPATH=str(ROOT))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
     row = next(i for i, line in enumerate(lines) if line.startswith("cuda "))
     assert lines[row + 1].split()[0] == "library:"
     assert lines[row + 1].endswith(
