@@ -1,6 +1,8 @@
 """Backend selection: LOWBIT_BACKEND, the fallback when the native library is missing or broken,
-backends.use(), backends.available() and `python -m lowbit`. Environment variables are read at
-import, so those tests run Python in a subprocess."""
+the automatic choice per device type (native library, else Triton, else reference; checked with
+the registry's own seams, no GPU needed), Triton missing, backends.use(),
+backends.available() and `python -m lowbit`. Environment variables are read at import, so those
+tests run Python in a subprocess."""
 
 from __future__ import annotations
 
@@ -40,10 +42,10 @@ def test_forced_reference_is_reported_as_forced():
 def test_unknown_backend_name_lists_valid_names():
     result = run_python(PROBE, LOWBIT_BACKEND="nope")
     assert result.returncode != 0
-    assert "LOWBIT_BACKEND='nope' is not a lowbit backend; valid names: reference, cpu, cuda, hip, xpu" in result.stderr
+    assert "LOWBIT_BACKEND='nope' is not a lowbit backend; valid names: reference, cpu, cuda, hip, xpu, triton" in result.stderr
 
 
-@pytest.mark.parametrize("name", ["cuda", "hip", "xpu"])
+@pytest.mark.parametrize("name", ["cuda", "hip", "xpu", "triton"])
 def test_forcing_an_unavailable_backend_fails_with_the_reason(name):
     status = next(s for s in lowbit.backends.available() if s.name == name)
     if status.available:
@@ -92,7 +94,7 @@ def test_use_switches_and_restores():
 
 
 def test_use_rejects_unknown_and_unavailable_backends():
-    with pytest.raises(lowbit.backends.BackendError, match="valid names: reference, cpu, cuda, hip, xpu"):
+    with pytest.raises(lowbit.backends.BackendError, match="valid names: reference, cpu, cuda, hip, xpu, triton"):
         with lowbit.backends.use("tpu"):
             pass
     unavailable = [s for s in lowbit.backends.available() if not s.available]
@@ -104,7 +106,7 @@ def test_use_rejects_unknown_and_unavailable_backends():
 
 def test_available_reports_every_backend_with_a_reason():
     statuses = {s.name: s for s in lowbit.backends.available()}
-    assert list(statuses) == ["reference", "cpu", "cuda", "hip", "xpu"]
+    assert list(statuses) == ["reference", "cpu", "cuda", "hip", "xpu", "triton"]
     assert statuses["reference"].available and "quantize_4bit" in statuses["reference"].ops
     for status in statuses.values():
         assert status.available or status.reason, f"{status.name} is unavailable without a reason"
@@ -127,8 +129,9 @@ def test_cli_report_and_self_test():
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert f"lowbit {lowbit.__version__}" in out and "features:" in out
-    for name in ("reference", "cpu", "cuda", "hip", "xpu"):
+    for name in ("reference", "cpu", "cuda", "hip", "xpu", "triton"):
         assert any(line.startswith(name) for line in out.splitlines())
+    assert "Triton: " in out
     assert "self-test:" in out and "FAIL" not in out
     if NATIVE_CPU_BACKENDS:
         assert "library: " in out and "build: " in out
@@ -146,3 +149,82 @@ def test_cli_demo_runs():
 def test_native_library_was_built_and_loads():
     status = next(s for s in lowbit.backends.available() if s.name == "cpu")
     assert status.available, status.reason
+
+
+# ---- the automatic choice per device type (DESIGN.md §3), through the registry's seams ----------
+@pytest.fixture
+def choose_afresh(monkeypatch):
+    """Set backends' availability as if probed here, and forget earlier automatic choices."""
+    monkeypatch.setattr(registry, "_auto", {})
+    monkeypatch.setattr(registry, "_forced", None)
+
+    def set_available(**availability: bool) -> None:
+        registry._auto.clear()
+        for name, ok in availability.items():
+            monkeypatch.setattr(registry._BACKENDS[name].load(), "available", ok)
+
+    return set_available
+
+
+@pytest.mark.parametrize("rocm", [False, True], ids=["nvidia", "rocm"])
+def test_cuda_tensors_use_the_native_library_else_triton_else_reference(rocm, choose_afresh, monkeypatch):
+    monkeypatch.setattr(torch.version, "hip", "6.2" if rocm else None)
+    native = "hip" if rocm else "cuda"
+    assert registry.auto_order("cuda") == (native, "triton")
+    choose_afresh(**{native: True, "triton": True})
+    assert registry.active("cuda") == native
+    choose_afresh(**{native: False, "triton": True})
+    assert registry.active("cuda") == "triton"
+    choose_afresh(**{native: False, "triton": False})
+    assert registry.active("cuda") == "reference"
+
+
+def test_xpu_and_cpu_tensors_never_fall_to_triton_directly(choose_afresh):
+    """xpu tensors go to the xpu backend (itself the Triton kernels); cpu tensors never to triton,
+    not even when Triton's interpreter lets it serve them."""
+    choose_afresh(xpu=True, triton=True)
+    assert registry.active("xpu") == "xpu"
+    choose_afresh(xpu=False, triton=True, cpu=False)
+    assert registry.active("xpu") == "reference" and registry.active("cpu") == "reference"
+
+
+# ---- Triton missing, Triton's interpreter ------------------------------------------------------
+NO_TRITON = """
+import sys
+class NoTriton:  # as if Triton were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoTriton())
+"""
+INSTALL_HINT = 'pip install "lowbit[triton]"'
+
+
+def test_forced_triton_without_triton_fails_with_the_install_hint():
+    result = run_python(NO_TRITON + PROBE, LOWBIT_BACKEND="triton")
+    assert result.returncode != 0
+    assert "LOWBIT_BACKEND='triton' was requested but the triton backend cannot run: Triton is not installed" in result.stderr
+    assert INSTALL_HINT in result.stderr
+
+
+def test_without_triton_lowbit_imports_and_the_report_says_how_to_install_it():
+    result = run_python(NO_TRITON + "import sys; from lowbit.__main__ import main; sys.exit(main([]))")
+    assert result.returncode == 0, result.stdout + result.stderr
+    triton_line = next(line for line in result.stdout.splitlines() if line.startswith("Triton: "))
+    assert "Triton is not installed" in triton_line and INSTALL_HINT in triton_line
+    row = next(line for line in result.stdout.splitlines() if line.startswith("triton "))
+    assert "unavailable" in row and INSTALL_HINT in row
+
+
+STATUS = "import lowbit; s = {b.name: b for b in lowbit.backends.available()}['triton']; print(s.device_types, s.available)"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU makes the triton backend available without the interpreter")
+def test_triton_serves_cpu_tensors_only_under_its_interpreter():
+    pytest.importorskip("triton", reason="Triton is not installed here (nox -s triton installs it)")
+    compiled = run_python(STATUS + "; print(s.reason)", TRITON_INTERPRET="0")
+    assert compiled.returncode == 0, compiled.stderr
+    assert "('cuda', 'xpu') False" in compiled.stdout and "no GPU for the Triton kernels" in compiled.stdout
+    interpreted = run_python(STATUS + "; print(lowbit.backends.active('cpu'))", TRITON_INTERPRET="1", LOWBIT_BACKEND="triton")
+    assert interpreted.returncode == 0, interpreted.stderr
+    assert "('cuda', 'xpu', 'cpu') True" in interpreted.stdout and interpreted.stdout.split()[-1] == "triton"
