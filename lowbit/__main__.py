@@ -18,6 +18,7 @@ import torch
 import lowbit
 from lowbit import functional as F
 from lowbit.backends import triton as triton_backend
+from lowbit.backends.xpu import ipex
 from lowbit.core import registry
 
 _ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
@@ -71,6 +72,7 @@ def report() -> int:
     forced = registry.forced()
     print(f"LOWBIT_BACKEND: {os.environ.get(registry.ENV_BACKEND) or '(unset)'}" + (f" -> {forced} forced" if forced else ""))
     print(f"Triton: {triton_backend.describe()}")
+    print(f"IPEX: {ipex.describe()}")
     print()
     print(f"{'backend':<10} {'device':<12} {'status':<12} {'active for':<10} detail")
     status_ok = True

@@ -1,6 +1,6 @@
 """Backend selection: LOWBIT_BACKEND, the fallback when the native library is missing or broken,
 the automatic choice per device type (native library, else Triton, else reference; checked with
-the registry's own seams, no GPU needed), Triton missing, backends.use(),
+the registry's own seams, no GPU needed), Triton missing, IPEX on XPU, backends.use(),
 backends.available() and `python -m lowbit`. Environment variables are read at import, so those
 tests run Python in a subprocess."""
 
@@ -131,7 +131,7 @@ def test_cli_report_and_self_test():
     assert f"lowbit {lowbit.__version__}" in out and "features:" in out
     for name in ("reference", "cpu", "cuda", "hip", "xpu", "triton"):
         assert any(line.startswith(name) for line in out.splitlines())
-    assert "Triton: " in out
+    assert "Triton: " in out and "IPEX: " in out
     assert "self-test:" in out and "FAIL" not in out
     if NATIVE_CPU_BACKENDS:
         assert "library: " in out and "build: " in out
@@ -228,3 +228,62 @@ def test_triton_serves_cpu_tensors_only_under_its_interpreter():
     interpreted = run_python(STATUS + "; print(lowbit.backends.active('cpu'))", TRITON_INTERPRET="1", LOWBIT_BACKEND="triton")
     assert interpreted.returncode == 0, interpreted.stderr
     assert "('cuda', 'xpu', 'cpu') True" in interpreted.stdout and interpreted.stdout.split()[-1] == "triton"
+
+
+# ---- IPEX on XPU ---------------------------------------------------------------------------------
+FAKE_IPEX = """
+import torch
+from lowbit.backends.reference.blockwise_8bit import decode_blockwise
+CALLS = []
+
+class _C:
+    @staticmethod
+    def _has_xpu():
+        return True
+
+def _dequantize(code, A, absmax, out, blocksize, n):  # IPEX's argument order
+    CALLS.append(out.dtype)
+    out.copy_(decode_blockwise(A, absmax, code, blocksize).to(out.dtype).view(out.shape))
+
+class xpu:
+    class bitsandbytes:
+        cdequantize_blockwise_fp32 = cdequantize_blockwise_fp16 = cdequantize_blockwise_bf16 = staticmethod(_dequantize)
+"""
+
+
+def _fake_ipex(tmp_path, version: str) -> str:
+    """A stand-in intel_extension_for_pytorch distribution (module + metadata) on a path of its own."""
+    (tmp_path / "intel_extension_for_pytorch").mkdir()
+    (tmp_path / "intel_extension_for_pytorch" / "__init__.py").write_text(FAKE_IPEX)
+    info = tmp_path / f"intel_extension_for_pytorch-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: intel_extension_for_pytorch\nVersion: {version}\n")
+    return str(tmp_path)
+
+
+def test_ipex_matching_torch_serves_dequantize_blockwise_on_xpu(tmp_path):
+    version = ".".join(torch.__version__.split("+")[0].split(".")[:2]) + ".10"
+    code = """
+import sys, torch, lowbit, intel_extension_for_pytorch as ipex
+from lowbit.backends import xpu
+from lowbit.core import formats, registry
+print(xpu.ipex.describe())
+q = torch.randint(0, 256, (1000,), dtype=torch.uint8)
+absmax, code = torch.rand(4) * 3, formats.dynamic_map()
+got = xpu.kernels.get("dequantize_blockwise")(q, absmax, code, 256, torch.bfloat16)
+want = registry.get("reference").kernels.get("dequantize_blockwise")(q, absmax, code, 256, torch.bfloat16)
+print("same", torch.equal(got, want), ipex.CALLS)
+"""
+    result = run_python(code, PYTHONPATH=_fake_ipex(tmp_path, version))
+    assert result.returncode == 0, result.stderr
+    assert f"used (intel_extension_for_pytorch {version}: dequantize_blockwise)" in result.stdout
+    assert "same True [torch.bfloat16]" in result.stdout
+
+
+def test_ipex_for_another_torch_is_not_loaded_and_the_report_says_why(tmp_path):
+    code = "import sys; from lowbit.__main__ import main; main([]); print('loaded', 'intel_extension_for_pytorch' in sys.modules)"
+    result = run_python(code, PYTHONPATH=_fake_ipex(tmp_path, "2.8.0"))
+    assert result.returncode == 0, result.stderr
+    minor = ".".join(torch.__version__.split(".")[:2])
+    assert f"IPEX: not used: intel_extension_for_pytorch 2.8.0 is built for torch 2.8, this torch is {torch.__version__}" in result.stdout
+    assert "loaded False" in result.stdout and minor != "2.8"
