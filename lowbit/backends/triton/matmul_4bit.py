@@ -1,8 +1,9 @@
 """Products with a 4-bit weight: one fused Triton kernel that decodes the weight tile in registers
 and accumulates ``A @ W.T`` (+ bias) in float32, for 1..8 activation rows (the decode regime
-gemv_4bit is for). More rows, or a bias whose dtype is not a float dtype of the formats, run the
-reference kernel (dequantize + torch matmul) on the same device, as in the cuda backend. Results
-differ from the reference only by float32 accumulation order (tests/test_parity.py states the bound).
+gemv_4bit is for). More rows (prefill, training), or a bias whose dtype is not a float dtype of the
+formats, decode the weight to float32 with the dequantize kernel and take one torch matmul (the
+reference's product). Results differ from the reference only by float32 accumulation order
+(tests/test_parity.py states the bound).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import triton.language as tl
 from ...core import formats
 from ...core.registry import KernelTable
 from ..reference import matmul_4bit as reference
+from .quantize_4bit import dequantize_into
 from .runtime import autotune, cast_to, on_device, to_float32
 
 MAX_ROWS = 8
@@ -57,35 +59,36 @@ def _gemv_4bit(A, B, absmax, code, bias, out, M, N, K, HAS_BIAS: tl.constexpr, B
     tl.store(out + rows[:, None] * N + cols[None, :], cast_to(acc, out.dtype.element_ty), mask=o_mask)
 
 
-def _fused(A, B, shapeB, absmax, code, blocksize, bias, out) -> None:
+def _product(A, B, shapeB, absmax, code, blocksize, bias, out=None) -> torch.Tensor:
+    """``A @ W.T`` (+ bias) in A's dtype, into ``out`` when given: the fused kernel for up to
+    MAX_ROWS rows and a float32/float16/bfloat16 bias; otherwise the weight decoded to float32 by
+    the dequantize kernel and one torch matmul (the reference's product, on the same device)."""
     N, K = shapeB
     M = A.numel() // K
+    if M > MAX_ROWS or (bias is not None and bias.dtype not in formats.FLOAT_DTYPES):
+        weight = torch.empty(shapeB, dtype=torch.float32, device=A.device)
+        dequantize_into(B.view(torch.uint8), absmax, code, blocksize, N * K, weight)
+        result = reference.product(A, weight, bias)
+        return result if out is None else out.copy_(result)
+    if out is None:
+        out = torch.empty((*A.shape[:-1], N), dtype=A.dtype, device=A.device)
     with on_device(A):
         _gemv_4bit[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
             A, B.view(torch.uint8), absmax, code, bias, out, M, N, K,
             HAS_BIAS=bias is not None, BS=blocksize, BLOCK_M=triton.next_power_of_2(M),
         )  # fmt: skip
-
-
-def _fits(A, shapeB, bias) -> bool:
-    return A.numel() // shapeB[1] <= MAX_ROWS and (bias is None or bias.dtype in formats.FLOAT_DTYPES)
+    return out
 
 
 def install(kernels: KernelTable) -> None:
-    @kernels.register("gemv_4bit.out")
-    def gemv_4bit_out(A, B, shapeB, absmax, code, blocksize, out):
-        if not _fits(A, shapeB, None):
-            return reference.gemv_4bit_out(A, B, shapeB, absmax, code, blocksize, out)
-        _fused(A, B, shapeB, absmax, code, blocksize, None, out)
-
     @kernels.register("gemv_4bit")
     def gemv_4bit(A, B, shapeB, absmax, code, blocksize):
-        return matmul_4bit(A, B, shapeB, absmax, code, blocksize)
+        return _product(A, B, shapeB, absmax, code, blocksize, None)
+
+    @kernels.register("gemv_4bit.out")
+    def gemv_4bit_out(A, B, shapeB, absmax, code, blocksize, out):
+        _product(A, B, shapeB, absmax, code, blocksize, None, out)
 
     @kernels.register("matmul_4bit")
     def matmul_4bit(A, B, shapeB, absmax, code, blocksize, bias=None):
-        if not _fits(A, shapeB, bias):
-            return reference.matmul_4bit(A, B, shapeB, absmax, code, blocksize, bias)
-        out = torch.empty((*A.shape[:-1], shapeB[0]), dtype=A.dtype, device=A.device)
-        _fused(A, B, shapeB, absmax, code, blocksize, bias, out)
-        return out
+        return _product(A, B, shapeB, absmax, code, blocksize, bias)
