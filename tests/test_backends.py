@@ -190,30 +190,43 @@ def test_xpu_and_cpu_tensors_never_fall_to_triton_directly(choose_afresh):
 
 # ---- Triton missing, Triton's interpreter ------------------------------------------------------
 NO_TRITON = """
-import sys
-class NoTriton:  # as if Triton were not installed
+import importlib.machinery, sys
+class BrokenLoader:
+    def create_module(self, spec):
+        return None
+    def exec_module(self, module):  # what a Triton whose native library does not load raises
+        raise ImportError("libtriton.so: undefined symbol: cuGetProcAddress")
+class NoTriton:  # as if Triton were not installed (or, with BROKEN set, broken)
     def find_spec(self, name, path=None, target=None):
         if name == "triton" or name.startswith("triton."):
+            if BROKEN:
+                return importlib.machinery.ModuleSpec(name, BrokenLoader())
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 sys.meta_path.insert(0, NoTriton())
 """
+MISSING_TRITON, BROKEN_TRITON = "BROKEN = False" + NO_TRITON, "BROKEN = True" + NO_TRITON
 INSTALL_HINT = 'pip install "lowbit[triton]"'
 
 
 def test_forced_triton_without_triton_fails_with_the_install_hint():
-    result = run_python(NO_TRITON + PROBE, LOWBIT_BACKEND="triton")
+    result = run_python(MISSING_TRITON + PROBE, LOWBIT_BACKEND="triton")
     assert result.returncode != 0
     assert "LOWBIT_BACKEND='triton' was requested but the triton backend cannot run: Triton is not installed" in result.stderr
     assert INSTALL_HINT in result.stderr
 
 
-def test_without_triton_lowbit_imports_and_the_report_says_how_to_install_it():
-    result = run_python(NO_TRITON + "import sys; from lowbit.__main__ import main; sys.exit(main([]))")
+@pytest.mark.parametrize(
+    ("blocker", "reason"),
+    [(MISSING_TRITON, "Triton is not installed"), (BROKEN_TRITON, "importing Triton failed (ImportError: libtriton.so")],
+    ids=["missing", "broken"],
+)
+def test_without_a_working_triton_lowbit_imports_and_the_report_says_why(blocker, reason):
+    result = run_python(blocker + "import sys; from lowbit.__main__ import main; sys.exit(main([]))")
     assert result.returncode == 0, result.stdout + result.stderr
     triton_line = next(line for line in result.stdout.splitlines() if line.startswith("Triton: "))
-    assert "Triton is not installed" in triton_line and INSTALL_HINT in triton_line
+    assert reason in triton_line and INSTALL_HINT in triton_line
     row = next(line for line in result.stdout.splitlines() if line.startswith("triton "))
-    assert "unavailable" in row and INSTALL_HINT in row
+    assert "unavailable" in row and reason in row
 
 
 STATUS = "import lowbit; s = {b.name: b for b in lowbit.backends.available()}['triton']; print(s.device_types, s.available)"

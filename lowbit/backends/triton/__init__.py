@@ -22,16 +22,25 @@ INSTALL_HINT = 'pip install "lowbit[triton]" (torch\'s CUDA and ROCm wheels brin
 
 kernels = KernelTable("triton")
 
+IMPORT_ERROR: Optional[str] = None  # why the kernels cannot load here (a missing or broken Triton)
 try:
-    import triton  # noqa: F401
-except ImportError as err:
-    IMPORT_ERROR: Optional[str] = f"Triton is not installed ({err}): {INSTALL_HINT}"
+    import triton
+except Exception as err:  # a missing or broken Triton must never break `import lowbit`
+    if isinstance(err, ModuleNotFoundError) and err.name == "triton":
+        IMPORT_ERROR = f"Triton is not installed: {INSTALL_HINT}"
+    else:
+        IMPORT_ERROR = f"importing Triton failed ({type(err).__name__}: {err}); reinstall it: {INSTALL_HINT}"
 else:
-    IMPORT_ERROR = None
-    from . import blockwise_8bit, int8, matmul_4bit, optimizers, quantize_4bit, runtime
+    try:
+        from . import blockwise_8bit, int8, matmul_4bit, optimizers, quantize_4bit, runtime
 
-    for _family in (quantize_4bit, blockwise_8bit, matmul_4bit, int8, optimizers):
-        _family.install(kernels)
+        for _family in (quantize_4bit, blockwise_8bit, matmul_4bit, int8, optimizers):
+            _family.install(kernels)
+    except Exception as err:  # e.g. an older Triton without an API the kernels use
+        IMPORT_ERROR = (
+            f"lowbit's Triton kernels do not load with triton {triton.__version__} ({type(err).__name__}: {err}); "
+            "they need triton>=3.9"
+        )
 
 
 def probe() -> Optional[str]:
