@@ -1,4 +1,4 @@
-"""Checks that matter (DESIGN.md §6). `.ci/run` runs `nox -s lint sanitize tests parity compat integration build_gpu_min`.
+"""Checks that matter (DESIGN.md §6). `.ci/run` runs `nox -s lint sanitize tests parity triton compat integration build_gpu_min`.
 
 Every session builds lowbit from this checkout into its own virtualenv. torch always comes
 from the pinned local CPU wheel: an unpinned torch would pull several GB of CUDA packages.
@@ -182,4 +182,34 @@ def integration(session: nox.Session) -> None:
     session.run(
         "pytest", *INTEGRATION_TESTS, "-v", "--durations=12", *session.posargs,
         env={**REQUIRE_NATIVE, "LOWBIT_INTEGRATION": "1"},
+    )  # fmt: skip
+
+
+# ---- Triton kernels (lowbit/backends/triton) under Triton's interpreter --------------------------
+# TRITON_INTERPRET=1 runs the kernels on CPU tensors (one program at a time, in Python), where the
+# triton backend then serves cpu tensors. `-k triton` picks each file's triton cases: test_parity's
+# cases on its INTERPRETED sizes, and the layer, autograd, optimizer, op-schema and bad-input tests
+# parametrized by backend. test_optim's 8-bit-vs-32-bit training runs (hundreds of steps, ~4 min
+# interpreted) stay with the other backends; test_parity checks the same optimizer steps.
+TRITON_TESTS = (
+    "tests/test_parity.py",
+    "tests/test_triton_backend.py",
+    "tests/test_nn.py",
+    "tests/test_autograd.py",
+    "tests/test_optim.py",
+    "tests/test_op_schemas.py",
+    "tests/test_bad_input.py",
+)
+
+
+@nox.session
+def triton(session: nox.Session) -> None:
+    """The Triton kernels against the reference and through the layers and optimizers, on CPU
+    tensors under TRITON_INTERPRET=1 (no GPU needed). About 75 s of single-core test time, plus
+    the install."""
+    session.install(TORCH)
+    session.install(".[test,triton]")
+    session.run(
+        "pytest", *TRITON_TESTS, "-k", "triton and not trains_as_well", "--durations=10", *session.posargs,
+        env={"TRITON_INTERPRET": "1"},
     )  # fmt: skip
