@@ -127,6 +127,8 @@ class Embedding4bit(QuantizedWeightMixin, nn.Embedding):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         weight = self.quantized_weight()
         state = weight.quant_state
+        if input.numel() == 0:  # nothing to look up (torch's embedding accepts this too)
+            return torch.empty((*input.shape, self.embedding_dim), dtype=self.dtype, device=weight.device)
         absmax = block_absmax_of(state)
         if self.embedding_dim % state.blocksize == 0:
             # whole blocks per row: gather the packed rows and their absmax, dequantize just those
