@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..core import formats
+from ..core import checks, formats
 from ..core.quant_state import QuantState
 from ..functional import block_absmax_of
 
@@ -50,8 +50,11 @@ def _code(quant_state: QuantState, device: torch.device) -> torch.Tensor:
 
 
 def to_out(result: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
-    """``result``, or ``out`` filled with it (the ``out=`` argument of both products)."""
-    return result if out is None else out.copy_(result)
+    """``result``, or ``out`` filled with it (the ``out=`` argument of both products): exactly its
+    shape and dtype. The result is complete before ``out`` is written, so ``out`` may alias A."""
+    if out is None:
+        return result
+    return checks.out(out, "out", result.shape, result.dtype, result.device, {}).copy_(result)
 
 
 class MatMul4Bit(torch.autograd.Function):
@@ -97,8 +100,21 @@ def _check_arguments(A, B, quant_state, bias) -> None:
             f"matmul_4bit: A has shape {tuple(A.shape)}, but the weight is {list(quant_state.shape)} "
             f"(A's last dimension must be {quant_state.shape[1]})"
         )
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"matmul_4bit: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    check_bias_and_devices("matmul_4bit", A, B, bias)
+
+
+def check_bias_and_devices(op: str, A: torch.Tensor, B: torch.Tensor, bias) -> None:
+    """Both products: B and bias live on A's device; bias is a real floating-point tensor."""
+    if B.device != A.device:
+        raise ValueError(f"{op}: B is on {B.device}, expected {A.device} (the device of A)")
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{op}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if not bias.is_floating_point():
+        raise ValueError(f"{op}: bias must be a real floating-point tensor, got {bias.dtype}")
+    if bias.device != A.device:
+        raise ValueError(f"{op}: bias is on {bias.device}, expected {A.device} (the device of A)")
 
 
 def matmul_4bit(

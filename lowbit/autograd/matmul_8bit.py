@@ -23,7 +23,7 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 import torch.nn.functional as F
 
-from .matmul_4bit import to_out
+from .matmul_4bit import check_bias_and_devices, to_out
 
 
 @dataclasses.dataclass(eq=False)
@@ -168,8 +168,7 @@ def _check_arguments(A, B, state, threshold, bias) -> None:
         or threshold < 0
     ):
         raise ValueError(f"matmul: threshold must be a finite number >= 0, got {threshold!r}")
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"matmul: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    check_bias_and_devices("matmul", A, B, bias)
 
 
 def matmul(
