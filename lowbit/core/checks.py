@@ -31,7 +31,10 @@ from . import formats
 
 
 def has_data(t: torch.Tensor) -> bool:
-    """Whether ``t`` holds real values (not a fake or meta tensor of a trace)."""
+    """Whether ``t`` holds real values (not a fake or meta tensor of a trace). While torch.compile
+    traces Python code nothing has values; the ops' own checks read them when the graph runs."""
+    if torch.compiler.is_compiling():
+        return False
     return t.device.type != "meta" and not is_fake(t)
 
 

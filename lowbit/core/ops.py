@@ -302,11 +302,11 @@ _define(
 )
 
 
-def _check_int8_linear_matmul(A, B, out=None) -> None:
-    A = checks.tensor(A, "A", (torch.int8,), min_ndim=1)
-    B = checks.tensor(B, "B", (torch.int8,), device=A.device)
+def _check_int8_linear_matmul(A, B, out=None, names=("A", "B")) -> None:
+    A = checks.tensor(A, names[0], (torch.int8,), min_ndim=1)
+    B = checks.tensor(B, names[1], (torch.int8,), device=A.device)
     if B.dim() != 2 or B.shape[1] != A.shape[-1]:
-        raise ValueError(f"B must be 2-D (out_features, {A.shape[-1]}), got shape {tuple(B.shape)}")
+        raise ValueError(f"{names[1]} must be 2-D (out_features, {A.shape[-1]}), got shape {tuple(B.shape)}")
     if out is not None:
         checks.out(out, "out", (*A.shape[:-1], B.shape[0]), torch.int32, A.device, {"A": A, "B": B})
 
@@ -336,10 +336,12 @@ _define(
 )
 
 
-def _check_int8_scaled_mm(A, B, row_stats, col_stats, bias=None, dtype=None) -> None:
-    _check_int8_linear_matmul(A, B)
-    checks.tensor(row_stats, "row_stats", (torch.float32,), numel=checks.rows(A), device=A.device)
-    checks.tensor(col_stats, "col_stats", (torch.float32,), numel=B.shape[0], device=A.device)
+def _check_int8_scaled_mm(
+    A, B, row_stats, col_stats, bias=None, dtype=None, names=("A", "B", "row_stats", "col_stats")
+) -> None:
+    _check_int8_linear_matmul(A, B, names=names[:2])
+    checks.tensor(row_stats, names[2], (torch.float32,), numel=checks.rows(A), device=A.device)
+    checks.tensor(col_stats, names[3], (torch.float32,), numel=B.shape[0], device=A.device)
     if dtype is not None:
         checks.float_dtype(dtype, "dtype")
     _bias(bias, B.shape[0], A.device)
@@ -367,7 +369,7 @@ def _check_int8_mixed_scaled_mm(A, CA, CB, SCA, SCB, outlier_cols=None, bias=Non
     checks.tensor(CA, "CA", (torch.int8,), device=A.device)
     if CA.shape != A.shape:
         raise ValueError(f"CA must have A's shape {tuple(A.shape)}, got {tuple(CA.shape)}")
-    _check_int8_scaled_mm(CA, CB, SCA, SCB, bias, A.dtype)
+    _check_int8_scaled_mm(CA, CB, SCA, SCB, bias, A.dtype, names=("CA", "CB", "SCA", "SCB"))
     if outlier_cols is not None:
         _check_outlier_cols(outlier_cols, A.shape[-1], A.device)
 
