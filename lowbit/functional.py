@@ -106,6 +106,16 @@ def _require_fields(state: object, name: str, fields: tuple[str, ...]) -> None:
         _require_fields(state.state2, f"{name}.state2", ("code", "blocksize", "dtype"))
 
 
+def codebook_of(state: QuantState, device: torch.device) -> torch.Tensor:
+    """The 16-entry codebook of a 4-bit state on ``device``: ``state.code``, which must be the
+    codebook of ``state.quant_type`` (what dequantize_4bit decodes with; checked once per code
+    tensor), or that codebook when a hand-built state carries none."""
+    if state.code is None:
+        return formats.code_tensor(state.quant_type, device)
+    checks.code_matches(state.code, state.quant_type, "quant_state.code")
+    return state.code.to(device)
+
+
 def block_absmax_of(state: QuantState) -> torch.Tensor:
     """The float32 per-block absmax of ``state``, undoing double quantization if present
     (what the 4-bit and blockwise ops take as ``absmax``)."""
@@ -262,9 +272,7 @@ def gemv_4bit(
         raise ValueError("gemv_4bit needs state, the QuantState returned by quantize_4bit")
     _require_fields(state, "state", _FIELDS_4BIT)
     checks.tensor(A, "A", formats.FLOAT_DTYPES)
-    # the codebook of the state's quant type: what dequantize_4bit uses too
-    code = formats.code_tensor(state.quant_type, A.device)
-    args = (A, B, list(state.shape), block_absmax_of(state), code, state.blocksize)
+    args = (A, B, list(state.shape), block_absmax_of(state), codebook_of(state, A.device), state.blocksize)
     if out is not None:
         torch.ops.lowbit.gemv_4bit.out(*args, out)
         return out

@@ -21,9 +21,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..core import checks, formats
+from ..core import checks
 from ..core.quant_state import QuantState
-from ..functional import block_absmax_of
+from ..functional import block_absmax_of, codebook_of
 
 #: Rows of ``A`` up to which inference uses the fused ``gemv_4bit`` (the CPU kernel reads the weight
 #: once per 8 rows; beyond that dequantizing once and running a GEMM is faster).
@@ -40,13 +40,6 @@ def dense_weight(B: torch.Tensor, quant_state: QuantState, dtype: torch.dtype) -
         list(quant_state.shape),
         dtype,
     )
-
-
-def _code(quant_state: QuantState, device: torch.device) -> torch.Tensor:
-    # a QuantState built by hand (dequantize_4bit(absmax=...)) may carry no codebook
-    if quant_state.code is None:
-        return formats.code_tensor(quant_state.quant_type, device)
-    return quant_state.code.to(device)
 
 
 def to_out(result: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
@@ -157,7 +150,7 @@ def matmul_4bit(
             B,
             [n_out, k_in],
             block_absmax_of(quant_state),
-            _code(quant_state, A.device),
+            codebook_of(quant_state, A.device),
             quant_state.blocksize,
             bias,
         )
