@@ -384,8 +384,10 @@ class Optimizer8bit(torch.optim.Optimizer):
         state["step"] += 1
         if p.numel() == 0:  # nothing to update (torch's optimizers accept empty parameters too)
             return
-        p.data = p.data.contiguous()  # the ops take contiguous tensors only
-        p.grad = p.grad.contiguous()
+        if not p.is_contiguous():  # the ops take contiguous tensors only
+            p.data = p.data.contiguous()
+        if not p.grad.is_contiguous():
+            p.grad = p.grad.contiguous()
         grad = p.grad
         config = self.get_config(gindex, pindex, group)
         step = state["step"]
