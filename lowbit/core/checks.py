@@ -171,6 +171,14 @@ def code(value: object, name: str, size: int, device: torch.device) -> torch.Ten
     return value
 
 
+def moved(value: torch.Tensor, name: str, device: torch.device) -> torch.Tensor:
+    """``value`` on ``device`` (codes are constants that may live elsewhere, as in bitsandbytes);
+    a tensor without data (meta) cannot move to a real device."""
+    if value.device != device and value.device.type == "meta":
+        raise ValueError(f"{name} is on meta (no data), expected {device} (the device of the input)")
+    return value.to(device)
+
+
 def code_matches(value: torch.Tensor, quant_type_: str, name: str) -> None:
     """A 4-bit code must be exactly the codebook of its quant type (checked once per tensor)."""
     tensor(value, name, (torch.float32,), numel=16, ndim=1)
@@ -211,13 +219,14 @@ def out(
     dtype: torch.dtype,
     device: torch.device,
     inputs: dict[str, object],
+    shape_of: str = "the result",
 ) -> torch.Tensor:
     """An ``out=`` tensor: exactly ``shape_`` and ``dtype`` (no broadcasting, no casting), on
     ``device``, contiguous, and sharing no memory with any of ``inputs`` (every backend would
-    otherwise read values it already overwrote)."""
+    otherwise read values it already overwrote). ``shape_of`` says where the shape comes from."""
     value = tensor(value, name, (dtype,), device=device, nonempty=False)
     if tuple(value.shape) != tuple(shape_):
-        raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(shape_)}")
+        raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(shape_)} ({shape_of})")
     for input_name, other in inputs.items():
         if isinstance(other, torch.Tensor) and overlaps(value, other):
             raise ValueError(f"{name} overlaps the input {input_name}; pass a separate output tensor")

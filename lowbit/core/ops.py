@@ -78,9 +78,25 @@ def _packed(value: object, name: str, device: Optional[torch.device] = None) -> 
     return checks.tensor(value, name, formats.QUANT_STORAGE_DTYPES, device=device)
 
 
-def _absmax(value: object, n_blocks: int, device: torch.device, name: str = "absmax") -> torch.Tensor:
-    """One float32 absmax per block, 1-D: every backend indexes it as a flat array."""
-    return checks.tensor(value, name, (torch.float32,), numel=n_blocks, device=device, ndim=1)
+def _absmax(value: object, n: int, blocksize: int, device: torch.device, of: str) -> torch.Tensor:
+    """One float32 absmax per block of the ``n`` values described by ``of``, 1-D: every backend
+    indexes it as a flat array."""
+    value = checks.tensor(value, "absmax", (torch.float32,), device=device, ndim=1)
+    n_blocks = formats.num_blocks(n, blocksize)
+    if value.numel() != n_blocks:
+        raise ValueError(
+            f"absmax has {value.numel()} elements, expected {n_blocks}: one per block of {blocksize} "
+            f"of the {n} values of {of}"
+        )
+    return value
+
+
+def _stats(value: object, name: str, n: int, device: torch.device, of: str) -> torch.Tensor:
+    """float32 scales, one per row or column (``of`` says which)."""
+    value = checks.tensor(value, name, (torch.float32,), device=device)
+    if value.numel() != n:
+        raise ValueError(f"{name} has {value.numel()} elements, expected {n} (one per {of})")
+    return value
 
 
 def _bias(value: object, n: int, device: torch.device) -> None:
@@ -135,9 +151,9 @@ def _check_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype, out=N
         raise ValueError(
             f"A holds {A.numel() * A.element_size()} bytes but shape {tuple(shape)} needs {(n + 1) // 2} packed bytes"
         )
-    _absmax(absmax, formats.num_blocks(n, blocksize), A.device)
+    _absmax(absmax, n, blocksize, A.device, f"shape {list(shape)}")
     if out is not None:
-        checks.out(out, "out", shape, dtype, A.device, {"A": A, "absmax": absmax})
+        checks.out(out, "out", shape, dtype, A.device, {"A": A, "absmax": absmax}, "the shape argument")
 
 
 def _fake_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):
@@ -169,11 +185,11 @@ def _check_4bit_matmul(A, B, shapeB, absmax, code, blocksize, bias_or_out=None, 
     if B.numel() * B.element_size() != (n + 1) // 2:
         raise ValueError(f"B holds {B.numel() * B.element_size()} bytes but shapeB {shapeB} needs {(n + 1) // 2}")
     checks.blocksize(blocksize)
-    _absmax(absmax, formats.num_blocks(n, blocksize), A.device)
+    _absmax(absmax, n, blocksize, A.device, f"shapeB {list(shapeB)}")
     checks.code(code, "code", 16, A.device)
     if is_out:
         inputs = {"A": A, "B": B, "absmax": absmax, "code": code}
-        checks.out(bias_or_out, "out", (*A.shape[:-1], shapeB[0]), A.dtype, A.device, inputs)
+        checks.out(bias_or_out, "out", (*A.shape[:-1], shapeB[0]), A.dtype, A.device, inputs, "A's rows by shapeB[0]")
     else:
         _bias(bias_or_out, shapeB[0], A.device)
 
@@ -226,11 +242,11 @@ _define(
 def _check_dequantize_blockwise(A, absmax, code, blocksize, dtype, out=None) -> None:
     A = checks.tensor(A, "A", (torch.uint8,))
     checks.blocksize(blocksize)
-    _absmax(absmax, formats.num_blocks(A.numel(), blocksize), A.device)
+    _absmax(absmax, A.numel(), blocksize, A.device, "A")
     checks.code(code, "code", 256, A.device)
     checks.float_dtype(dtype, "dtype")
     if out is not None:
-        checks.out(out, "out", A.shape, dtype, A.device, {"A": A, "absmax": absmax, "code": code})
+        checks.out(out, "out", A.shape, dtype, A.device, {"A": A, "absmax": absmax, "code": code}, "the shape of A")
 
 
 _define(
@@ -273,7 +289,7 @@ _define(
 
 def _check_int8_vectorwise_dequant(A, stats) -> None:
     A = checks.tensor(A, "A", (torch.int8,), min_ndim=1)
-    checks.tensor(stats, "stats", (torch.float32,), numel=checks.rows(A), device=A.device)
+    _stats(stats, "stats", checks.rows(A), A.device, f"row of A, shape {tuple(A.shape)}")
 
 
 _define(
@@ -306,9 +322,12 @@ def _check_int8_linear_matmul(A, B, out=None, names=("A", "B")) -> None:
     A = checks.tensor(A, names[0], (torch.int8,), min_ndim=1)
     B = checks.tensor(B, names[1], (torch.int8,), device=A.device)
     if B.dim() != 2 or B.shape[1] != A.shape[-1]:
-        raise ValueError(f"{names[1]} must be 2-D (out_features, {A.shape[-1]}), got shape {tuple(B.shape)}")
+        raise ValueError(
+            f"{names[1]} must be 2-D (out_features, {A.shape[-1]}) to match the last dimension of {names[0]} "
+            f"(shape {tuple(A.shape)}), got shape {tuple(B.shape)}"
+        )
     if out is not None:
-        checks.out(out, "out", (*A.shape[:-1], B.shape[0]), torch.int32, A.device, {"A": A, "B": B})
+        checks.out(out, "out", (*A.shape[:-1], B.shape[0]), torch.int32, A.device, {"A": A, "B": B}, "A's rows by B's rows")
 
 
 _define(
@@ -321,8 +340,8 @@ _define("int8_linear_matmul.out(Tensor A, Tensor B, Tensor(a!) out) -> ()", _not
 
 def _check_int8_mm_dequant(A, row_stats, col_stats, dtype=None, bias=None) -> None:
     A = checks.tensor(A, "A", (torch.int32,), min_ndim=1)
-    checks.tensor(row_stats, "row_stats", (torch.float32,), numel=checks.rows(A), device=A.device)
-    checks.tensor(col_stats, "col_stats", (torch.float32,), numel=A.shape[-1], device=A.device)
+    _stats(row_stats, "row_stats", checks.rows(A), A.device, f"row of A, shape {tuple(A.shape)}")
+    _stats(col_stats, "col_stats", A.shape[-1], A.device, f"column of A, shape {tuple(A.shape)}")
     if dtype is not None:
         checks.float_dtype(dtype, "dtype")
     _bias(bias, A.shape[-1], A.device)
@@ -340,8 +359,8 @@ def _check_int8_scaled_mm(
     A, B, row_stats, col_stats, bias=None, dtype=None, names=("A", "B", "row_stats", "col_stats")
 ) -> None:
     _check_int8_linear_matmul(A, B, names=names[:2])
-    checks.tensor(row_stats, names[2], (torch.float32,), numel=checks.rows(A), device=A.device)
-    checks.tensor(col_stats, names[3], (torch.float32,), numel=B.shape[0], device=A.device)
+    _stats(row_stats, names[2], checks.rows(A), A.device, f"row of {names[0]}, shape {tuple(A.shape)}")
+    _stats(col_stats, names[3], B.shape[0], A.device, f"row of {names[1]}, shape {tuple(B.shape)}")
     if dtype is not None:
         checks.float_dtype(dtype, "dtype")
     _bias(bias, B.shape[0], A.device)
@@ -465,9 +484,11 @@ def _check_optimizer_update_8bit_blockwise(
     checks.code(qmap1, "qmap1", 256, p.device)
     buffers = {"p": p, "state1": state1, "absmax1": absmax1}
     checks.tensor(absmax1, "absmax1", (torch.float32,), numel=copies * blocks, device=p.device)
+    if absmax1.dim() != 1 and tuple(absmax1.shape) != (copies, blocks):  # one absmax per block, flat
+        raise ValueError(f"absmax1 must be 1-D or ({copies}, {blocks}), got shape {tuple(absmax1.shape)}")
     if name in OPTIMIZERS_TWO_STATES:
         checks.code(qmap2, "qmap2", 256, p.device)
-        checks.tensor(absmax2, "absmax2", (torch.float32,), numel=blocks, device=p.device)
+        checks.tensor(absmax2, "absmax2", (torch.float32,), numel=blocks, device=p.device, ndim=1)
         buffers.update(state2=state2, absmax2=absmax2)
     _check_disjoint(buffers)
 
