@@ -63,7 +63,8 @@ def quantize_blockwise(
     checks.tensor(code, "code", (torch.float32,))
     checks.blocksize(blocksize)
     _check_outputs(A, out, A.shape, torch.uint8, absmax, formats.num_blocks(A.numel(), blocksize), nested)
-    q, block_absmax = torch.ops.lowbit.quantize_blockwise(A, code.to(A.device), blocksize)
+    code = checks.moved(code, "code", A.device)
+    q, block_absmax = torch.ops.lowbit.quantize_blockwise(A, code, blocksize)
     if nested:
         offset = block_absmax.mean()
         block_absmax -= offset
@@ -89,10 +90,10 @@ def _check_outputs(A, out, out_shape, out_dtype, absmax, n_blocks: int, nested: 
     """The ``out=``/``absmax=`` buffers of a quantizer, checked before anything is computed: exactly
     the shape and dtype of what is copied into them (the absmax of a nested state is uint8 codes)."""
     if out is not None:
-        checks.out(out, "out", out_shape, out_dtype, A.device, {"A": A})
+        checks.out(out, "out", out_shape, out_dtype, A.device, {"A": A}, "what A quantizes to")
     if absmax is not None:
         absmax_dtype = torch.uint8 if nested else torch.float32
-        checks.out(absmax, "absmax", (n_blocks,), absmax_dtype, A.device, {"A": A, "out": out})
+        checks.out(absmax, "absmax", (n_blocks,), absmax_dtype, A.device, {"A": A, "out": out}, "one per block of A")
 
 
 def _require_fields(state: object, name: str, fields: tuple[str, ...]) -> None:
@@ -113,7 +114,7 @@ def codebook_of(state: QuantState, device: torch.device) -> torch.Tensor:
     if state.code is None:
         return formats.code_tensor(state.quant_type, device)
     checks.code_matches(state.code, state.quant_type, "quant_state.code")
-    return state.code.to(device)
+    return checks.moved(state.code, "quant_state.code", device)
 
 
 def block_absmax_of(state: QuantState) -> torch.Tensor:
@@ -145,14 +146,11 @@ def dequantize_blockwise(
         quant_state = QuantState(absmax=absmax, code=code, blocksize=blocksize, dtype=torch.float32)
     _require_fields(quant_state, "quant_state", ("code", "blocksize", "dtype"))
     block_absmax = block_absmax_of(quant_state)
+    code = checks.moved(quant_state.code, "code", A.device)
     if out is not None:
-        torch.ops.lowbit.dequantize_blockwise.out(
-            A, block_absmax, quant_state.code.to(A.device), quant_state.blocksize, quant_state.dtype, out
-        )
+        torch.ops.lowbit.dequantize_blockwise.out(A, block_absmax, code, quant_state.blocksize, quant_state.dtype, out)
         return out
-    return torch.ops.lowbit.dequantize_blockwise(
-        A, block_absmax, quant_state.code.to(A.device), quant_state.blocksize, quant_state.dtype
-    )
+    return torch.ops.lowbit.dequantize_blockwise(A, block_absmax, code, quant_state.blocksize, quant_state.dtype)
 
 
 # ----------------------------------------------------------------------------------------
