@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..core import checks
 from ..core.quant_state import QuantState
 from .int8params import Int8Params
 from .params4bit import Params4bit, check_packed_size
@@ -230,6 +231,14 @@ class QuantizedWeightMixin:
     def weight_shape(self) -> tuple[int, int]:
         """The logical (unpacked) shape of the weight."""
         raise NotImplementedError
+
+    # -- input checks: before the first forward quantizes the weight, so a refused call changes nothing
+    def _check_input(self, input: object, integer: bool = False) -> torch.Tensor:
+        dtypes = (torch.int64, torch.int32) if integer else None
+        value = checks.tensor(input, "input", dtypes, nonempty=False, contiguous=False, device=self.weight.device)
+        if not integer and not value.is_floating_point():
+            raise ValueError(f"input must be a floating-point tensor, got {value.dtype}")
+        return value
 
     # -- lazy quantization ---------------------------------------------------------------------
     def quantized_weight(self):
