@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..core import checks
+from ..core import checks, formats
 from ..core.quant_state import QuantState
 from ..functional import block_absmax_of, codebook_of
 
@@ -86,8 +86,8 @@ def _check_arguments(A, B, quant_state, bias) -> None:
     for name, value in (("A", A), ("B", B)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"matmul_4bit: {name} must be a torch.Tensor, got {type(value).__name__}")
-    if not A.is_floating_point():
-        raise ValueError(f"matmul_4bit: A must be a floating-point tensor, got {A.dtype}")
+    if A.dtype not in formats.FLOAT_DTYPES:
+        raise ValueError(f"matmul_4bit: A must be float32, float16 or bfloat16, got {A.dtype}")
     if A.dim() == 0 or A.shape[-1] not in tuple(quant_state.shape):
         raise ValueError(
             f"matmul_4bit: A has shape {tuple(A.shape)}, but the weight is {list(quant_state.shape)} "

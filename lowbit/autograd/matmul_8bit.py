@@ -23,6 +23,7 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 import torch.nn.functional as F
 
+from ..core import formats
 from .matmul_4bit import check_bias_and_devices, to_out
 
 
@@ -150,9 +151,10 @@ def _check_arguments(A, B, state, threshold, bias) -> None:
     for name, value in (("A", A), ("B", B)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"matmul: {name} must be a torch.Tensor, got {type(value).__name__}")
-    if not A.is_floating_point() or A.dim() == 0:
+    if A.dtype not in formats.FLOAT_DTYPES or A.dim() == 0:
         raise ValueError(
-            f"matmul: A must be a floating-point tensor with at least 1 dimension, got {A.dtype} {tuple(A.shape)}"
+            f"matmul: A must be a float32, float16 or bfloat16 tensor with at least 1 dimension, "
+            f"got {A.dtype} {tuple(A.shape)}"
         )
     if B.dim() != 2 or B.shape[1] != A.shape[-1]:
         raise ValueError(
