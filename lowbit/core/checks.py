@@ -120,14 +120,9 @@ def number(
     return as_float
 
 
-def finite_absmax(absmax: torch.Tensor, input_name: str = "A") -> None:
-    """Quantizers propagate NaN/Inf into the block's absmax; on the host, turn that into an error."""
-    if on_host(absmax) and not bool(torch.isfinite(absmax).all()):
-        raise ValueError(f"{input_name} contains NaN or Inf values; they cannot be quantized")
-
-
 def finite_values(value: torch.Tensor, name: str) -> None:
-    """NaN/Inf in ``value`` is an error, checked where the data is on the host."""
+    """NaN/Inf in ``value`` is an error, checked where the data is on the host. (A quantizer's
+    absmax is non-finite exactly when its input is: checking it reads a block's worth less.)"""
     if on_host(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} contains NaN or Inf values; they cannot be quantized")
 

@@ -99,13 +99,13 @@ def _stats(value: object, name: str, n: int, device: torch.device, of: str) -> t
     return value
 
 
+#: dtypes a bias may have (it is added in float32, or in float64 when given as float64)
+_BIAS_DTYPES = (*formats.FLOAT_DTYPES, torch.float64)
+
+
 def _bias(value: object, n: int, device: torch.device) -> None:
     if value is not None:
-        checks.tensor(value, "bias", _REAL_FLOAT_DTYPES, numel=n, device=device, ndim=1)
-
-
-#: dtypes a bias may have (it is added in float32, or in float64 when given as float64)
-_REAL_FLOAT_DTYPES = (*formats.FLOAT_DTYPES, torch.float64)
+        checks.tensor(value, "bias", _BIAS_DTYPES, numel=n, device=device, ndim=1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -137,7 +137,7 @@ _define(
     "quantize_4bit(Tensor A, int blocksize, str quant_type, ScalarType quant_storage) -> (Tensor, Tensor)",
     _fake_quantize_4bit,
     _check_quantize_4bit,
-    after=lambda result, *_: checks.finite_absmax(result[1]),
+    after=lambda result, *_: checks.finite_values(result[1], "A"),
 )
 
 
@@ -235,7 +235,7 @@ _define(
     "quantize_blockwise(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)",
     _fake_quantize_blockwise,
     _check_quantize_blockwise,
-    after=lambda result, *_: checks.finite_absmax(result[1]),
+    after=lambda result, *_: checks.finite_values(result[1], "A"),
 )
 
 
