@@ -236,8 +236,7 @@ def _check_int8_vectorwise_quant(A, threshold=0.0) -> None:
     if A.dim() < 1:
         raise ValueError("A must have at least one dimension")
     _check_threshold(threshold)
-    if not bool(torch.isfinite(A).all()):
-        raise ValueError("A contains NaN or Inf values; they cannot be quantized")
+    checks.all_finite(A)
 
 
 def _fake_int8_vectorwise_quant(A, threshold=0.0):
