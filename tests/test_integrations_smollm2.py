@@ -80,30 +80,40 @@ def _table(output: str) -> dict[str, dict[str, float]]:
     rows = {}
     for line in output.splitlines():
         match = re.match(
-            r"^(fp32|int8|nf4|nf4-dq|fp4)\s+.*?\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(?:[+-][\d.]+%\s+)?([\d.]+)\s+([\d.]+)$",
+            r"^(fp32|int8|nf4|nf4-dq|fp4)\s+.*?\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(?:[+-][\d.]+%\s+)?([\d.]+)\s+([\d.]+)-([\d.]+)\s+([\d.]+)$",
             line,
         )
         if match:
-            name, linear, total, ppl, tps, _ = match.groups()
+            name, linear, total, ppl, tps, slowest, fastest, _ = match.groups()
             rows[name] = {
                 "linear": float(linear),
                 "total": float(total),
                 "ppl": float(ppl),
                 "tps": float(tps),
+                "range": (float(slowest), float(fastest)),
             }
     return rows
 
 
-def test_demo_command(tmp_path):
-    """``python -m lowbit demo`` end to end (one window per format to keep it short)."""
+def test_demo_command(smollm2, tmp_path):
+    """``python -m lowbit demo`` end to end (one window, 8 decode tokens per format to keep it short),
+    with an empty HOME and the cache found through XDG_CACHE_HOME: nothing is written elsewhere,
+    and transformers' bars and warnings stay out of the output."""
+    home, xdg = tmp_path / "home", tmp_path / "xdg"
+    home.mkdir()
+    xdg.mkdir()
+    os.symlink(os.path.dirname(smollm2), xdg / "lowbit")  # the converted model, not converted again
+    env = {**subprocess_env(HOME=str(home), XDG_CACHE_HOME=str(xdg)), "LOWBIT_CACHE": ""}
     result = subprocess.run(
-        [sys.executable, "-m", "lowbit", "demo", "--windows", "1", "--decode-tokens", "4"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=900, env=subprocess_env(),
+        [sys.executable, "-m", "lowbit", "demo", "--windows", "1", "--decode-tokens", "8"],
+        capture_output=True, text=True, cwd=home, timeout=900, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "nf4 + dq" in out and "self-test:" in out  # tensor demo and report still there
-    assert "SmolLM2-135M-Instruct" in result.stderr  # the progress bar
+    assert "SmolLM2-135M-Instruct" in result.stderr  # the one progress bar
+    assert "Warning" not in result.stderr and "Loading weights" not in result.stderr, result.stderr
+    assert os.listdir(home) == []
     rows = _table(out)
     assert set(rows) == {"fp32", "int8", "nf4", "nf4-dq", "fp4"}, out
     fp32 = rows["fp32"]["ppl"]
@@ -117,7 +127,11 @@ def test_demo_command(tmp_path):
         < rows["int8"]["linear"]
         < rows["fp32"]["linear"] / 3.5
     )
-    assert "NF4 completion" in out
+    for row in rows.values():
+        assert row["range"][0] <= row["tps"] <= row["range"][1]
+    assert "Why 4-bit costs this model more than usual: SmolLM2 comes from a Q4_1 GGUF file" in out
+    completions = re.findall(r"^  (fp32|nf4)\s+\S", out, re.MULTILINE)
+    assert completions == ["fp32", "nf4"], out
 
 
 def test_qlora_example(tmp_path):
