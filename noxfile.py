@@ -6,11 +6,16 @@ from the pinned local CPU wheel: an unpinned torch would pull several GB of CUDA
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import nox
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = False
 
+ROOT = Path(__file__).resolve().parent
 TORCH = "torch==2.13.0"
 BITSANDBYTES = "bitsandbytes==0.50.2"
 REQUIRE_NATIVE = {"LOWBIT_REQUIRE_NATIVE": "1"}
@@ -86,44 +91,73 @@ def bench(session: nox.Session) -> None:
 # Each session compiles every kernel with warnings as errors, then checks that the library holds
 # code for every requested arch in every translation unit (ci/gpu_fatbin.py, cross-checked with
 # cuobjdump / roc-obj-ls). No GPU is needed. `-- --per-arch` also builds and times each arch alone;
-# `-- --json build/gpu/<name>.json` records the results.
+# `-- --json build/gpu/<name>.json` records the results. The sessions never install a compiler: a
+# missing toolchain skips its build with the reason (and what installs it), except under
+# LOWBIT_REQUIRE_GPU_TOOLCHAINS=1, which `.ci/run` sets after installing them.
 GPU_BUILD_TOOLS = ("cmake>=3.24", "ninja", "nvidia-cuda-cuobjdump")
 CUDA_ARCHS = "75;80;86;89;90;100;120"  # every arch nvcc 13 builds
 HIP_ARCHS = "gfx906;gfx908;gfx90a;gfx1030;gfx940"
+CUDA12_TREE = ROOT / "build" / "gpu" / "cuda12"  # ci/cuda12_path.py lays it out from PyPI wheels
 
 
-def _gpu_build(session: nox.Session, toolchain: str, archs: str, *extra: str) -> None:
-    session.run("python", "ci/gpu_build.py", toolchain, "--archs", archs, *extra, *session.posargs)
+def _missing_toolchain(toolchain: str) -> str | None:
+    """Why ``toolchain`` cannot build here, with what would install it; None when it can."""
+    if toolchain in ("nvcc", "clang-cuda") and not shutil.which("nvcc"):
+        why = "nvcc (CUDA 13) is not on PATH: install a CUDA toolkit"
+        return why if toolchain == "nvcc" else why + " (clang-cuda uses its fatbinary)"
+    if toolchain == "clang-cuda":
+        if not shutil.which("clang++-19"):
+            return "clang++-19 is not on PATH: apt-get install clang-19"
+        if not (CUDA12_TREE / "version.txt").is_file():
+            return f"no CUDA 12.8 tree at {CUDA12_TREE.relative_to(ROOT)}: python3 ci/cuda12_path.py {CUDA12_TREE.relative_to(ROOT)}"
+    if toolchain == "hip" and not shutil.which("hipcc"):
+        return "hipcc is not on PATH: apt-get install hipcc"
+    return None
+
+
+def _gpu_builds(session: nox.Session, *builds: tuple[str, str]) -> None:
+    """Build each (toolchain, archs) whose toolchain is here; skip the others with the reason."""
+    missing = {toolchain: _missing_toolchain(toolchain) for toolchain, _ in builds}
+    reasons = [f"{toolchain}: {why}" for toolchain, why in missing.items() if why]
+    if reasons and os.environ.get("LOWBIT_REQUIRE_GPU_TOOLCHAINS") == "1":
+        session.error("LOWBIT_REQUIRE_GPU_TOOLCHAINS=1 but " + "; ".join(reasons))
+    if len(reasons) == len(builds):
+        session.skip("no GPU toolchain here: " + "; ".join(reasons))
+    for reason in reasons:
+        session.warn(f"skipped {reason}")
+    session.install(*GPU_BUILD_TOOLS)
+    for toolchain, archs in builds:
+        if missing[toolchain]:
+            continue
+        extra = ("--cuda-path", str(CUDA12_TREE)) if toolchain == "clang-cuda" else ()
+        session.run("python", "ci/gpu_build.py", toolchain, "--archs", archs, *extra, *session.posargs)
+    if reasons:
+        session.warn("GPU build check incomplete: " + "; ".join(reasons))
 
 
 @nox.session(default=False)
 def build_cuda(session: nox.Session) -> None:
     """liblowbit_cuda.so with nvcc for sm_75..sm_120 (+ PTX of sm_120)."""
-    session.install(*GPU_BUILD_TOOLS)
-    _gpu_build(session, "nvcc", CUDA_ARCHS)
+    _gpu_builds(session, ("nvcc", CUDA_ARCHS))
 
 
 @nox.session(default=False)
 def build_cuda_sm70(session: nox.Session) -> None:
     """liblowbit_cuda.so for sm_70 (Volta) with clang-19 and a CUDA 12.8 tree from PyPI wheels."""
-    session.install(*GPU_BUILD_TOOLS)
-    _gpu_build(session, "clang-cuda", "70", "--install-missing")
+    _gpu_builds(session, ("clang-cuda", "70"))
 
 
 @nox.session(default=False)
 def build_hip(session: nox.Session) -> None:
     """liblowbit_hip.so with Debian's hipcc (ROCm 5.2) for gfx906, gfx908, gfx90a, gfx1030, gfx940."""
-    session.install(*GPU_BUILD_TOOLS)
-    _gpu_build(session, "hip", HIP_ARCHS, "--install-missing")
+    _gpu_builds(session, ("hip", HIP_ARCHS))
 
 
-@nox.session(default=False)
+@nox.session
 def build_gpu_min(session: nox.Session) -> None:
-    """CI-sized GPU build check: sm_70 via clang, sm_80 via nvcc, gfx90a via hipcc (one arch per toolchain)."""
-    session.install(*GPU_BUILD_TOOLS)
-    _gpu_build(session, "clang-cuda", "70", "--install-missing")
-    _gpu_build(session, "nvcc", "80")
-    _gpu_build(session, "hip", "gfx90a", "--install-missing")
+    """CI-sized GPU build check: sm_70 via clang, sm_80 via nvcc, gfx90a via hipcc (one arch per
+    toolchain); skips a toolchain that is not installed, saying why."""
+    _gpu_builds(session, ("clang-cuda", "70"), ("nvcc", "80"), ("hip", "gfx90a"))
 
 
 # ---- Hugging Face integration (lowbit.integrations; examples/) -----------------------------------
