@@ -187,9 +187,9 @@ def parser() -> argparse.ArgumentParser:
     from lowbit.integrations import demo as model_demo
 
     top = argparse.ArgumentParser(
-        prog="python -m lowbit",
+        prog="lowbit" if os.path.basename(sys.argv[0]) == "lowbit" else "python -m lowbit",  # the console script or -m
         description="What lowbit can run on this machine and why, and a demo of every format.",
-        epilog="Without a command: report. `python -m lowbit <command> --help` describes each command.",
+        epilog="Without a command: report. `<command> --help` describes each command.",
     )
     commands = top.add_subparsers(dest="command", title="commands", metavar="{report,demo}")
     commands.add_parser(
