@@ -39,15 +39,18 @@ from lowbit.nn import Linear4bit  # noqa: E402
 pytestmark = pytest.mark.usefixtures("hf_quiet")
 
 
-def test_cache_built_from_gguf(smollm2, tmp_path, monkeypatch):
+def test_cache_built_from_gguf(smollm2, tmp_path, monkeypatch, capfd):
     """The float32 folder converted from the GGUF file: the shared cache's (converted on a fresh
-    machine, as in CI), or a fresh conversion under integration_full (half a minute more)."""
+    machine, as in CI), or a fresh, quiet conversion under integration_full (half a minute more)."""
     path = smollm2
     if FULL:
         monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
-        path = assets.smollm2_dir(log=None)
+        capfd.readouterr()
+        path = assets.smollm2_dir(progress=False, log=None)
         assert path == str(tmp_path / "smollm2-135m-instruct")
         assert not [f for f in os.listdir(tmp_path) if f.startswith(".smollm2-")]  # no staging left behind
+        output = capfd.readouterr()
+        assert "GGUF" not in output.err and "Writing model shards" not in output.err, output.err
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(path))
     model = AutoModelForCausalLM.from_pretrained(path)
     config = model.config

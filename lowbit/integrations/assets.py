@@ -21,6 +21,8 @@ the first 20,000 tokens, is 36.79 (:func:`perplexity` with the defaults reproduc
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import glob
 import importlib.util
 import math
@@ -29,6 +31,7 @@ import shutil
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
 import torch
@@ -116,22 +119,20 @@ def smollm2_dir(progress: bool = True, log: Optional[Callable[[str], None]] = pr
     if missing:
         raise AssetMissing(f"converting SmolLM2 needs {', '.join(missing)}: {hf_install_command(missing)}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     if log:
         log(f"caching SmolLM2-135M-Instruct as float32 safetensors in {target} (once)")
-    if not progress:
-        hf_logging.disable_progress_bar()
     folder, name = os.path.split(gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)  # the weights are plain float32 now
     os.makedirs(cache_dir(), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".smollm2-", dir=cache_dir())
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        with contextlib.nullcontext() if progress else _without_transformers_bars():
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            if getattr(model, "hf_quantizer", None) is not None:
+                model.hf_quantizer.remove_quantization_config(model)  # the weights are plain float32 now
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
         try:
             os.rename(staging, target)
         except OSError:  # another process finished first
@@ -140,6 +141,27 @@ def smollm2_dir(progress: bool = True, log: Optional[Callable[[str], None]] = pr
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def _without_transformers_bars() -> Iterator[None]:
+    """transformers' progress bars off, the GGUF loader's too (it draws its own tqdm bar, which
+    transformers' switch does not reach); both restored afterwards."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_loader
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    loader_tqdm = getattr(gguf_loader, "tqdm", None)
+    hf_logging.disable_progress_bar()
+    if loader_tqdm is not None:
+        gguf_loader.tqdm = functools.partial(loader_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if loader_tqdm is not None:
+            gguf_loader.tqdm = loader_tqdm
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 # ------------------------------------------------------------------------------------------
