@@ -14,7 +14,8 @@ all of them (incrementally, in build/nox):
                                                                 integration_full, demo
     COMPAT    BASE's + bitsandbytes 0.50.2                      compat
 
-lint, sanitize and the GPU build sessions install no lowbit: each has its own small nox virtualenv.
+lint, sanitize and the GPU build sessions install no lowbit: each has its own small nox virtualenv;
+triton keeps its own (torch + lowbit[test,triton]) so that no other session sees Triton.
 torch always comes from the pinned local CPU wheel (an unpinned torch pulls several GB of CUDA).
 
 To add a session that runs lowbit's code, declare it with `venv_backend="none"` (the install is
@@ -275,31 +276,72 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/run.py", *session.posargs)
 
 
+# ---- Triton kernels (lowbit/backends/triton) under Triton's interpreter --------------------------
+# TRITON_INTERPRET=1 runs the kernels on CPU tensors (one program at a time, in Python), where the
+# triton backend then serves cpu tensors. `-k triton` picks each file's triton cases: test_parity's
+# cases on its INTERPRETED sizes, and the layer, autograd, optimizer, op-schema and bad-input tests
+# parametrized by backend. test_optim's 8-bit-vs-32-bit training runs (hundreds of steps, ~4 min
+# interpreted) stay with the other backends; test_parity checks the same optimizer steps.
+TRITON_TESTS = (
+    "tests/test_parity.py",
+    "tests/test_triton_backend.py",
+    "tests/test_nn.py",
+    "tests/test_autograd.py",
+    "tests/test_optim.py",
+    "tests/test_op_schemas.py",
+    "tests/test_bad_input.py",
+)
+
+
+@nox.session
+def triton(session: nox.Session) -> None:
+    """The Triton kernels against the reference and through the layers and optimizers, on CPU
+    tensors under TRITON_INTERPRET=1 (no GPU needed). About 75 s of single-core test time, plus
+    the install."""
+    session.install(TORCH)
+    session.install(".[test,triton]")
+    session.run(
+        "pytest", *TRITON_TESTS, "-k", "triton and not trains_as_well", "--durations=10", *session.posargs,
+        env={"TRITON_INTERPRET": "1"},
+    )  # fmt: skip
+
+
 # ---- GPU library builds (csrc/cuda; see ci/gpu_build.py) -------------------------------------------
 # Each session compiles every kernel with warnings as errors, then checks that the library holds
 # code for every requested arch in every translation unit (ci/gpu_fatbin.py, cross-checked with
-# cuobjdump / roc-obj-ls). No GPU is needed. `-- --per-arch` also builds and times each arch alone;
-# `-- --json build/gpu/<name>.json` records the results. The sessions never install a compiler: a
-# missing toolchain skips its build with the reason (and what installs it), except under
-# LOWBIT_REQUIRE_GPU_TOOLCHAINS=1, which `.ci/run` sets after installing them.
+# cuobjdump / roc-obj-ls) and links its runtime as Python expects (readelf: libcudart.so.<major>
+# shared, no libamdhip64 NEEDED). No GPU is needed. `-- --per-arch` also builds and times each arch
+# alone; `-- --json build/gpu/<name>.json` records the results. The sessions never install a
+# compiler: a missing toolchain skips its build with the reason (and what installs it), except
+# under LOWBIT_REQUIRE_GPU_TOOLCHAINS=1, which `.ci/run` sets after installing them.
 GPU_BUILD_TOOLS = ("cmake>=3.24", "ninja", "nvidia-cuda-cuobjdump")
-CUDA_ARCHS = "75;80;86;89;90;100;120"  # every arch nvcc 13 builds
-HIP_ARCHS = "gfx906;gfx908;gfx90a;gfx1030;gfx940"
+CUDA13_ARCHS = "75;80;86;89;90;100;120"  # every arch nvcc 13 builds
+CUDA12_ARCHS = "70;75;80;86;89;90"  # every arch clang 19 builds, Volta included
+HIP_ARCHS = "gfx906;gfx908;gfx90a;gfx1030"  # what Debian's hipcc (ROCm 5.2) knows
+HIP_CLANG_ARCHS = "gfx90a;gfx942;gfx1100;gfx1201"  # MI200, MI300, RDNA3, RDNA4 with clang 19
 CUDA12_TREE = ROOT / "build" / "gpu" / "cuda12"  # ci/cuda12_path.py lays it out from PyPI wheels
+#: program each toolchain needs -> the Debian package that brings it (nvcc: a CUDA 13 toolkit)
+GPU_PROGRAMS = {
+    "nvcc": {"nvcc": None},
+    "clang-cuda": {"nvcc": None, "clang++-19": "clang-19"},  # nvcc 13's fatbinary packages the code
+    "hip": {"hipcc": "hipcc"},
+    "hip-clang": {"clang++-19": "clang-19", "ld.lld-19": "lld-19", "hipcc": "hipcc"},
+}
 
 
 def _missing_toolchain(toolchain: str) -> str | None:
     """Why ``toolchain`` cannot build here, with what would install it; None when it can."""
-    if toolchain in ("nvcc", "clang-cuda") and not shutil.which("nvcc"):
-        why = "nvcc (CUDA 13) is not on PATH: install a CUDA toolkit"
-        return why if toolchain == "nvcc" else why + " (clang-cuda uses its fatbinary)"
-    if toolchain == "clang-cuda":
-        if not shutil.which("clang++-19"):
-            return "clang++-19 is not on PATH: apt-get install clang-19"
-        if not (CUDA12_TREE / "version.txt").is_file():
-            return f"no CUDA 12.8 tree at {CUDA12_TREE.relative_to(ROOT)}: python3 ci/cuda12_path.py {CUDA12_TREE.relative_to(ROOT)}"
-    if toolchain == "hip" and not shutil.which("hipcc"):
-        return "hipcc is not on PATH: apt-get install hipcc"
+    absent = [program for program in GPU_PROGRAMS[toolchain] if not shutil.which(program)]
+    if absent:
+        packages = sorted({GPU_PROGRAMS[toolchain][p] for p in absent} - {None})
+        how = "; ".join(filter(None, [
+            "install a CUDA 13 toolkit" if "nvcc" in absent else "",
+            f"apt-get install {' '.join(packages)}" if packages else "",
+        ]))  # fmt: skip
+        return f"{', '.join(absent)} not on PATH: {how}"
+    if toolchain == "clang-cuda" and not (CUDA12_TREE / "version.txt").is_file():
+        tree = CUDA12_TREE.relative_to(ROOT)
+        return f"no CUDA 12.8 tree at {tree}: python3 ci/cuda12_path.py {tree}"
     return None
 
 
@@ -311,8 +353,6 @@ def _gpu_builds(session: nox.Session, *builds: tuple[str, str]) -> None:
         session.error("LOWBIT_REQUIRE_GPU_TOOLCHAINS=1 but " + "; ".join(reasons))
     if len(reasons) == len(builds):
         session.skip("no GPU toolchain here: " + "; ".join(reasons))
-    for reason in reasons:
-        session.warn(f"skipped {reason}")
     session.install(*GPU_BUILD_TOOLS)
     for toolchain, archs in builds:
         if missing[toolchain]:
@@ -320,29 +360,43 @@ def _gpu_builds(session: nox.Session, *builds: tuple[str, str]) -> None:
         extra = ("--cuda-path", str(CUDA12_TREE)) if toolchain == "clang-cuda" else ()
         session.run("python", "ci/gpu_build.py", toolchain, "--archs", archs, *extra, *session.posargs)
     if reasons:
-        session.warn("GPU build check incomplete: " + "; ".join(reasons))
+        session.warn("GPU build check incomplete, skipped " + "; ".join(reasons))
 
 
 @nox.session(default=False)
 def build_cuda(session: nox.Session) -> None:
-    """liblowbit_cuda.so with nvcc for sm_75..sm_120 (+ PTX of sm_120)."""
-    _gpu_builds(session, ("nvcc", CUDA_ARCHS))
+    """liblowbit_cuda13.so with nvcc 13 for sm_75..sm_120 (+ PTX of sm_120), shared libcudart.so.13."""
+    _gpu_builds(session, ("nvcc", CUDA13_ARCHS))
 
 
 @nox.session(default=False)
-def build_cuda_sm70(session: nox.Session) -> None:
-    """liblowbit_cuda.so for sm_70 (Volta) with clang-19 and a CUDA 12.8 tree from PyPI wheels."""
-    _gpu_builds(session, ("clang-cuda", "70"))
+def build_cuda12(session: nox.Session) -> None:
+    """liblowbit_cuda12.so for sm_70..sm_90 (+ PTX of sm_90) with clang-19 and CUDA 12.8 from PyPI wheels."""
+    _gpu_builds(session, ("clang-cuda", CUDA12_ARCHS))
 
 
 @nox.session(default=False)
 def build_hip(session: nox.Session) -> None:
-    """liblowbit_hip.so with Debian's hipcc (ROCm 5.2) for gfx906, gfx908, gfx90a, gfx1030, gfx940."""
+    """liblowbit_hip.so with Debian's hipcc (ROCm 5.2) for gfx906, gfx908, gfx90a, gfx1030."""
     _gpu_builds(session, ("hip", HIP_ARCHS))
+
+
+@nox.session(default=False)
+def build_hip_clang(session: nox.Session) -> None:
+    """liblowbit_hip.so with clang-19 and Debian's HIP headers for gfx90a, gfx942, gfx1100, gfx1201."""
+    _gpu_builds(session, ("hip-clang", HIP_CLANG_ARCHS))
 
 
 @nox.session
 def build_gpu_min(session: nox.Session) -> None:
-    """CI-sized GPU build check: sm_70 via clang, sm_80 via nvcc, gfx90a via hipcc (one arch per
-    toolchain); skips a toolchain that is not installed, saying why."""
-    _gpu_builds(session, ("clang-cuda", "70"), ("nvcc", "80"), ("hip", "gfx90a"))
+    """CI-sized GPU build check, one arch per toolchain: liblowbit_cuda12.so sm_70 (clang),
+    liblowbit_cuda13.so sm_80 (nvcc), liblowbit_hip.so gfx942 (clang-19 + HIP headers); skips a
+    toolchain that is not installed, saying why."""
+    _gpu_builds(session, ("clang-cuda", "70"), ("nvcc", "80"), ("hip-clang", "gfx942"))
+
+
+@nox.session(python=False, default=False)
+def gpu(session: nox.Session) -> None:
+    """On a machine with an NVIDIA GPU, offline, in the current environment (torch with CUDA): build
+    for the local arch, parity of every op on the device, the QLoRA step, then timings (benchmarks/gpu.py)."""
+    session.run("python", "benchmarks/gpu.py", *session.posargs)
