@@ -1,5 +1,5 @@
 """8-bit blockwise quantize/dequantize through the GPU library (csrc/cuda/blockwise_8bit.cu).
-Bit-exact with the reference and the CPU backend (DESIGN.md §5)."""
+Bit-exact with the reference and the CPU backend (docs/design.md §5)."""
 
 from __future__ import annotations
 
