@@ -518,7 +518,7 @@ def _check_c_abi_refusals(lib) -> None:
 
 def test_emulated_c_abi_refuses_inconsistent_sizes():
     """The GPU library's C ABI checks, on its host emulation (the same capi.cu)."""
-    _check_c_abi_refusals(EmulatedLibrary(_emulation_library(cp_async=False)).lib())
+    _check_c_abi_refusals(EmulatedLibrary(_emulation_library()).lib())
 
 
 # ---- 3. parity ----------------------------------------------------------------------------------------
