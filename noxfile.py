@@ -288,6 +288,7 @@ TRITON_TESTS = (
     "tests/test_nn.py",
     "tests/test_autograd.py",
     "tests/test_optim.py",
+    "tests/test_optim_nonfinite.py",
     "tests/test_op_schemas.py",
     "tests/test_bad_input.py",
 )
