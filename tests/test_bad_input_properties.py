@@ -597,6 +597,8 @@ def corrupted_op_calls(draw) -> Case:
     kind = draw(st.sampled_from(kinds))
     position = draw(st.sampled_from(sorted(roles)))
     arg, arg_name = roles[position], schema[position]
+    if args[position].numel() == 0:  # an empty outlier_cols: there is no element to corrupt
+        assume(kind not in ("zero_d", "values"))
     names: tuple[str, ...] = (arg_name,)
     must_reject, must_accept, base, check = False, False, None, None
 
