@@ -540,11 +540,12 @@ def _shape_value(bad, call: OpCall):
     if call.op.startswith("dequantize_4bit"):
         (n,) = call.args[4]
         if not isinstance(bad, str):
-            return bad
+            return [n + 2] if bad == [] and n == 1 else bad  # [] (a 0-d tensor) is the valid shape of one value
         # +-2 values: one packed byte more or less (+-1 may only add or drop the padding nibble)
         return {"+2": [n + 2], "-2": [n - 2] if n > 2 else [n + 2], "negative": [-n], "extra0": [n, 0]}[bad]
     N, K = call.args[2]
-    return {"N+1": [N + 1, K], "K+1": [N, K + 1], "flat": [N * K], "3-D": [N, K, 1]}[bad]
+    # K = 1: one row more may only fill the padding nibble of an odd N, so add two
+    return {"N+1": [N + (2 if K == 1 else 1), K], "K+1": [N, K + 1], "flat": [N * K], "3-D": [N, K, 1]}[bad]
 
 
 def _strided(t: torch.Tensor) -> torch.Tensor:
@@ -566,6 +567,7 @@ def _with_value(t: torch.Tensor, index: int, kind: str, n_cols: int) -> torch.Te
         info = torch.iinfo(t.dtype)
         value = {"nan": -1, "inf": n_cols, "-inf": info.min, "subnormal": 2**31 - 1 if info.bits > 32 else info.max,
                  "huge": info.max, "-huge": info.min}[kind]  # fmt: skip
+        value = min(max(value, info.min), info.max)  # n_cols or -1 may not fit (int8, uint8)
     flat[i] = value
     return t
 
