@@ -127,6 +127,33 @@ def block_absmax_of(state: QuantState) -> torch.Tensor:
     return absmax.float()
 
 
+def nested_absmax_args(state: QuantState, device: torch.device) -> Optional[tuple]:
+    """``(absmax, code2, absmax2, blocksize2, offset)`` of a nested ``state``: what the op
+    ``matmul_4bit_nested`` takes to decode the absmax inside the product, to the values
+    :func:`block_absmax_of` computes. None when it cannot: not nested, a state2 whose decoding
+    rounds to another dtype than float32 (or lacks fields: block_absmax_of says which), a float64
+    offset, or tensors not on ``device`` (block_absmax_of moves them)."""
+    if not state.nested:
+        return None
+    state2, offset = state.state2, state.offset
+    if state2.dtype != torch.float32 or None in (state2.code, state2.blocksize) or offset.dtype != torch.float32:
+        return None
+    if any(t.device != device for t in (state.absmax, state2.code, state2.absmax, offset)):
+        return None
+    return state.absmax, state2.code, state2.absmax, state2.blocksize, offset
+
+
+def product_4bit(A: torch.Tensor, B: torch.Tensor, state: QuantState, bias=None) -> torch.Tensor:
+    """The fused ``A @ W.T (+ bias)`` (op ``matmul_4bit``) with ``W`` the packed ``B`` of ``state``;
+    a nested state goes to ``matmul_4bit_nested`` where it can, which decodes its absmax in the
+    product (one kernel launch on the GPU backends instead of three)."""
+    shapeB, code = list(state.shape), codebook_of(state, A.device)
+    nested = nested_absmax_args(state, A.device)
+    if nested is not None:
+        return torch.ops.lowbit.matmul_4bit_nested(A, B, shapeB, *nested, code, state.blocksize, bias)
+    return torch.ops.lowbit.matmul_4bit(A, B, shapeB, block_absmax_of(state), code, state.blocksize, bias)
+
+
 def dequantize_blockwise(
     A: torch.Tensor,
     quant_state: Optional[QuantState] = None,
@@ -270,6 +297,8 @@ def gemv_4bit(
         raise ValueError("gemv_4bit needs state, the QuantState returned by quantize_4bit")
     _require_fields(state, "state", _FIELDS_4BIT)
     checks.tensor(A, "A", formats.FLOAT_DTYPES)
+    if out is None and nested_absmax_args(state, A.device) is not None:
+        return product_4bit(A, B, state)
     args = (A, B, list(state.shape), block_absmax_of(state), codebook_of(state, A.device), state.blocksize)
     if out is not None:
         torch.ops.lowbit.gemv_4bit.out(*args, out)

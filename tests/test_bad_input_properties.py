@@ -338,6 +338,27 @@ def _build_4bit_matmul(name, p, g):
     return OpCall(name, args, roles, close=True)
 
 
+def _build_4bit_matmul_nested(name, p, g):
+    (m, N, K), bs, bs2, qt, dtype, with_bias = p
+    packed, absmax = _quantized_4bit(N * K, bs, qt, g)
+    offset, code2 = absmax.mean(), formats.dynamic_map()
+    q, absmax2 = torch.ops.lowbit.quantize_blockwise(absmax - offset, code2, bs2)
+    bias = _randn((N,), dtype, g) if with_bias else None
+    args = [_randn((m, K), dtype, g), packed, [N, K], q, code2, absmax2, bs2, offset, formats.code_tensor(qt), bs, bias]
+    roles = {
+        0: Arg(FLOATS, "input"),
+        1: Arg(formats.QUANT_STORAGE_DTYPES, "packed"),
+        3: Arg((torch.uint8,), "absmax"),
+        4: Arg((torch.float32,), "code"),
+        5: Arg((torch.float32,), "absmax"),
+        7: Arg((torch.float32,), "sized"),
+        8: Arg((torch.float32,), "code"),
+    }
+    if with_bias:
+        roles[10] = Arg(REAL_FLOATS, "bias")
+    return OpCall(name, args, roles, close=True)
+
+
 def _build_quantize_blockwise(name, p, g):
     n, bs, dtype = p
     return OpCall(
@@ -471,6 +492,9 @@ _BUILDERS: dict[str, tuple[st.SearchStrategy, Callable]] = {
     "gemv_4bit": (st.tuples(_mnk, _blocksize, _quant_type, _float, st.just(False)), _build_4bit_matmul),
     "gemv_4bit.out": (st.tuples(_mnk, _blocksize, _quant_type, _float, st.just(False)), _build_4bit_matmul),
     "matmul_4bit": (st.tuples(_mnk, _blocksize, _quant_type, _float, st.booleans()), _build_4bit_matmul),
+    "matmul_4bit_nested": (
+        st.tuples(_mnk, _blocksize, _blocksize, _quant_type, _float, st.booleans()), _build_4bit_matmul_nested
+    ),
     "quantize_blockwise": (st.tuples(st.integers(1, 600), _blocksize, _float), _build_quantize_blockwise),
     "dequantize_blockwise": (st.tuples(st.integers(1, 600), _blocksize, _float), _build_dequantize_blockwise),
     "dequantize_blockwise.out": (st.tuples(st.integers(1, 600), _blocksize, _float), _build_dequantize_blockwise),
@@ -515,6 +539,9 @@ for _name in ("dequantize_4bit", "dequantize_4bit.out"):
                        (4, "shape", ["+2", "-2", "negative", [0], [], "extra0"]), (5, "dtype", _BAD_DTYPES)]  # fmt: skip
 for _name in ("gemv_4bit", "gemv_4bit.out", "matmul_4bit"):
     _SCALARS[_name] = [(5, "blocksize", _BAD_BLOCKSIZES), (2, "shapeB", ["N+1", "K+1", "flat", "3-D"])]
+_SCALARS["matmul_4bit_nested"] = [
+    (9, "blocksize", _BAD_BLOCKSIZES), (6, "blocksize2", _BAD_BLOCKSIZES), (2, "shapeB", ["N+1", "K+1", "flat", "3-D"])
+]  # fmt: skip
 _SCALARS["quantize_blockwise"] = [(2, "blocksize", _BAD_BLOCKSIZES)]
 for _name in ("dequantize_blockwise", "dequantize_blockwise.out"):
     _SCALARS[_name] = [(3, "blocksize", _BAD_BLOCKSIZES), (4, "dtype", _BAD_DTYPES)]

@@ -396,7 +396,7 @@ def test_every_family_registers_its_ops():
         family.install(table, native.GpuLibrary("cuda", Path("/nonexistent")))
     assert set(table.names()) == {
         "quantize_4bit", "dequantize_4bit", "dequantize_4bit.out", "quantize_blockwise", "dequantize_blockwise",
-        "dequantize_blockwise.out", "gemv_4bit", "gemv_4bit.out", "matmul_4bit", "int8_vectorwise_quant",
+        "dequantize_blockwise.out", "gemv_4bit", "gemv_4bit.out", "matmul_4bit", "matmul_4bit_nested", "int8_vectorwise_quant",
         "int8_vectorwise_dequant", "int8_double_quant", "int8_linear_matmul", "int8_linear_matmul.out",
         "int8_mm_dequant", "int8_scaled_mm", "int8_mixed_scaled_mm", "optimizer_update_32bit",
         "optimizer_update_8bit_blockwise",
@@ -507,6 +507,18 @@ def _check_c_abi_refusals(lib) -> None:
     assert lib.lowbit_cuda_last_error().decode() == "lowbit_cuda_dequantize_4bit: A_len = 32, but (n + 1) / 2 = 524288"
     assert lib.lowbit_cuda_gemv_4bit(0, None, 9, None, 0, 1, 8, None, 0, None, 16, 64, None, 0, 0, None, 0, None) == 1
     assert "rows = 9 must be in [0, 8]" in lib.lowbit_cuda_last_error().decode()
+    # the nested variant: 1 x 64 weights in blocks of 32 = 2 nested absmax codes in blocks of 256 = 1 absmax2
+    q, one = torch.zeros(2, dtype=torch.uint8), torch.ones(1)
+    nested = (0, native.ptr(one), 1, *native.buf(packed), 1, 64, *native.buf(q))  # dtype .. absmax(_len)
+    tail = (native.ptr(one), 16, 32, None, 0, 0, native.ptr(one), 0, None)  # code(_len) .. stream
+    for code2_len, absmax2_len, blocksize2, offset, error in (
+        (255, 1, 256, native.ptr(one), "code2_len = 255, but the size of an 8-bit code = 256"),
+        (256, 2, 256, native.ptr(one), "absmax2_len = 2, but ceil(absmax_len / blocksize2) = 1"),
+        (256, 1, 48, native.ptr(one), "blocksize2 = 48 is not a power of two in [32, 4096]"),
+        (256, 1, 256, None, "offset is a null pointer"),
+    ):
+        status = lib.lowbit_cuda_gemv_4bit_nested(*nested, native.ptr(one), code2_len, native.ptr(one), absmax2_len, blocksize2, offset, *tail)
+        assert status == 1 and lib.lowbit_cuda_last_error().decode().endswith(error), lib.lowbit_cuda_last_error()
     state = torch.zeros(8, dtype=torch.uint8)
     args = native.args_struct(0.9, 0.999, 0.0, 0.0, 1e-8, 0.0, 1e-3, 1.0, 1)
     assert lib.lowbit_cuda_optimizer_update_8bit_blockwise(
@@ -860,6 +872,56 @@ def test_gemv_4bit(target):
                 out = gemv(A, *args[1:])
                 _product_close(out, A.cpu(), Wq, None, f"gemv_4bit unaligned A {qt} bs={blocksize} N={N} K={K} {dtype}")
     assert cases > 0
+
+
+def _nested_absmax(absmax: torch.Tensor, blocksize2: int) -> tuple:
+    """(absmax codes, code2, absmax2, offset) of a double quantization as lowbit.functional.quantize_4bit
+    does it (offset = mean, signed dynamic code), with any blocksize2."""
+    offset = absmax.mean()
+    code2 = formats.dynamic_map(signed=True)
+    q, absmax2 = _reference("quantize_blockwise")(absmax - offset, code2, blocksize2)
+    return q, code2, absmax2, offset
+
+
+def test_gemv_4bit_nested(target):
+    """matmul_4bit_nested decodes the double-quantized absmax in the gemv kernel: the same outputs,
+    bit for bit, as the two steps it replaces (dequantize_blockwise + offset on the target, then
+    gemv_4bit / matmul_4bit), and close to the reference product."""
+    nested_op, gemv, matmul = (target.kernels.get(op) for op in ("matmul_4bit_nested", "gemv_4bit", "matmul_4bit"))
+    dequantize_blockwise = target.kernels.get("dequantize_blockwise")
+    g = torch.Generator().manual_seed(2)
+    quantize = _reference("quantize_4bit")
+    shapes = ((5, 4096), (33, 96), (3, 1001), (11, 8), (2, 4104), (12, 2080))
+    cases = 0
+    with lowbit.backends.use("reference"):  # 17 rows: the reference kernels, through torch.ops, on both paths
+        for qt in formats.QUANT_TYPES:
+            for (blocksize, blocksize2), dtype in zip(((32, 32), (64, 256), (256, 64), (32, 4096)), FLOAT_DTYPES * 2):
+                for N, K in shapes:
+                    W = torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g)  # varied row scales
+                    B, absmax = quantize(W, blocksize, qt, torch.uint8)
+                    q, code2, absmax2, offset = (target.to(t) for t in _nested_absmax(absmax, blocksize2))
+                    decoded = dequantize_blockwise(q, absmax2, code2, blocksize2, torch.float32)
+                    decoded += offset  # the two-step path (lowbit.functional.block_absmax_of)
+                    code = formats.code_tensor(qt)
+                    Wq = decode_4bit(B, decoded.cpu(), code, blocksize, N * K).view(N, K)
+                    B, code = target.to(B), target.to(code)
+                    for lead, with_bias in (((1,), False), ((3,), True), ((8,), False), ((2, 5), True), ((17,), True)):
+                        A = torch.randn(*lead, K, generator=g).to(dtype)
+                        bias = torch.randn(N, generator=g).to(dtype if N % 2 else torch.float32) if with_bias else None
+                        context = f"{qt} bs={blocksize} bs2={blocksize2} N={N} K={K} A{tuple(A.shape)} {dtype} bias={with_bias}"
+                        A, bias_t = target.to(A), target.to(bias)
+                        got = nested_op(A, B, [N, K], q, code2, absmax2, blocksize2, offset, code, blocksize, bias_t)
+                        two_step = matmul(A, B, [N, K], decoded, code, blocksize, bias_t)
+                        _assert_exact(got, two_step.cpu(), "matmul_4bit_nested vs two steps " + context)
+                        _product_close(got, A.cpu(), Wq, bias, "matmul_4bit_nested " + context)
+                        if not with_bias:
+                            _assert_exact(gemv(A, B, [N, K], decoded, code, blocksize), got.cpu(), "gemv_4bit " + context)
+                        cases += 1
+                    # activations not on a 16-byte boundary: the generic path
+                    A = target.to(torch.randn(2 * K + 1, generator=g).to(dtype))[1:].view(2, K)
+                    got = nested_op(A, B, [N, K], q, code2, absmax2, blocksize2, offset, code, blocksize, None)
+                    _assert_exact(got, gemv(A, B, [N, K], decoded, code, blocksize).cpu(), "unaligned A " + context)
+    assert cases == 2 * 4 * len(shapes) * 5
 
 
 INT8_SHAPES = ((1, 7), (5, 64), (33, 300), (2, 3, 40), (70, 16), (2, 2049))  # 2049: the two-pass quantizer

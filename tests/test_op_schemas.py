@@ -21,6 +21,7 @@ PACKED, STATE = F.quantize_4bit(W, quant_type="nf4")
 QA, SA, _ = F.int8_vectorwise_quant(X)
 QW, SW, _ = F.int8_vectorwise_quant(W)
 CODE8 = formats.dynamic_map()
+_, NESTED = F.quantize_4bit(W, quant_type="nf4", compress_statistics=True)
 Q8, ABSMAX8 = torch.ops.lowbit.quantize_blockwise(W, CODE8, 256)
 
 SAMPLES = {
@@ -30,6 +31,10 @@ SAMPLES = {
     "gemv_4bit": (X, PACKED, [32, 64], STATE.absmax, STATE.code, 64),
     "gemv_4bit.out": (X, PACKED, [32, 64], STATE.absmax, STATE.code, 64, torch.empty(3, 32)),
     "matmul_4bit": (X, PACKED, [32, 64], STATE.absmax, STATE.code, 64, torch.randn(32)),
+    "matmul_4bit_nested": (
+        X, PACKED, [32, 64], NESTED.absmax, NESTED.state2.code, NESTED.state2.absmax, NESTED.state2.blocksize,
+        NESTED.offset, STATE.code, 64, torch.randn(32),
+    ),
     "quantize_blockwise": (W, CODE8, 256),
     "dequantize_blockwise": (Q8, ABSMAX8, CODE8, 256, torch.float16),
     "dequantize_blockwise.out": (Q8, ABSMAX8, CODE8, 256, torch.float32, torch.empty(32, 64)),

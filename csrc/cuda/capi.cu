@@ -92,6 +92,24 @@ OptimParams make_params(int32_t optimizer, const lowbit_cuda_optim_args &a) {
                               a.gnorm_scale, a.step, a.max_unorm, a.param_norm);
 }
 
+/* The arguments both gemv entry points share: dtype, rows, shape, the packed weight's, absmax's
+ * (float or nested codes: one per block either way), the code's and the bias's declared lengths. */
+capi::ArgCheck &check_gemv(capi::ArgCheck &c, int32_t dtype, int64_t rows, int64_t B_len, int64_t N, int64_t K,
+                     int64_t absmax_len, int64_t code_len, int64_t blocksize, const void *bias, int64_t bias_len,
+                     int32_t bias_dtype) {
+    check_blocksize(check_dtype(c, "dtype", dtype), blocksize)
+        .expect(rows >= 0 && rows <= kGemvMaxRows, "rows = %lld must be in [0, %d]", static_cast<long long>(rows),
+                kGemvMaxRows)
+        .count("N", N).count("K", K)
+        .expect(K >= 1, "K = %lld must be >= 1", static_cast<long long>(K));
+    if (bias != nullptr) check_dtype(c, "bias_dtype", bias_dtype);
+    if (c.failed() || c.product("N", N, "K", K).failed()) return c;
+    c.length("B_len", B_len, capi::packed4_len(N * K), "(N * K + 1) / 2")
+        .length("absmax_len", absmax_len, capi::num_blocks(N * K, blocksize), "ceil(N * K / blocksize)")
+        .length("code_len", code_len, fmt::kCode4Size, "the size of a 4-bit code");
+    return check_optional(c, "bias_len", bias, bias_len, N, "N", "0 for a null bias");
+}
+
 __global__ void k_probe(int *unused) {
     if (unused != nullptr) *unused = 0;
 }
@@ -219,24 +237,46 @@ int32_t lowbit_cuda_gemv_4bit(int32_t dtype, const void *A, int64_t rows, const 
                               int32_t bias_dtype, void *out, int32_t device, void *stream) {
     const char *fn = "lowbit_cuda_gemv_4bit";
     ArgCheck c(fn);
-    check_blocksize(check_dtype(c, "dtype", dtype), blocksize)
-        .expect(rows >= 0 && rows <= kGemvMaxRows, "rows = %lld must be in [0, %d]", static_cast<long long>(rows),
-                kGemvMaxRows)
-        .count("N", N).count("K", K)
-        .expect(K >= 1, "K = %lld must be >= 1", static_cast<long long>(K));
-    if (bias != nullptr) check_dtype(c, "bias_dtype", bias_dtype);
-    if (c.failed() || c.product("N", N, "K", K).failed()) return refuse(c);
-    c.length("B_len", B_len, packed4_len(N * K), "(N * K + 1) / 2")
-        .length("absmax_len", absmax_len, lowbit::capi::num_blocks(N * K, blocksize), "ceil(N * K / blocksize)")
-        .length("code_len", code_len, fmt::kCode4Size, "the size of a 4-bit code");
-    check_optional(c, "bias_len", bias, bias_len, N, "N", "0 for a null bias");
-    if (c.failed()) return refuse(c);
+    if (check_gemv(c, dtype, rows, B_len, N, K, absmax_len, code_len, blocksize, bias, bias_len, bias_dtype).failed())
+        return refuse(c);
     if (rows == 0 || N == 0) return LOWBIT_CUDA_OK;
     if (c.pointer("A", A).pointer("B", B).pointer("absmax", absmax).pointer("code", code).pointer("out", out).failed())
         return refuse(c);
+    BlockAbsmax scales;
+    scales.absmax = absmax;
     return on_device(fn, device, [&] {
-        return gemv_4bit(dtype, A, rows, B, N, K, absmax, code, blocksize, bias, bias_dtype, out,
-                         as_stream(stream));
+        return gemv_4bit(dtype, A, rows, B, N, K, scales, code, blocksize, bias, bias_dtype, out, as_stream(stream));
+    });
+}
+
+int32_t lowbit_cuda_gemv_4bit_nested(int32_t dtype, const void *A, int64_t rows, const uint8_t *B, int64_t B_len,
+                                     int64_t N, int64_t K, const uint8_t *absmax, int64_t absmax_len,
+                                     const float *code2, int64_t code2_len, const float *absmax2,
+                                     int64_t absmax2_len, int64_t blocksize2, const float *offset,
+                                     const float *code, int64_t code_len, int64_t blocksize, const void *bias,
+                                     int64_t bias_len, int32_t bias_dtype, void *out, int32_t device, void *stream) {
+    const char *fn = "lowbit_cuda_gemv_4bit_nested";
+    ArgCheck c(fn);
+    if (check_gemv(c, dtype, rows, B_len, N, K, absmax_len, code_len, blocksize, bias, bias_len, bias_dtype).failed())
+        return refuse(c);
+    c.expect(fmt::is_supported_blocksize(blocksize2), "blocksize2 = %lld is not a power of two in [32, 4096]",
+             static_cast<long long>(blocksize2))
+        .length("code2_len", code2_len, fmt::kCode8Size, "the size of an 8-bit code")
+        .length("absmax2_len", absmax2_len, lowbit::capi::num_blocks(absmax_len, blocksize2),
+                "ceil(absmax_len / blocksize2)");
+    if (c.failed()) return refuse(c);
+    if (rows == 0 || N == 0) return LOWBIT_CUDA_OK;
+    if (c.pointer("A", A).pointer("B", B).pointer("absmax", absmax).pointer("code2", code2).pointer("absmax2", absmax2)
+            .pointer("offset", offset).pointer("code", code).pointer("out", out).failed())
+        return refuse(c);
+    BlockAbsmax scales;
+    scales.q = absmax;
+    scales.code2 = code2;
+    scales.absmax2 = absmax2;
+    scales.offset = offset;
+    scales.log2bs2 = ilog2(blocksize2);
+    return on_device(fn, device, [&] {
+        return gemv_4bit(dtype, A, rows, B, N, K, scales, code, blocksize, bias, bias_dtype, out, as_stream(stream));
     });
 }
 

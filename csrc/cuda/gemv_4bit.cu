@@ -25,6 +25,8 @@
  *     loaded into registers before the current tile is computed (one tile of prefetch).
  *   - The lane's weights share one absmax (blocksize >= 32 and the piece is aligned). The
  *     16-entry code sits in shared memory, one entry per bank: conflict-free for any nibbles.
+ * Nested (double-quantized) absmax: decoded in the kernel where it is loaded (BlockAbsmax in
+ *   kernels.cuh), to the same float32 values the two launches dequantize_blockwise + offset give.
  * Generic path (any K, any alignment): lane L of the feature takes k = L, L + 32*W_, ...; the
  *   activations come from global memory (one load per product), one absmax load per weight.
  * bf16 outputs on sm_80+ use the hardware cvt.rn.bf16.f32, fp16 outputs cvt.rn.f16.f32.
@@ -126,7 +128,7 @@ __device__ __forceinline__ void piece_dot(const uint8_t (&q)[PIECE / 2], float a
 template <class E, int MAXM, int WG, bool FAST>
 __global__ void __launch_bounds__(kGemvThreads)
     k_gemv_4bit(const typename E::T *__restrict__ A, int M, const uint8_t *__restrict__ B,
-                int64_t N, int64_t K, const float *__restrict__ absmax,
+                int64_t N, int64_t K, const BlockAbsmax absmax_of,
                 const float *__restrict__ code_g, int log2bs, const void *__restrict__ bias,
                 int bias_dtype, typename E::T *__restrict__ out) {
     constexpr int kFeatures = kGemvGroups / WG; /* features per CTA */
@@ -140,6 +142,7 @@ __global__ void __launch_bounds__(kGemvThreads)
     const int L = (group % WG) * kLaneGroup + lane; /* lane within the feature */
     const int64_t n = static_cast<int64_t>(blockIdx.x) * kFeatures + group / WG;
     const bool active = n < N;
+    const float nested_offset = absmax_of.offset_value(); /* one load per thread */
     const int64_t f_row = active ? n * K : 0;
     float acc[MAXM];
 #pragma unroll
@@ -159,7 +162,7 @@ __global__ void __launch_bounds__(kGemvThreads)
         float am_next = 0.0f;
         if (active && piece_k(0) < K) {
             load_bytes<BYTES>(B + (f_row + piece_k(0)) / 2, q_next);
-            am_next = absmax[(f_row + piece_k(0)) >> log2bs];
+            am_next = absmax_of.get((f_row + piece_k(0)) >> log2bs, nested_offset);
         }
         for (int64_t t = 0; t < tiles; ++t) {
             uint8_t q[BYTES];
@@ -168,7 +171,7 @@ __global__ void __launch_bounds__(kGemvThreads)
             const bool mine = active && piece_k(t) < K;
             if (active && piece_k(t + 1) < K) { /* prefetch the next tile's piece */
                 load_bytes<BYTES>(B + (f_row + piece_k(t + 1)) / 2, q_next);
-                am_next = absmax[(f_row + piece_k(t + 1)) >> log2bs];
+                am_next = absmax_of.get((f_row + piece_k(t + 1)) >> log2bs, nested_offset);
             }
             const int64_t k0 = t * kTileK;
             const int tile_k = static_cast<int>((K - k0) < kTileK ? (K - k0) : kTileK);
@@ -184,7 +187,7 @@ __global__ void __launch_bounds__(kGemvThreads)
                 const int64_t f = f_row + k;
                 const unsigned byte = B[f >> 1];
                 const unsigned nib = (f & 1) ? (byte & 15u) : (byte >> 4);
-                const float w = code[nib] * absmax[f >> log2bs];
+                const float w = code[nib] * absmax_of.get(f >> log2bs, nested_offset);
 #pragma unroll
                 for (int m = 0; m < MAXM; ++m)
                     if (m < M) acc[m] = fmaf(load_fast<E>(A[m * K + k]), w, acc[m]);
@@ -231,7 +234,7 @@ int sm_count() {
 
 template <class E, int MAXM, int WG>
 void launch_gemv(bool fast, const typename E::T *a, int M, const uint8_t *B, int64_t N, int64_t K,
-                 const float *absmax, const float *code, int log2bs, const void *bias, int32_t bias_dtype,
+                 const BlockAbsmax &absmax, const float *code, int log2bs, const void *bias, int32_t bias_dtype,
                  typename E::T *y, cudaStream_t stream) {
     const unsigned grid = static_cast<unsigned>((N * WG + kGemvGroups - 1) / kGemvGroups);
     if (fast)
@@ -244,7 +247,7 @@ void launch_gemv(bool fast, const typename E::T *a, int M, const uint8_t *B, int
 
 template <class E, int MAXM>
 cudaError_t dispatch_split(const void *A, int M, const uint8_t *B, int64_t N, int64_t K,
-                           const float *absmax, const float *code, int log2bs, const void *bias,
+                           const BlockAbsmax &absmax, const float *code, int log2bs, const void *bias,
                            int32_t bias_dtype, void *out, cudaStream_t stream) {
     if ((N * 4 + kGemvGroups - 1) / kGemvGroups > 0x7FFFFFFF) return cudaErrorInvalidValue;
     const auto *a = static_cast<const typename E::T *>(A);
@@ -264,7 +267,7 @@ cudaError_t dispatch_split(const void *A, int M, const uint8_t *B, int64_t N, in
 } // namespace
 
 cudaError_t gemv_4bit(int32_t dtype, const void *A, int64_t rows, const uint8_t *B, int64_t N,
-                      int64_t K, const float *absmax, const float *code, int64_t blocksize,
+                      int64_t K, const BlockAbsmax &absmax, const float *code, int64_t blocksize,
                       const void *bias, int32_t bias_dtype, void *out, cudaStream_t stream) {
     const int M = static_cast<int>(rows);
     const int log2bs = ilog2(blocksize);

@@ -283,8 +283,27 @@ cudaError_t dequantize_blockwise(int32_t dtype, const float *code, const uint8_t
                                  cudaStream_t stream);
 /* rows in [1, kGemvMaxRows]. */
 constexpr int kGemvMaxRows = 8;
+/* The float32 absmax of 4-bit block b: absmax[b], or, for a nested (double-quantized) state
+ * (absmax null), code2[q[b]] * absmax2[b >> log2bs2] + *offset: the product rounded to float32 as
+ * dequantize_blockwise rounds it, then the sum rounded again as lowbit.functional.block_absmax_of
+ * adds the offset (no FMA contraction: the build flags above), so both give the same values. */
+struct BlockAbsmax {
+    const float *absmax = nullptr;
+    const uint8_t *q = nullptr;
+    const float *code2 = nullptr;
+    const float *absmax2 = nullptr;
+    const float *offset = nullptr;
+    int log2bs2 = 0;
+
+    __device__ __forceinline__ float offset_value() const { return absmax != nullptr ? 0.0f : *offset; }
+    __device__ __forceinline__ float get(int64_t b, float offset_v) const {
+        if (absmax != nullptr) return absmax[b];
+        const float scaled = code2[q[b]] * absmax2[b >> log2bs2];
+        return scaled + offset_v;
+    }
+};
 cudaError_t gemv_4bit(int32_t dtype, const void *A, int64_t rows, const uint8_t *B, int64_t N,
-                      int64_t K, const float *absmax, const float *code, int64_t blocksize,
+                      int64_t K, const BlockAbsmax &absmax, const float *code, int64_t blocksize,
                       const void *bias, int32_t bias_dtype, void *out, cudaStream_t stream);
 cudaError_t int8_vectorwise_quant(int32_t dtype, const void *A, int64_t rows, int64_t cols,
                                   float threshold, int8_t *out, float *row_stats,

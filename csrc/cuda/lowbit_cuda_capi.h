@@ -38,7 +38,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature below changes; Python refuses a library with another value. */
-#define LOWBIT_CUDA_ABI_VERSION 2
+#define LOWBIT_CUDA_ABI_VERSION 3
 
 typedef enum lowbit_cuda_status {
     LOWBIT_CUDA_OK = 0,
@@ -118,7 +118,21 @@ LOWBIT_CUDA_API int32_t lowbit_cuda_gemv_4bit(int32_t dtype, const void *A, int6
                                               int64_t code_len, int64_t blocksize, const void *bias,
                                               int64_t bias_len, int32_t bias_dtype, void *out,
                                               int32_t device, void *stream);
-/* Largest `rows` lowbit_cuda_gemv_4bit accepts. */
+/* The same product for a nested (double-quantized) absmax, decoded in the kernel: absmax holds one
+ * 8-bit code per 4-bit block (absmax_len = ceil(N*K/blocksize)), block b's float32 absmax being
+ * code2[absmax[b]] * absmax2[b / blocksize2] + *offset (code2_len = 256, absmax2_len =
+ * ceil(absmax_len/blocksize2), offset one float on the device), the values dequantize_blockwise
+ * followed by the offset's addition give. */
+LOWBIT_CUDA_API int32_t lowbit_cuda_gemv_4bit_nested(int32_t dtype, const void *A, int64_t rows,
+                                                     const uint8_t *B, int64_t B_len, int64_t N, int64_t K,
+                                                     const uint8_t *absmax, int64_t absmax_len,
+                                                     const float *code2, int64_t code2_len,
+                                                     const float *absmax2, int64_t absmax2_len,
+                                                     int64_t blocksize2, const float *offset,
+                                                     const float *code, int64_t code_len, int64_t blocksize,
+                                                     const void *bias, int64_t bias_len, int32_t bias_dtype,
+                                                     void *out, int32_t device, void *stream);
+/* Largest `rows` lowbit_cuda_gemv_4bit and lowbit_cuda_gemv_4bit_nested accept. */
 LOWBIT_CUDA_API int32_t lowbit_cuda_gemv_4bit_max_rows(void);
 
 /* ---- LLM.int8 ------------------------------------------------------------------------------------

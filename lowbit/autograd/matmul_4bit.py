@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..core import checks, formats
 from ..core.quant_state import QuantState
-from ..functional import block_absmax_of, codebook_of
+from ..functional import block_absmax_of, product_4bit
 
 #: Rows of ``A`` up to which inference on the CPU uses the fused ``gemv_4bit`` (the CPU kernel reads
 #: the weight once per 8 rows; beyond that dequantizing once and running a GEMM is faster).
@@ -155,14 +155,5 @@ def matmul_4bit(
         return to_out(MatMul4Bit.apply(A, B, None, bias, quant_state), out)
     if 0 < A.numel() <= gemv_max_rows(A.device) * k_in:  # a few tokens: fused dequantize-dot, no dense weight
         # bias joins the float32 sums before the one rounding to A's dtype
-        result = torch.ops.lowbit.matmul_4bit(
-            A.contiguous(),
-            B,
-            [n_out, k_in],
-            block_absmax_of(quant_state),
-            codebook_of(quant_state, A.device),
-            quant_state.blocksize,
-            bias,
-        )
-        return to_out(result, out)
+        return to_out(product_4bit(A.contiguous(), B, quant_state, bias), out)
     return to_out(F.linear(A, dense_weight(B, quant_state, A.dtype), bias), out)

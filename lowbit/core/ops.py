@@ -78,14 +78,16 @@ def _packed(value: object, name: str, device: Optional[torch.device] = None) -> 
     return checks.tensor(value, name, formats.QUANT_STORAGE_DTYPES, device=device)
 
 
-def _absmax(value: object, n: int, blocksize: int, device: torch.device, of: str) -> torch.Tensor:
-    """One float32 absmax per block of the ``n`` values described by ``of``, 1-D: every backend
-    indexes it as a flat array."""
-    value = checks.tensor(value, "absmax", (torch.float32,), device=device, ndim=1)
+def _absmax(
+    value: object, n: int, blocksize: int, device: torch.device, of: str, name: str = "absmax", dtype=torch.float32
+) -> torch.Tensor:
+    """One absmax (float32, or the uint8 code of a nested one) per block of the ``n`` values
+    described by ``of``, 1-D: every backend indexes it as a flat array."""
+    value = checks.tensor(value, name, (dtype,), device=device, ndim=1)
     n_blocks = formats.num_blocks(n, blocksize)
     if value.numel() != n_blocks:
         raise ValueError(
-            f"absmax has {value.numel()} elements, expected {n_blocks}: one per block of {blocksize} "
+            f"{name} has {value.numel()} elements, expected {n_blocks}: one per block of {blocksize} "
             f"of the {n} values of {of}"
         )
     return value
@@ -173,7 +175,9 @@ _define(
 )
 
 
-def _check_4bit_matmul(A, B, shapeB, absmax, code, blocksize, bias_or_out=None, *, is_out=False) -> None:
+def _check_4bit_weight(A, B, shapeB, code, blocksize) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """A, the packed weight B of shape ``shapeB`` = [N, K] it is multiplied with, its code and
+    blocksize (the arguments every 4-bit product shares)."""
     A = checks.tensor(A, "A", formats.FLOAT_DTYPES, min_ndim=1)
     shapeB = checks.shape(shapeB, "shapeB")
     if len(shapeB) != 2:
@@ -185,8 +189,13 @@ def _check_4bit_matmul(A, B, shapeB, absmax, code, blocksize, bias_or_out=None, 
     if B.numel() * B.element_size() != (n + 1) // 2:
         raise ValueError(f"B holds {B.numel() * B.element_size()} bytes but shapeB {shapeB} needs {(n + 1) // 2}")
     checks.blocksize(blocksize)
-    _absmax(absmax, n, blocksize, A.device, f"shapeB {list(shapeB)}")
     checks.code(code, "code", 16, A.device)
+    return A, B, shapeB
+
+
+def _check_4bit_matmul(A, B, shapeB, absmax, code, blocksize, bias_or_out=None, *, is_out=False) -> None:
+    A, B, shapeB = _check_4bit_weight(A, B, shapeB, code, blocksize)
+    _absmax(absmax, shapeB[0] * shapeB[1], blocksize, A.device, f"shapeB {list(shapeB)}")
     if is_out:
         inputs = {"A": A, "B": B, "absmax": absmax, "code": code}
         checks.out(bias_or_out, "out", (*A.shape[:-1], shapeB[0]), A.dtype, A.device, inputs, "A's rows by shapeB[0]")
@@ -213,6 +222,27 @@ _define(
     "-> Tensor",
     _fake_4bit_matmul,
     _check_4bit_matmul,
+)
+
+
+
+
+def _check_matmul_4bit_nested(A, B, shapeB, absmax, code2, absmax2, blocksize2, offset, code, blocksize, bias=None):
+    A, B, shapeB = _check_4bit_weight(A, B, shapeB, code, blocksize)
+    n_blocks = formats.num_blocks(shapeB[0] * shapeB[1], blocksize)
+    _absmax(absmax, shapeB[0] * shapeB[1], blocksize, A.device, f"shapeB {list(shapeB)}", dtype=torch.uint8)
+    checks.code(code2, "code2", 256, A.device)
+    checks.blocksize(blocksize2, "blocksize2")
+    _absmax(absmax2, n_blocks, blocksize2, A.device, f"absmax ({n_blocks} blocks)", name="absmax2")
+    checks.tensor(offset, "offset", (torch.float32,), numel=1, device=A.device)
+    _bias(bias, shapeB[0], A.device)
+
+
+_define(
+    "matmul_4bit_nested(Tensor A, Tensor B, int[] shapeB, Tensor absmax, Tensor code2, Tensor absmax2, "
+    "int blocksize2, Tensor offset, Tensor code, int blocksize, Tensor? bias=None) -> Tensor",
+    lambda A, B, shapeB, *_: A.new_empty((*A.shape[:-1], shapeB[0])),
+    _check_matmul_4bit_nested,
 )
 
 

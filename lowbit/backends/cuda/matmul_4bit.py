@@ -5,7 +5,9 @@ The fused kernel takes 1..8 activation rows per launch; up to ``FUSED_MAX_ROWS``
 ``lowbit.autograd.matmul_4bit.GPU_GEMV_MAX_ROWS``, which routes larger batches to dequantize +
 cuBLAS before they get here). More rows, or a bias whose dtype is not a float dtype, run the
 reference kernel (dequantize + torch matmul, float32) on the same device. Results differ from the
-reference only by float32 accumulation order."""
+reference only by float32 accumulation order. ``matmul_4bit_nested`` (a double-quantized absmax)
+is the same launch: the kernel decodes the absmax as it loads it, to the float32 values that
+dequantize_blockwise + offset give, so its results are those of matmul_4bit on the decoded absmax."""
 
 from __future__ import annotations
 
@@ -19,15 +21,21 @@ MAX_ROWS = 8  # lowbit_cuda_gemv_4bit_max_rows(): rows per launch
 FUSED_MAX_ROWS = 16  # rows served by the fused kernel, in slices of MAX_ROWS (= GPU_GEMV_MAX_ROWS)
 
 
-def _fused(gpu: GpuLibrary, A, B, shapeB, absmax, code, blocksize, bias, out) -> None:
+def _fused(gpu: GpuLibrary, A, B, shapeB, absmax, code, blocksize, bias, out, nested=()) -> None:
+    """``nested``: ``(code2, absmax2, blocksize2, offset)`` of a nested absmax (``absmax`` its codes)."""
     N, K = shapeB
+    entry, absmax_args = "lowbit_cuda_gemv_4bit", buf(absmax)
+    if nested:
+        code2, absmax2, blocksize2, offset = nested
+        entry = "lowbit_cuda_gemv_4bit_nested"
+        absmax_args = (*absmax_args, *buf(code2), *buf(absmax2), blocksize2, ptr(offset))
     rows = A.numel() // K
     A2d, out2d = A.reshape(rows, K), out.view(rows, N)
     for first in range(0, rows, MAX_ROWS):  # contiguous row slices: A stays 16-byte aligned when K % 8 == 0
         count = min(MAX_ROWS, rows - first)
         gpu.call(
-            "lowbit_cuda_gemv_4bit", A.device,
-            DTYPES[A.dtype], ptr(A2d[first]), count, ptr(B), B.nbytes, N, K, *buf(absmax), *buf(code), blocksize,
+            entry, A.device,
+            DTYPES[A.dtype], ptr(A2d[first]), count, ptr(B), B.nbytes, N, K, *absmax_args, *buf(code), blocksize,
             *buf(bias), DTYPES[bias.dtype] if bias is not None else 0, ptr(out2d[first]),
         )  # fmt: skip
 
@@ -57,4 +65,13 @@ def install(kernels: KernelTable, gpu: GpuLibrary) -> None:
             return reference.matmul_4bit(A, B, shapeB, absmax, code, blocksize, bias)
         out = torch.empty((*A.shape[:-1], shapeB[0]), dtype=A.dtype, device=A.device)
         _fused(gpu, A, B, shapeB, absmax, code, blocksize, bias, out)
+        return out
+
+    @kernels.register("matmul_4bit_nested")
+    def matmul_4bit_nested(A, B, shapeB, absmax, code2, absmax2, blocksize2, offset, code, blocksize, bias=None):
+        if not _fits(A, shapeB, bias):
+            return reference.matmul_4bit_nested(A, B, shapeB, absmax, code2, absmax2, blocksize2, offset, code,
+                                                blocksize, bias)  # fmt: skip
+        out = torch.empty((*A.shape[:-1], shapeB[0]), dtype=A.dtype, device=A.device)
+        _fused(gpu, A, B, shapeB, absmax, code, blocksize, bias, out, (code2, absmax2, blocksize2, offset))
         return out

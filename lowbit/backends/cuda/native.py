@@ -29,7 +29,7 @@ from ...core import formats
 from .. import native_library
 from . import runtime
 
-ABI_VERSION = 2  # must equal LOWBIT_CUDA_ABI_VERSION in csrc/cuda/lowbit_cuda_capi.h
+ABI_VERSION = 3  # must equal LOWBIT_CUDA_ABI_VERSION in csrc/cuda/lowbit_cuda_capi.h
 
 # every file name a GPU library of this platform may have (the variants of runtime.py)
 LIBRARY_NAMES = {
@@ -91,6 +91,10 @@ SIGNATURES: dict[str, tuple[list[Any], Any]] = {
     "lowbit_cuda_dequantize_blockwise": ([_i32, _p, _i64, _p, _i64, _p, _i64, _i64, _p, _i64, _i32, _p], _i32),
     "lowbit_cuda_gemv_4bit": (
         [_i32, _p, _i64, _p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64, _p, _i64, _i32, _p, _i32, _p], _i32,
+    ),
+    "lowbit_cuda_gemv_4bit_nested": (
+        [_i32, _p, _i64, _p, _i64, _i64, _i64, _p, _i64, _p, _i64, _p, _i64, _i64, _p, _p, _i64, _i64, _p, _i64, _i32,
+         _p, _i32, _p], _i32,
     ),
     "lowbit_cuda_gemv_4bit_max_rows": ([], _i32),
     "lowbit_cuda_int8_vectorwise_quant": ([_i32, _p, _i64, _i64, _f32, _p, _p, _i64, _p, _i64, _i32, _p], _i32),

@@ -33,3 +33,13 @@ def gemv_4bit_out(A, B, shapeB, absmax, code, blocksize, out):
 @kernels.register("matmul_4bit")
 def matmul_4bit(A, B, shapeB, absmax, code, blocksize, bias=None):
     return _product(A, B, shapeB, absmax, code, blocksize, bias)
+
+
+@kernels.register("matmul_4bit_nested")
+def matmul_4bit_nested(A, B, shapeB, absmax, code2, absmax2, blocksize2, offset, code, blocksize, bias=None):
+    """The definition: the float32 absmax decoded as ``lowbit.functional.block_absmax_of`` decodes it
+    (dequantize_blockwise, then + offset), then matmul_4bit. Through ``torch.ops`` so that a backend
+    without a fused kernel for this op still runs its own kernels for both steps."""
+    block_absmax = torch.ops.lowbit.dequantize_blockwise(absmax, absmax2, code2, blocksize2, torch.float32)
+    block_absmax += offset.reshape(())  # one value, of any shape
+    return torch.ops.lowbit.matmul_4bit(A, B, shapeB, block_absmax, code, blocksize, bias)
