@@ -57,7 +57,7 @@ def quantize_blockwise(
 ) -> tuple[torch.Tensor, QuantState]:
     """Quantize ``A`` to 8 bits in blocks of ``blocksize`` values against ``code``
     (default: the signed dynamic map). Returns the uint8 tensor and its state."""
-    checks.tensor(A, "A", formats.FLOAT_DTYPES)
+    checks.tensor(A, "A", formats.FLOAT_DTYPES, contiguous=False)
     if code is None:
         code = formats.dynamic_map(signed=True, device=A.device)
     q, block_absmax = torch.ops.lowbit.quantize_blockwise(A, code.to(A.device), blocksize)
@@ -102,7 +102,7 @@ def dequantize_blockwise(
     nested: bool = False,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise`; needs ``quant_state`` or ``absmax``."""
-    checks.tensor(A, "A", (torch.uint8,))
+    checks.tensor(A, "A", (torch.uint8,), contiguous=False)
     if quant_state is None:
         if absmax is None:
             raise ValueError("dequantize_blockwise needs quant_state or absmax")
@@ -138,7 +138,7 @@ def quantize_4bit(
     (blocksize 256) around its mean (double quantization).
     """
     blocksize = formats.DEFAULT_BLOCKSIZE_4BIT if blocksize is None else blocksize
-    checks.tensor(A, "A", formats.FLOAT_DTYPES)
+    checks.tensor(A, "A", formats.FLOAT_DTYPES, contiguous=False)
     packed, block_absmax = torch.ops.lowbit.quantize_4bit(A, blocksize, quant_type, quant_storage)
     code = get_4bit_type(quant_type, device=A.device)
     if compress_statistics:
@@ -182,7 +182,7 @@ def dequantize_4bit(
     quant_type: str = "fp4",
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_4bit`; needs ``quant_state``, or ``absmax`` and ``out``."""
-    checks.tensor(A, "A")
+    checks.tensor(A, "A", contiguous=False)
     if quant_state is None:
         if absmax is None or out is None:
             raise ValueError("dequantize_4bit needs quant_state, or both absmax and out")

@@ -7,7 +7,10 @@ Each op gets:
 * a dispatcher that sends the call to the backend active for the input's device type
   (``core/registry.py``).
 
-Kernels receive exactly the schema's arguments, positionally, already validated.
+Kernels receive exactly the schema's arguments, positionally, already validated and contiguous:
+the dispatcher makes a non-contiguous input contiguous once (bitsandbytes accepts any layout), and
+a non-contiguous argument the op writes to (``out``, optimizer state) is computed in a contiguous
+copy that is copied back into it afterwards. Neither reads tensor data on the host.
 """
 
 from __future__ import annotations
@@ -37,6 +40,31 @@ def _device_type(args: Sequence[Any]) -> str:
     raise TypeError("lowbit op called without a tensor argument")
 
 
+def _written_positions(schema: str) -> frozenset[int]:
+    """Indices of the arguments that ``schema`` marks as written (``Tensor(a!)``)."""
+    parsed = torch._C.parse_schema("lowbit::" + schema)
+    return frozenset(
+        i for i, arg in enumerate(parsed.arguments) if arg.alias_info is not None and arg.alias_info.is_write
+    )
+
+
+def _contiguous_args(
+    args: tuple[Any, ...], written: frozenset[int]
+) -> tuple[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``args`` with every tensor contiguous, and the (original, contiguous copy) pairs of the
+    written arguments that had to be copied: the caller copies each result back."""
+    copied: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if all(not isinstance(a, torch.Tensor) or a.is_contiguous() for a in args):
+        return args, copied
+    out = list(args)
+    for i, arg in enumerate(args):
+        if isinstance(arg, torch.Tensor) and not arg.is_contiguous():
+            out[i] = arg.contiguous()
+            if i in written:
+                copied.append((arg, out[i]))
+    return tuple(out), copied
+
+
 def _define(
     schema: str,
     fake: Callable[..., Any],
@@ -47,10 +75,14 @@ def _define(
     name = schema.split("(", 1)[0]
     _lib.define(schema)
     _DEFINED.append(name)
+    written = _written_positions(schema)
 
     def dispatch(*args: Any) -> Any:
+        args, copied = _contiguous_args(args, written)
         check(*args)
         result = registry.kernel_for(name, _device_type(args))(*args)
+        for original, contiguous in copied:
+            original.copy_(contiguous)
         if after is not None:
             after(result, *args)
         return result
