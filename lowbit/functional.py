@@ -13,13 +13,16 @@ from typing import Optional
 import torch
 
 from .core import checks, formats
-from .core.formats import create_dynamic_map
+from .core.formats import create_dynamic_map, create_fp8_map, create_linear_map, create_normal_map
 from .core.quant_state import QuantState
 
 __all__ = [
     "QuantState",
     "block_absmax_of",
     "create_dynamic_map",
+    "create_fp8_map",
+    "create_linear_map",
+    "create_normal_map",
     "dequantize_4bit",
     "dequantize_blockwise",
     "dequantize_fp4",
