@@ -144,7 +144,8 @@ class QuantState:
 
     @classmethod
     def from_dict(cls, qs_dict: dict[str, Any], device: torch.device | str = "cpu") -> QuantState:
-        """Rebuild a 4-bit state from ``as_dict`` output (packed or not, key prefixes allowed).
+        """Rebuild a state from ``as_dict`` output (packed or not, key prefixes allowed): 4-bit, or
+        8-bit blockwise (``quant_type`` None, unpacked, as ``as_dict`` writes it).
 
         Every field is checked, so a truncated or corrupted checkpoint raises ``ValueError``
         naming the bad entry instead of producing garbage at the first forward pass.
@@ -170,9 +171,11 @@ class QuantState:
             if key not in fields:
                 raise ValueError(f"quant state: missing {key!r}")
 
-        quant_type = fields["quant_type"]
-        if quant_type not in formats.QUANT_TYPES:
-            raise ValueError(f"quant state: 'quant_type' must be one of {formats.QUANT_TYPES}, got {quant_type!r}")
+        quant_type = fields["quant_type"]  # None: an 8-bit blockwise state (256-entry code)
+        if quant_type is not None and quant_type not in formats.QUANT_TYPES:
+            raise ValueError(
+                f"quant state: 'quant_type' must be one of {formats.QUANT_TYPES} or None, got {quant_type!r}"
+            )
         blocksize = _check_blocksize(fields["blocksize"], "blocksize")
         dtype = _dtype_from_name(fields["dtype"], "dtype")
         shape = fields["shape"]
@@ -180,7 +183,8 @@ class QuantState:
             if not isinstance(shape, (list, tuple)) or not all(isinstance(s, int) and s >= 0 for s in shape):
                 raise ValueError(f"quant state: 'shape' must be a list of non-negative ints, got {shape!r}")
             shape = torch.Size(shape)
-        code = _check_tensor(fields["quant_map"], "quant_map", torch.float32, 16)
+        code_size = 16 if quant_type is not None else formats.CODE8_SIZE
+        code = _check_tensor(fields["quant_map"], "quant_map", torch.float32, code_size)
         n_blocks = formats.num_blocks(math.prod(shape), blocksize) if shape is not None else None
 
         offset = state2 = None
