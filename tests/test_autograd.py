@@ -307,6 +307,21 @@ def test_int8_matmul_quantizes_a_float_weight_and_accepts_out():
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("is_training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_int8_matmul_takes_the_weight_from_the_state_in_either_orientation(is_training, threshold):
+    """With state.CB set, B may be passed as CB.t() (as bitsandbytes' older callers do)."""
+    CB, SCB = _int8_weight()
+    A = _input((4, K), torch.float16, requires_grad=is_training)
+    A.data[:, 3] = 8.0  # an outlier column for the threshold case
+
+    def product(B):
+        state = MatmulLtState(CB=CB, SCB=SCB, has_fp16_weights=False, is_training=is_training)
+        return matmul(A, B, state=state, threshold=threshold)
+
+    assert torch.equal(product(CB.t()), product(CB))
+
+
 def test_int8_matmul_empty_input():
     CB, SCB = _int8_weight()
     A = torch.empty(0, K, requires_grad=True)
@@ -325,7 +340,9 @@ def test_int8_matmul_rejects_bad_arguments():
     with pytest.raises(TypeError, match="state"):
         matmul(A, CB, state={"CB": CB})
     with pytest.raises(ValueError, match="B must be"):
-        matmul(A, CB.t(), state=state)
+        matmul(A, CB[:, :-1], state=MatmulLtState())
+    with pytest.raises(ValueError, match="state.CB must be .* B that weight or its transpose"):
+        matmul(A, CB[:-1], state=state)
     with pytest.raises(ValueError, match="SCB"):
         matmul(A, CB, state=MatmulLtState(has_fp16_weights=False))
     with pytest.raises(TypeError, match="bias"):
