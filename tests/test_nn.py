@@ -486,6 +486,30 @@ def test_linear8bit_float_checkpoint_into_quantized_layer_requantizes():
     _assert_same_state_dict(layer.state_dict(), _linear8bit(seed=0).state_dict())
 
 
+def test_linear8bit_with_a_tied_plain_weight():
+    """A plain Parameter put in place of the weight (tied to another module's weight) is a float
+    weight: saved without SCB, refused with a clear error when a checkpoint holds int8 entries,
+    and quantized afresh by every forward (it may change between calls)."""
+    shared = torch.nn.Parameter(torch.randn(OUT, IN, generator=_gen(0)) * 0.1)
+    layer = _linear8bit(quantize=False)
+    layer.weight = shared
+    assert list(layer.state_dict()) == ["weight", "bias"]
+
+    x = _x()
+    expected = lowbit.autograd.matmul(x, shared, state=lowbit.autograd.MatmulLtState(), bias=layer.bias)
+    assert torch.equal(layer(x), expected)
+    with torch.no_grad():
+        shared.mul_(2.0)
+    torch.testing.assert_close(layer(x) - layer.bias, 2 * (expected - layer.bias), rtol=2e-2, atol=2e-2)
+
+    quantized = _linear8bit(seed=1).state_dict()
+    with pytest.raises(RuntimeError, match="Loading a quantized checkpoint into non-quantized Linear8bitLt"):
+        layer.load_state_dict(quantized)
+    assert layer.weight is shared
+    layer.load_state_dict(_float_state(seed=4))  # a float checkpoint copies into the shared weight
+    assert torch.equal(shared, _float_state(seed=4)["weight"])
+
+
 CORRUPTIONS_8BIT = {
     "scb_size": "0.SCB must be",
     "scb_nan": "0.SCB contains NaN",

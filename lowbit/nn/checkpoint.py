@@ -222,6 +222,8 @@ class QuantizedWeightMixin:
     def quantized_weight(self):
         """The weight, quantized in place on its current device if no device move did it yet."""
         weight = self.weight
+        if not isinstance(weight, self.weight_class):
+            return weight  # a plain (tied) Parameter: used as a float weight
         if not weight._is_quantized() and weight._quantizes_on_move() and weight.device.type != "meta":
             _quantize_in_place(weight)
         return weight
@@ -248,6 +250,21 @@ class QuantizedWeightMixin:
         rest = {
             k: v for k, v in state_dict.items() if not (k.startswith(prefix) and fmt.owns(k[len(prefix) :]))
         }
+        if not isinstance(self.weight, self.weight_class):
+            # the weight was replaced by a plain Parameter (tied to another module's weight): it
+            # loads as a float weight only, as in bitsandbytes
+            if extra:
+                error_msgs.append(
+                    f"Loading a quantized checkpoint into non-quantized {type(self).__name__} is not "
+                    f"supported: {weight_key} is a plain {type(self.weight).__name__} (tied to another "
+                    f"module's weight?), not a {self.weight_class.__name__}; the checkpoint holds "
+                    f"{', '.join(prefix + k for k in sorted(extra))}"
+                )
+                return
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
+            return
         if weight_key not in state_dict:
             if extra:
                 error_msgs.append(

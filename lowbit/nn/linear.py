@@ -7,6 +7,7 @@ does loading a quantized checkpoint (see ``checkpoint.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Optional
@@ -208,9 +209,13 @@ class Linear8bitLt(QuantizedWeightMixin, nn.Linear):
         self.state.CB = self.weight.CB
         self.state.SCB = self.weight.SCB
 
+    def _holds_int8_weight(self) -> bool:
+        # False also for a plain Parameter put in place of the weight (tied weights)
+        return isinstance(self.weight, Int8Params) and self.weight._is_quantized()
+
     def _apply(self, fn, *args, **kwargs):
         result = super()._apply(fn, *args, **kwargs)
-        if self.weight._is_quantized():
+        if self._holds_int8_weight():
             self.init_8bit_state()  # the state follows the weight to its new device
         return result
 
@@ -218,13 +223,18 @@ class Linear8bitLt(QuantizedWeightMixin, nn.Linear):
         # The scales may have been handed to the state only (bitsandbytes' init_8bit_state clears
         # them from the weight); save them from there too.
         weight = self.weight
-        if weight._is_quantized() and weight.SCB is None and self.state.SCB is not None:
+        if self._holds_int8_weight() and weight.SCB is None and self.state.SCB is not None:
             weight.SCB = self.state.SCB
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.quantized_weight()
         self.state.is_training = self.training
-        if weight._is_quantized():
+        state = self.state
+        if self._holds_int8_weight():
             self.init_8bit_state()
-        return matmul(x, weight, bias=_bias_in(self.bias, x.dtype), state=self.state)
+        elif not isinstance(weight, Int8Params):
+            # a plain float Parameter (tied weights) may change between calls: quantize it each
+            # time, never from a cached int8 copy
+            state = dataclasses.replace(state, has_fp16_weights=True, CB=None, SCB=None)
+        return matmul(x, weight, bias=_bias_in(self.bias, x.dtype), state=state)
