@@ -66,6 +66,20 @@ def test_fp4_code_magnitudes():
         assert code[bits | 8] == pytest.approx(-magnitude, abs=1e-7)  # bit 3 is the sign
 
 
+# Code maps as bitsandbytes 0.50.2 builds them (tests/data/code_maps.json says how).
+PINNED_CODE_MAPS = json.loads((Path(__file__).parent / "data" / "code_maps.json").read_text())["maps"]
+
+
+@pytest.mark.parametrize(
+    "pinned", PINNED_CODE_MAPS, ids=[f"{m['function']}-{'-'.join(map(str, m['kwargs'].values()))}" for m in PINNED_CODE_MAPS]
+)
+def test_code_maps_are_bitsandbytes_tables_bit_for_bit(pinned):
+    code = getattr(formats, pinned["function"])(**pinned["kwargs"])
+    want = torch.tensor(pinned["values"], dtype=torch.float32)
+    assert code.dtype == torch.float32 and code.shape == want.shape
+    assert torch.equal(code.view(torch.int32), want.view(torch.int32))  # zero signs included
+
+
 def test_normal_map_holds_the_nf4_code():
     code = create_normal_map()
     assert code.dtype == torch.float32 and code.numel() == 256
