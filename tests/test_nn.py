@@ -246,9 +246,22 @@ def test_linear4bit_forward_is_dense_product_in_compute_dtype(quant_type, nested
     out = layer(x)
     dtype = compute_dtype or torch.float32
     W = LF.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-    expected = F.linear(x.to(dtype), W.to(dtype), layer.bias.to(dtype)).float()
+    bias = _float_state()["bias"]
+    expected = F.linear(x.to(dtype), W.to(dtype), bias.to(dtype)).float()
     assert out.dtype == torch.float32 and torch.equal(out, expected)
-    assert layer.bias.dtype == torch.float32  # cast per call, never in place
+    assert layer.bias.dtype == dtype  # cast in place to the compute dtype, as bitsandbytes does
+
+
+@pytest.mark.parametrize("make", [_linear4bit, _linear8bit], ids=["Linear4bit", "Linear8bitLt"])
+def test_bias_follows_the_input_dtype_in_place(make):
+    """bitsandbytes casts the bias Parameter to the compute dtype on first use; lowbit does too."""
+    layer = make()
+    bias = layer.bias
+    x = _x(dtype=torch.float16)
+    first = layer(x)
+    assert layer.bias is bias and bias.dtype == torch.float16 and layer.state_dict()["bias"].dtype == torch.float16
+    assert torch.equal(layer(x), first)  # no further change
+    assert make(quantize=True).bias.dtype == torch.float32  # nothing happens before a forward
 
 
 def test_linear4bit_adopts_input_dtype_and_warns_about_float16(caplog):

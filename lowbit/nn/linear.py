@@ -25,9 +25,15 @@ logger = logging.getLogger("lowbit")
 
 
 def _bias_in(bias: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
-    # Cast per call, not in place: bitsandbytes rewrites bias.data, which changes the dtype a
-    # checkpoint is saved in and is a side effect torch.compile has to replay.
-    return bias if bias is None or bias.dtype == dtype else bias.to(dtype)
+    """The bias in the compute dtype. As bitsandbytes, the Parameter itself is cast in place on
+    first use (its dtype, and the dtype a checkpoint saves it in, follow the input's); while
+    torch.compile traces, the cast is per call instead (a traced graph cannot rebind ``.data``)."""
+    if bias is None or bias.dtype == dtype:
+        return bias
+    if torch.compiler.is_compiling():
+        return bias.to(dtype)
+    bias.data = bias.data.to(dtype)
+    return bias
 
 
 class Linear4bit(QuantizedWeightMixin, nn.Linear):
