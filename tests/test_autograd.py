@@ -169,6 +169,47 @@ def test_matmul_4bit_rejects_bad_arguments():
 
 
 # ------------------------------------------------------------------------------------------
+# gemm_4bit: bitsandbytes' op (absmax and its double quantization passed as separate tensors)
+# ------------------------------------------------------------------------------------------
+def _gemm_4bit_args(packed, state):
+    if state.nested:
+        return (state.state2.absmax,), {
+            "absmax_8bit": state.absmax, "absmax_code": state.state2.code, "absmax_offset": state.offset,
+        }  # fmt: skip
+    return (state.absmax,), {}
+
+
+@pytest.mark.parametrize("quant_type,nested", QUANT_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16], ids=["uint8", "bf16_storage"])
+def test_gemm_4bit_op_is_the_dense_product(quant_type, nested, dtype, storage):
+    packed, state = LF.quantize_4bit(
+        _weight(), quant_type=quant_type, compress_statistics=nested, quant_storage=storage
+    )
+    A = _input((2, GEMV_MAX_ROWS, K), dtype)
+    bias = torch.randn(N, generator=_gen(2)).to(dtype)
+    (absmax,), nested_args = _gemm_4bit_args(packed, state)
+    out = torch.ops.lowbit.gemm_4bit(A, packed, [N, K], absmax, 64, quant_type, bias, **nested_args)
+    assert torch.equal(out, F.linear(A, LF.dequantize_4bit(packed, state).to(dtype), bias))
+
+
+def test_gemm_4bit_op_offset_of_any_float_dtype_and_bad_arguments():
+    packed, state = LF.quantize_4bit(_weight(), quant_type="nf4", compress_statistics=True)
+    A = _input((3, K), torch.float32)
+    (absmax,), nested_args = _gemm_4bit_args(packed, state)
+    offset16 = state.offset.half()
+    want = torch.ops.lowbit.gemm_4bit(A, packed, [N, K], absmax, 64, "nf4", **{**nested_args, "absmax_offset": offset16.float()})
+    got = torch.ops.lowbit.gemm_4bit(A, packed, [N, K], absmax, 64, "nf4", **{**nested_args, "absmax_offset": offset16})
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="absmax_code and absmax_offset are only used with absmax_8bit"):
+        torch.ops.lowbit.gemm_4bit(A, packed, [N, K], state.state2.absmax, 64, "nf4", absmax_code=state.state2.code)
+    with pytest.raises(ValueError, match="absmax_8bit has"):
+        torch.ops.lowbit.gemm_4bit(A, packed, [N, K], absmax, 64, "nf4", **{**nested_args, "absmax_8bit": state.absmax[1:]})
+    with pytest.raises(ValueError, match="shapeB must be 2-D"):
+        torch.ops.lowbit.gemm_4bit(A, packed, [K, N], state.state2.absmax, 64, "nf4", **nested_args)
+
+
+# ------------------------------------------------------------------------------------------
 # LLM.int8 matmul
 # ------------------------------------------------------------------------------------------
 def _int8_weight(seed=0):

@@ -209,6 +209,46 @@ _define(
 )
 
 
+def _check_gemm_4bit(
+    A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None, absmax_code=None, absmax_offset=None
+) -> None:
+    A = checks.tensor(A, "A", formats.FLOAT_DTYPES)
+    shapeB = checks.shape(shapeB, "shapeB")
+    if len(shapeB) != 2 or A.shape[-1] != shapeB[1]:
+        raise ValueError(f"shapeB must be 2-D [N, {A.shape[-1]}] for A of shape {tuple(A.shape)}, got {list(shapeB)}")
+    B = checks.tensor(B, "B", device=A.device)
+    n = shapeB[0] * shapeB[1]
+    if B.numel() * B.element_size() != (n + 1) // 2:
+        raise ValueError(f"B holds {B.numel() * B.element_size()} bytes but shapeB {list(shapeB)} needs {(n + 1) // 2}")
+    checks.blocksize(blocksize)
+    checks.quant_type(quant_type)
+    blocks = formats.num_blocks(n, blocksize)
+    if absmax_8bit is None and (absmax_code is not None or absmax_offset is not None):
+        raise ValueError("absmax_code and absmax_offset are only used with absmax_8bit")
+    if absmax_8bit is None:
+        checks.tensor(absmax, "absmax", (torch.float32,), numel=blocks, device=A.device)
+    else:
+        # double quantization: absmax_8bit (one byte per block) against absmax_code, in blocks of
+        # NESTED_BLOCKSIZE whose scales are absmax, around absmax_offset
+        checks.tensor(absmax_8bit, "absmax_8bit", (torch.uint8,), numel=blocks, device=A.device)
+        checks.tensor(
+            absmax, "absmax", (torch.float32,), numel=formats.num_blocks(blocks, formats.NESTED_BLOCKSIZE),
+            device=A.device,
+        )  # fmt: skip
+        checks.code(absmax_code, "absmax_code", formats.CODE8_SIZE, A.device)
+        checks.tensor(absmax_offset, "absmax_offset", formats.FLOAT_DTYPES, numel=1, device=A.device)
+    if bias is not None:
+        checks.tensor(bias, "bias", numel=shapeB[0], device=A.device)
+
+
+_define(
+    "gemm_4bit(Tensor A, Tensor B, int[] shapeB, Tensor absmax, int blocksize, str quant_type, Tensor? bias=None, "
+    "Tensor? absmax_8bit=None, Tensor? absmax_code=None, Tensor? absmax_offset=None) -> Tensor",
+    lambda A, B, shapeB, *_, **__: A.new_empty((*A.shape[:-1], shapeB[0])),
+    _check_gemm_4bit,
+)
+
+
 # ----------------------------------------------------------------------------------------
 # 8-bit blockwise (dynamic code)
 # ----------------------------------------------------------------------------------------
