@@ -3,6 +3,7 @@
 import torch
 
 from ..core.quant_state import QuantState
+from . import parametrize  # bitsandbytes.nn.parametrize: 4-bit quantization of any nn.Parameter
 from .embedding import Embedding, Embedding4bit, Embedding8bit, EmbeddingFP4, EmbeddingNF4, StableEmbedding
 from .int8params import Int8Params
 from .linear import Linear4bit, Linear8bitLt, LinearFP4, LinearNF4
@@ -25,4 +26,5 @@ __all__ = [
     "LinearNF4",
     "Params4bit",
     "StableEmbedding",
+    "parametrize",
 ]
