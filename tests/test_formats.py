@@ -165,6 +165,18 @@ def test_packed_numel():
 
 
 
+def test_8bit_blocksizes_match_the_c_limit():
+    """formats.BLOCKSIZES_8BIT: the 4-bit blocksizes, then powers of two up to the C header's limit."""
+    import re
+
+    header = Path(__file__).resolve().parents[1] / "csrc" / "common" / "lowbit_formats.h"
+    if not header.is_file():
+        pytest.skip("needs the source checkout (csrc/)")
+    limit = int(re.search(r"#define LOWBIT_MAX_BLOCKSIZE_8BIT (\d+)", header.read_text()).group(1))
+    assert formats.BLOCKSIZES_8BIT[: len(formats.BLOCKSIZES)] == formats.BLOCKSIZES
+    assert formats.BLOCKSIZES_8BIT == tuple(32 << i for i in range(limit.bit_length() - 5))
+
+
 def test_native_optimizer_ids_match_the_c_enum():
     """formats.NATIVE_OPTIMIZER_IDS numbers optimizers as csrc/common/lowbit_optim.h does."""
     import re

@@ -53,15 +53,21 @@ def _cases_dequantize_4bit() -> Iterator[tuple]:
         yield (packed, absmax, bs, qt, [n], dtype)
 
 
+#: The 8-bit-only blocksizes above 4096, on lengths around their blocks.
+LARGE_8BIT = [(bs, n) for bs in formats.BLOCKSIZES_8BIT if bs not in formats.BLOCKSIZES for n in (1, 2 * bs + 3)]
+
+
 def _cases_quantize_blockwise() -> Iterator[tuple]:
-    for signed, bs, dtype, n in itertools.product((True, False), formats.BLOCKSIZES, FLOAT_DTYPES, LENGTHS):
+    blocks = [(bs, n) for bs in formats.BLOCKSIZES for n in LENGTHS] + LARGE_8BIT
+    for signed, (bs, n), dtype in itertools.product((True, False), blocks, FLOAT_DTYPES):
         x = _input(n, dtype, n * bs)
         yield (x if signed else x.abs(), formats.dynamic_map(signed=signed), bs)
 
 
 def _cases_dequantize_blockwise() -> Iterator[tuple]:
     g = torch.Generator().manual_seed(0)
-    for bs, dtype, n in itertools.product((64, 256, 4096), FLOAT_DTYPES, LENGTHS):
+    blocks = [(bs, n) for bs in (64, 256, 4096) for n in LENGTHS] + LARGE_8BIT
+    for (bs, n), dtype in itertools.product(blocks, FLOAT_DTYPES):
         q = torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8)
         absmax = torch.rand(formats.num_blocks(n, bs), generator=g) * 10
         yield (q, absmax, formats.dynamic_map(), bs, dtype)

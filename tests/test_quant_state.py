@@ -138,9 +138,10 @@ def test_nested_state_missing_fields():
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
-def test_8bit_blockwise_state_round_trips_through_dict(nested):
+@pytest.mark.parametrize("blocksize", [128, 16384])  # 16384: an 8-bit-only blocksize
+def test_8bit_blockwise_state_round_trips_through_dict(nested, blocksize):
     x = torch.randn(300, 70, dtype=torch.bfloat16)
-    q, state = F.quantize_blockwise(x, blocksize=128, nested=nested)
+    q, state = F.quantize_blockwise(x, blocksize=blocksize, nested=nested)
     fields = state.as_dict()
     assert fields["quant_type"] is None and fields["quant_map"].numel() == 256
     rebuilt = QuantState.from_dict(fields)
@@ -150,4 +151,6 @@ def test_8bit_blockwise_state_round_trips_through_dict(nested):
     with pytest.raises(ValueError, match="'quant_map' has 16 elements, expected 256"):
         QuantState.from_dict({**fields, "quant_map": torch.zeros(16)})
     with pytest.raises(ValueError, match="'quant_map' has 256 elements, expected 16"):
-        QuantState.from_dict({**fields, "quant_type": "nf4", "shape": [300, 70]})
+        QuantState.from_dict({**fields, "quant_type": "nf4", "shape": [300, 70], "blocksize": 128})
+    with pytest.raises(ValueError, match="'blocksize' must be one of"):  # 16384 is 8-bit only
+        QuantState.from_dict({**fields, "quant_type": "nf4", "blocksize": 16384})

@@ -42,10 +42,12 @@ bool valid_dtype(int32_t dtype) {
 bool valid_quant_type(int32_t qt) { return qt == LOWBIT_FP4 || qt == LOWBIT_NF4; }
 
 /* Shared checks of the blockwise entry points. Returns LOWBIT_OK to proceed; *done is set when
- * the call is a valid no-op (n == 0). */
-int32_t check_common(int32_t dtype, int64_t n, int64_t blocksize, bool *done) {
+ * the call is a valid no-op (n == 0). The 8-bit blockwise format also takes larger blocks. */
+int32_t check_common(int32_t dtype, int64_t n, int64_t blocksize, bool *done, bool eight_bit = false) {
     *done = false;
-    if (!valid_dtype(dtype) || n < 0 || !fmt::is_supported_blocksize(blocksize))
+    const bool blocksize_ok = eight_bit ? fmt::is_supported_blocksize_8bit(blocksize)
+                                        : fmt::is_supported_blocksize(blocksize);
+    if (!valid_dtype(dtype) || n < 0 || !blocksize_ok)
         return LOWBIT_ERR_ARGUMENT;
     if (n == 0) *done = true;
     return LOWBIT_OK;
@@ -169,7 +171,7 @@ LOWBIT_API int32_t lowbit_quantize_blockwise(int32_t dtype, const float *code, c
                                              int64_t n, int64_t blocksize, uint8_t *out,
                                              float *absmax, int32_t num_threads) {
     bool done = false;
-    const int32_t st = check_common(dtype, n, blocksize, &done);
+    const int32_t st = check_common(dtype, n, blocksize, &done, /*eight_bit=*/true);
     if (st != LOWBIT_OK) return st;
     if (done) return LOWBIT_OK;
     if (code == nullptr || A == nullptr || out == nullptr || absmax == nullptr)
@@ -185,7 +187,7 @@ LOWBIT_API int32_t lowbit_dequantize_blockwise(int32_t dtype, const float *code,
                                                const float *absmax, int64_t n, int64_t blocksize,
                                                void *out, int32_t num_threads) {
     bool done = false;
-    const int32_t st = check_common(dtype, n, blocksize, &done);
+    const int32_t st = check_common(dtype, n, blocksize, &done, /*eight_bit=*/true);
     if (st != LOWBIT_OK) return st;
     if (done) return LOWBIT_OK;
     if (code == nullptr || A == nullptr || absmax == nullptr || out == nullptr)

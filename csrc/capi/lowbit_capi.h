@@ -9,7 +9,8 @@
  * the user-facing error messages.
  *
  * Conventions shared by the quantization entry points (implemented in lowbit_capi.cpp):
- *  - dtype, quant_type, blocksize (32..4096, powers of two) and n >= 0 are checked first
+ *  - dtype, quant_type, blocksize (32..4096, powers of two; 8-bit blockwise up to 65536) and n >= 0
+ *    are checked first
  *    (LOWBIT_ERR_ARGUMENT); then n == 0 returns LOWBIT_OK without touching any pointer (null is
  *    fine for empty tensors); then every pointer must be non-null.
  *  - num_threads <= 1 runs on the calling thread; larger values allow up to that many threads,
@@ -105,7 +106,7 @@ LOWBIT_API int32_t lowbit_dequantize_4bit(int32_t dtype, const uint8_t *A, const
                                           void *out, int32_t num_threads);
 
 /* 8-bit blockwise quantization against a sorted 256-entry float code (see lowbit_formats.h for the
- * 65536-bin lookup that defines "nearest"). */
+ * 65536-bin lookup that defines "nearest"). blocksize: 32 ... LOWBIT_MAX_BLOCKSIZE_8BIT. */
 LOWBIT_API int32_t lowbit_quantize_blockwise(int32_t dtype, const float *code, const void *A,
                                              int64_t n, int64_t blocksize, uint8_t *out,
                                              float *absmax, int32_t num_threads);

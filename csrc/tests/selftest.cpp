@@ -120,6 +120,11 @@ static void test_format_literals() {
         CHECK(fmt::is_supported_blocksize(bs) == listed, "blocksize %lld", (long long)bs);
     }
     CHECK(!fmt::is_supported_blocksize(0) && !fmt::is_supported_blocksize(-64), "bad blocksizes");
+    for (int64_t bs = 1; bs <= 2 * LOWBIT_MAX_BLOCKSIZE_8BIT; ++bs) {
+        const bool larger = bs > 4096 && bs <= LOWBIT_MAX_BLOCKSIZE_8BIT && (bs & (bs - 1)) == 0;
+        CHECK(fmt::is_supported_blocksize_8bit(bs) == (fmt::is_supported_blocksize(bs) || larger),
+              "8-bit blocksize %lld", (long long)bs);
+    }
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -269,9 +274,13 @@ static void test_capi_arguments() {
     for (int64_t bs : bad_bs) {
         CHECK(lowbit_quantize_4bit(0, x, 64, bs, 1, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q4 bs");
         CHECK(lowbit_dequantize_4bit(0, q, am, 64, bs, fmt::kNF4Code, x, 1) == LOWBIT_ERR_ARGUMENT, "dq4 bs");
-        CHECK(lowbit_quantize_blockwise(0, code.data(), x, 64, bs, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q8 bs");
-        CHECK(lowbit_dequantize_blockwise(0, code.data(), q, am, 64, bs, x, 1) == LOWBIT_ERR_ARGUMENT, "dq8 bs");
+        /* 8192 is a valid 8-bit blocksize (one block here) */
+        const int32_t want8 = bs == 8192 ? LOWBIT_OK : LOWBIT_ERR_ARGUMENT;
+        CHECK(lowbit_quantize_blockwise(0, code.data(), x, 64, bs, q, am, 1) == want8, "q8 bs");
+        CHECK(lowbit_dequantize_blockwise(0, code.data(), q, am, 64, bs, x, 1) == want8, "dq8 bs");
     }
+    CHECK(lowbit_quantize_blockwise(0, code.data(), x, 64, 2 * LOWBIT_MAX_BLOCKSIZE_8BIT, q, am, 1) ==
+              LOWBIT_ERR_ARGUMENT, "q8 bs above the maximum");
     for (int32_t dt : {-1, 3, 100}) {
         CHECK(lowbit_quantize_4bit(dt, x, 64, 64, 1, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q4 dtype");
         CHECK(lowbit_dequantize_4bit(dt, q, am, 64, 64, fmt::kNF4Code, x, 1) == LOWBIT_ERR_ARGUMENT, "dq4 dtype");

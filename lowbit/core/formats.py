@@ -16,6 +16,9 @@ import torch
 
 #: Blocksizes accepted by the 4-bit and 8-bit blockwise formats.
 BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+#: 8-bit blockwise also takes larger blocks, as bitsandbytes' CPU path does (LOWBIT_MAX_BLOCKSIZE_8BIT
+#: in lowbit_formats.h): the CPU kernels run them, the GPU backends hand them to the reference kernel.
+BLOCKSIZES_8BIT: tuple[int, ...] = BLOCKSIZES + (8192, 16384, 32768, 65536)
 DEFAULT_BLOCKSIZE_4BIT = 64
 DEFAULT_BLOCKSIZE_8BIT = 4096
 #: Blocksize of the nested (double-quantized) absmax and of 8-bit optimizer state.

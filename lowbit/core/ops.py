@@ -252,10 +252,15 @@ _define(
 # ----------------------------------------------------------------------------------------
 # 8-bit blockwise (dynamic code)
 # ----------------------------------------------------------------------------------------
+def _check_blocksize_8bit(blocksize) -> None:
+    if isinstance(blocksize, bool) or blocksize not in formats.BLOCKSIZES_8BIT:
+        raise ValueError(f"blocksize must be one of {formats.BLOCKSIZES_8BIT}, got {blocksize!r}")
+
+
 def _check_quantize_blockwise(A, code, blocksize) -> None:
     A = checks.tensor(A, "A", formats.FLOAT_DTYPES)
     checks.code(code, "code", 256, A.device)
-    checks.blocksize(blocksize)
+    _check_blocksize_8bit(blocksize)
 
 
 def _fake_quantize_blockwise(A, code, blocksize):
@@ -274,7 +279,7 @@ _define(
 
 def _check_dequantize_blockwise(A, absmax, code, blocksize, dtype, out=None) -> None:
     A = checks.tensor(A, "A", (torch.uint8,))
-    checks.blocksize(blocksize)
+    _check_blocksize_8bit(blocksize)
     checks.tensor(absmax, "absmax", (torch.float32,), numel=formats.num_blocks(A.numel(), blocksize), device=A.device)
     checks.code(code, "code", 256, A.device)
     checks.float_dtype(dtype, "dtype")

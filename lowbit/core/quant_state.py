@@ -176,7 +176,8 @@ class QuantState:
             raise ValueError(
                 f"quant state: 'quant_type' must be one of {formats.QUANT_TYPES} or None, got {quant_type!r}"
             )
-        blocksize = _check_blocksize(fields["blocksize"], "blocksize")
+        blocksizes = formats.BLOCKSIZES if quant_type is not None else formats.BLOCKSIZES_8BIT
+        blocksize = _check_blocksize(fields["blocksize"], "blocksize", blocksizes)
         dtype = _dtype_from_name(fields["dtype"], "dtype")
         shape = fields["shape"]
         if shape is not None:
@@ -193,7 +194,7 @@ class QuantState:
                 if key not in fields:
                     raise ValueError(f"quant state: nested state is missing {key!r}")
             absmax = _check_tensor(fields["absmax"], "absmax", torch.uint8, n_blocks)
-            nested_blocksize = _check_blocksize(fields["nested_blocksize"], "nested_blocksize")
+            nested_blocksize = _check_blocksize(fields["nested_blocksize"], "nested_blocksize", blocksizes)
             nested_offset = fields["nested_offset"]
             if not isinstance(nested_offset, (int, float)) or not math.isfinite(nested_offset):
                 raise ValueError(f"quant state: 'nested_offset' must be a finite number, got {nested_offset!r}")
@@ -272,9 +273,9 @@ def _tensors_equal(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
 
 
-def _check_blocksize(value: Any, key: str) -> int:
-    if not isinstance(value, int) or value not in formats.BLOCKSIZES:
-        raise ValueError(f"quant state: {key!r} must be one of {formats.BLOCKSIZES}, got {value!r}")
+def _check_blocksize(value: Any, key: str, blocksizes: tuple[int, ...] = formats.BLOCKSIZES) -> int:
+    if not isinstance(value, int) or value not in blocksizes:
+        raise ValueError(f"quant state: {key!r} must be one of {blocksizes}, got {value!r}")
     return value
 
 
