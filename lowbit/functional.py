@@ -29,6 +29,7 @@ __all__ = [
     "dequantize_nf4",
     "gemv_4bit",
     "get_4bit_type",
+    "has_avx512bf16",
     "int8_double_quant",
     "int8_linear_matmul",
     "int8_mm_dequant",
@@ -39,6 +40,13 @@ __all__ = [
     "quantize_fp4",
     "quantize_nf4",
 ]
+
+
+def has_avx512bf16() -> bool:
+    """Whether the library repacks 4-bit weights into bitsandbytes' AVX512-BF16 CPU layout: never in
+    lowbit, whose CPU kernels read the standard packed layout on every ISA (bitsandbytes answers
+    False too when its library lacks that path). Code that checks it keeps the standard layout."""
+    return False
 
 
 def get_4bit_type(typename: str, device: Optional[torch.device | str] = None, blocksize: int = 64) -> torch.Tensor:

@@ -148,7 +148,7 @@ def test_matmul_4bit_empty_input():
 def test_matmul_4bit_accepts_weight_quantized_as_k_by_n_with_deprecation_warning():
     packed, state = LF.quantize_4bit(_weight().t().contiguous(), quant_type="nf4")  # state.shape = [K, N]
     A = _input((3, K), torch.float32)
-    with pytest.warns(DeprecationWarning, match="K, N"):
+    with pytest.warns(DeprecationWarning, match=r"\[K, N\].*Re-quantize from the weight in \[N, K\]"):
         out = matmul_4bit(A, packed, state)
     assert torch.equal(out, A @ LF.dequantize_4bit(packed, state))
 

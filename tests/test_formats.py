@@ -189,3 +189,9 @@ def test_native_optimizer_ids_match_the_c_enum():
     primary = {name: formats.NATIVE_OPTIMIZER_IDS[name] for name in c_ids}
     assert primary == c_ids
     assert set(formats.NATIVE_OPTIMIZER_IDS.values()) == set(c_ids.values())
+
+
+def test_no_bitsandbytes_avx512bf16_repacked_layout():
+    from lowbit.functional import has_avx512bf16
+
+    assert has_avx512bf16() is False  # callers keep the standard packed layout lowbit's kernels read
