@@ -205,7 +205,7 @@ def test_gemm_4bit_op_offset_of_any_float_dtype_and_bad_arguments():
         torch.ops.lowbit.gemm_4bit(A, packed, [N, K], state.state2.absmax, 64, "nf4", absmax_code=state.state2.code)
     with pytest.raises(ValueError, match="absmax_8bit has"):
         torch.ops.lowbit.gemm_4bit(A, packed, [N, K], absmax, 64, "nf4", **{**nested_args, "absmax_8bit": state.absmax[1:]})
-    with pytest.raises(ValueError, match="shapeB must be 2-D"):
+    with pytest.raises(ValueError, match=f"A has {K} features in its last dimension but shapeB"):
         torch.ops.lowbit.gemm_4bit(A, packed, [K, N], state.state2.absmax, 64, "nf4", **nested_args)
 
 

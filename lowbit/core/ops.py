@@ -167,7 +167,9 @@ _define(
 )
 
 
-def _check_4bit_matmul(A, B, shapeB, absmax, code, blocksize, bias_or_out=None, *, is_out=False) -> None:
+def _check_4bit_operands(A, B, shapeB) -> tuple[torch.Tensor, tuple[int, ...], int]:
+    """A float ``A`` [..., K] and the packed bytes ``B`` of a [N, K] = ``shapeB`` weight; returns
+    ``(A, shapeB, N * K)``."""
     A = checks.tensor(A, "A", formats.FLOAT_DTYPES)
     shapeB = checks.shape(shapeB, "shapeB")
     if len(shapeB) != 2:
@@ -178,6 +180,11 @@ def _check_4bit_matmul(A, B, shapeB, absmax, code, blocksize, bias_or_out=None, 
     n = shapeB[0] * shapeB[1]
     if B.numel() * B.element_size() != (n + 1) // 2:
         raise ValueError(f"B holds {B.numel() * B.element_size()} bytes but shapeB {shapeB} needs {(n + 1) // 2}")
+    return A, shapeB, n
+
+
+def _check_4bit_matmul(A, B, shapeB, absmax, code, blocksize, bias_or_out=None, *, is_out=False) -> None:
+    A, shapeB, n = _check_4bit_operands(A, B, shapeB)
     checks.blocksize(blocksize)
     checks.tensor(absmax, "absmax", (torch.float32,), numel=formats.num_blocks(n, blocksize), device=A.device)
     checks.code(code, "code", 16, A.device)
@@ -212,14 +219,7 @@ _define(
 def _check_gemm_4bit(
     A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None, absmax_code=None, absmax_offset=None
 ) -> None:
-    A = checks.tensor(A, "A", formats.FLOAT_DTYPES)
-    shapeB = checks.shape(shapeB, "shapeB")
-    if len(shapeB) != 2 or A.shape[-1] != shapeB[1]:
-        raise ValueError(f"shapeB must be 2-D [N, {A.shape[-1]}] for A of shape {tuple(A.shape)}, got {list(shapeB)}")
-    B = checks.tensor(B, "B", device=A.device)
-    n = shapeB[0] * shapeB[1]
-    if B.numel() * B.element_size() != (n + 1) // 2:
-        raise ValueError(f"B holds {B.numel() * B.element_size()} bytes but shapeB {list(shapeB)} needs {(n + 1) // 2}")
+    A, shapeB, n = _check_4bit_operands(A, B, shapeB)
     checks.blocksize(blocksize)
     checks.quant_type(quant_type)
     blocks = formats.num_blocks(n, blocksize)

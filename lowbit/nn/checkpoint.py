@@ -250,31 +250,23 @@ class QuantizedWeightMixin:
         rest = {
             k: v for k, v in state_dict.items() if not (k.startswith(prefix) and fmt.owns(k[len(prefix) :]))
         }
-        if not isinstance(self.weight, self.weight_class):
-            # the weight was replaced by a plain Parameter (tied to another module's weight): it
-            # loads as a float weight only, as in bitsandbytes
+        # A weight replaced by a plain Parameter (tied to another module's weight) loads as a float
+        # weight only, as in bitsandbytes; a checkpoint without the weight (e.g. adapters only) has
+        # nothing of it to load. Either is an ordinary load, unless quantization entries are present.
+        plain = not isinstance(self.weight, self.weight_class)
+        if plain or weight_key not in state_dict:
             if extra:
+                entries = ", ".join(prefix + k for k in sorted(extra))
                 error_msgs.append(
-                    f"Loading a quantized checkpoint into non-quantized {type(self).__name__} is not "
-                    f"supported: {weight_key} is a plain {type(self.weight).__name__} (tied to another "
-                    f"module's weight?), not a {self.weight_class.__name__}; the checkpoint holds "
-                    f"{', '.join(prefix + k for k in sorted(extra))}"
+                    f"Loading a quantized checkpoint into non-quantized {type(self).__name__} is not supported: "
+                    f"{weight_key} is a plain {type(self.weight).__name__} (tied to another module's weight?), "
+                    f"not a {self.weight_class.__name__}; the checkpoint holds {entries}"
+                    if plain
+                    else f"{weight_key} is missing but the checkpoint holds its quantization entries {entries}"
                 )
                 return
             super()._load_from_state_dict(
                 state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-            )
-            return
-        if weight_key not in state_dict:
-            if extra:
-                error_msgs.append(
-                    f"{weight_key} is missing but the checkpoint holds its quantization entries "
-                    f"{', '.join(prefix + k for k in sorted(extra))}"
-                )
-                return
-            # e.g. a checkpoint of adapters only: nothing of the weight to load
-            super()._load_from_state_dict(
-                rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
             )
             return
 
