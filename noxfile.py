@@ -137,6 +137,7 @@ INTEGRATION_TESTS = (
     "tests/test_integrations_demo.py",
     "tests/test_integrations_distributed.py",
     "tests/test_integrations_smollm2.py",
+    "tests/test_integrations_compat.py",
 )
 
 
@@ -150,7 +151,8 @@ def _hf_assets(session: nox.Session) -> None:
 
 @nox.session
 def integration(session: nox.Session) -> None:
-    """transformers quantizer, PEFT/QLoRA, DDP + FSDP2 on gloo, SmolLM2 on Hamlet, the demo and examples.
+    """transformers quantizer, PEFT/QLoRA, DDP + FSDP2 on gloo, SmolLM2 on Hamlet, the demo and examples,
+    and transformers' / PEFT's own bitsandbytes code running on lowbit through lowbit.compat.install().
 
     Without bitsandbytes (checkpoints it wrote load from tests/data/hf_bnb/). About 5 minutes on 2 cores.
     """
