@@ -108,6 +108,7 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
         return self.quantized_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         weight = self._weight_for_forward()
         if not self.compute_type_is_set:
             self.set_compute_type(x)
@@ -234,6 +235,7 @@ class Linear8bitLt(QuantizedWeightMixin, nn.Linear):
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         weight = self.quantized_weight()
         self.state.is_training = self.training
         state = self.state
