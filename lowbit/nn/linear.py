@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..autograd import MatmulLtState, matmul, matmul_4bit
-from ..core import formats
+from ..core import checks, formats
 from .checkpoint import QuantizedWeightMixin
 from .int8params import Int8Params
 from .params4bit import Params4bit
@@ -26,13 +26,17 @@ logger = logging.getLogger("lowbit")
 
 def _bias_in(bias: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     """The bias in the compute dtype. As bitsandbytes, the Parameter itself is cast in place on
-    first use (its dtype, and the dtype a checkpoint saves it in, follow the input's); while
-    torch.compile traces, the cast is per call instead (a traced graph cannot rebind ``.data``)."""
+    first use (its dtype, and the dtype a checkpoint saves it in, follow the input's). Where the
+    cast has no data (torch.compile or FakeTensorMode tracing, a meta bias) it is per call instead:
+    a trace must not rebind the real Parameter's ``.data``."""
     if bias is None or bias.dtype == dtype:
         return bias
     if torch.compiler.is_compiling():
         return bias.to(dtype)
-    bias.data = bias.data.to(dtype)
+    cast = bias.data.to(dtype)
+    if not checks.has_data(cast):
+        return bias.to(dtype)
+    bias.data = cast
     return bias
 
 
