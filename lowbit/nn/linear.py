@@ -7,9 +7,11 @@ does loading a quantized checkpoint (see ``checkpoint.py``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+from collections.abc import Iterator
 from typing import Optional
 
 import torch
@@ -24,20 +26,29 @@ from .params4bit import Params4bit
 logger = logging.getLogger("lowbit")
 
 
-def _bias_in(bias: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """The bias in the compute dtype. As bitsandbytes, the Parameter itself is cast in place on
-    first use (its dtype, and the dtype a checkpoint saves it in, follow the input's). Where the
-    cast has no data (torch.compile or FakeTensorMode tracing, a meta bias) it is per call instead:
-    a trace must not rebind the real Parameter's ``.data``."""
+@contextlib.contextmanager
+def _bias_in(bias: Optional[torch.Tensor], dtype: torch.dtype) -> Iterator[Optional[torch.Tensor]]:
+    """The bias in the compute dtype, for one product. As bitsandbytes, the Parameter itself is cast
+    in place on first use (its dtype, and the dtype a checkpoint saves it in, follow the input's);
+    a product that raises (bad input) undoes the cast, so a refused call changes nothing. Where the
+    cast has no data (torch.compile or FakeTensorMode tracing, a meta bias) it is per call: a trace
+    must not rebind the real Parameter's ``.data``."""
     if bias is None or bias.dtype == dtype:
-        return bias
+        yield bias
+        return
     if torch.compiler.is_compiling():
-        return bias.to(dtype)
+        yield bias.to(dtype)
+        return
     cast = bias.data.to(dtype)
     if not checks.has_data(cast):
-        return bias.to(dtype)
-    bias.data = cast
-    return bias
+        yield bias.to(dtype)
+        return
+    original, bias.data = bias.data, cast
+    try:
+        yield bias
+    except BaseException:
+        bias.data = original
+        raise
 
 
 class Linear4bit(QuantizedWeightMixin, nn.Linear):
@@ -120,7 +131,8 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
         input_dtype = x.dtype
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
-        out = matmul_4bit(x, weight, quant_state=weight.quant_state, bias=_bias_in(self.bias, x.dtype))
+        with _bias_in(self.bias, x.dtype) as bias:
+            out = matmul_4bit(x, weight, quant_state=weight.quant_state, bias=bias)
         return out.to(input_dtype)
 
 
@@ -249,4 +261,5 @@ class Linear8bitLt(QuantizedWeightMixin, nn.Linear):
             # a plain float Parameter (tied weights) may change between calls: quantize it each
             # time, never from a cached int8 copy
             state = dataclasses.replace(state, has_fp16_weights=True, CB=None, SCB=None)
-        return matmul(x, weight, bias=_bias_in(self.bias, x.dtype), state=state)
+        with _bias_in(self.bias, x.dtype) as bias:
+            return matmul(x, weight, bias=bias, state=state)
