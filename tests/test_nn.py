@@ -257,10 +257,11 @@ def test_bias_follows_the_input_dtype_in_place(make):
     """bitsandbytes casts the bias Parameter to the compute dtype on first use; lowbit does too."""
     layer = make()
     bias = layer.bias
-    data = bias.data
-    with pytest.raises(ValueError):
-        layer(torch.tensor(1.0, dtype=torch.float16))  # refused (0-d input): the bias stays as it was
-    assert bias.data is data and bias.dtype == torch.float32
+    before = (bias.data_ptr(), bias.dtype)
+    for refused in (torch.tensor(1.0, dtype=torch.float16), torch.zeros(2, IN + 1, dtype=torch.float16)):
+        with pytest.raises(ValueError):
+            layer(refused)  # a refused call leaves the bias as it was
+    assert (bias.data_ptr(), bias.dtype) == before == (before[0], torch.float32)
     x = _x(dtype=torch.float16)
     first = layer(x)
     assert layer.bias is bias and bias.dtype == torch.float16 and layer.state_dict()["bias"].dtype == torch.float16

@@ -102,7 +102,7 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
                 logger.warning(
                     "Input type into Linear4bit is torch.float16, but bnb_4bit_compute_dtype=torch.float32 "
                     "(default). This will lead to slow inference%s.",
-                    "" if x.numel() == x.shape[-1] else " or training speed",
+                    "" if x.dim() == 0 or x.numel() == x.shape[-1] else " or training speed",
                 )
 
     def _weight_for_forward(self) -> Params4bit:
