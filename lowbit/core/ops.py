@@ -237,6 +237,8 @@ def _check_4bit_matmul(A, B, shapeB, absmax, code, blocksize, bias_or_out=None, 
     _absmax(absmax, n, blocksize, A.device, f"shapeB {list(shapeB)}")
     checks.code(code, "code", 16, A.device)
     if is_out:
+        if isinstance(bias_or_out, torch.Tensor) and bias_or_out.dtype != A.dtype:
+            raise ValueError(f"out must have A's dtype {A.dtype}, got {bias_or_out.dtype}")
         inputs = {"A": A, "B": B, "absmax": absmax, "code": code}
         checks.out(bias_or_out, "out", (*A.shape[:-1], shapeB[0]), A.dtype, A.device, inputs, "A's rows by shapeB[0]")
     else:
