@@ -104,6 +104,24 @@ def test_rejected_call_leaves_inputs_untouched():
     assert torch.equal(A.nan_to_num(), before.nan_to_num())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_int8_quant_finiteness_check_is_exact(dtype):
+    """The check sums A first: values whose sum overflows are still accepted, and a NaN or an
+    Inf anywhere (an Inf and a -Inf cancel to NaN in the sum) is still refused."""
+    big = torch.full((4, 64), torch.finfo(dtype).max, dtype=dtype)
+    q, row_stats, _ = F.int8_vectorwise_quant(big)
+    assert torch.equal(q, torch.full_like(q, 127)) and torch.isfinite(row_stats).all()
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        A = torch.ones(4, 64, dtype=dtype)
+        A[3, 17] = bad
+        with pytest.raises(ValueError, match="A contains NaN or Inf"):
+            F.int8_vectorwise_quant(A)
+    A = torch.ones(4, 64, dtype=dtype)
+    A[0, 0], A[2, 5] = float("inf"), -float("inf")
+    with pytest.raises(ValueError, match="A contains NaN or Inf"):
+        F.int8_double_quant(A)
+
+
 # ---- the classes of issue 14, one example each (tests/test_bad_input_properties.py generates them) ----
 import copy  # noqa: E402
 import json  # noqa: E402

@@ -13,7 +13,7 @@ machine runs. Asserted for each:
   ``torch.ops`` argument parsing for a value of the wrong Python type) whose message names the
   argument or key;
 * a refused call leaves every input unchanged: tensors, modules, optimizer states;
-* all backends agree: the same refusal, or results equal (bit for bit where DESIGN.md promises
+* all backends agree: the same refusal, or results equal (bit for bit where docs/design.md promises
   it, within accumulation-order tolerance for float matmuls and optimizer parameters);
 * what issue 14 requires to be refused is refused (mixed devices, overlapping or mistyped out=,
   2-D absmax, packed data as bool/complex/float8, NaN in a code or in quantized input on the host,

@@ -132,7 +132,7 @@ def test_order_sorts_the_code(quant_type):
 
 
 def test_fp4_threshold_values():
-    # DESIGN.md §4: |x| > 0.8333333 -> 011, > 0.5833333 -> 010, ... , > 0.0026042 -> 001
+    # docs/design.md §4: |x| > 0.8333333 -> 011, > 0.5833333 -> 010, ... , > 0.0026042 -> 001
     positive = formats.sorted_midpoints("fp4")[7:].tolist()
     assert positive == pytest.approx([0.0, 0.0026042, 0.0859375, 0.2083333, 0.2916667, 0.4166667, 0.5833333, 0.8333333], abs=1e-6)
 

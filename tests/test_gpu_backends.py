@@ -10,7 +10,7 @@ Three layers, so that most of this runs on machines without a GPU:
    ``build/gpu/*/`` from the ``build_*`` nox sessions): every symbol binds, the ABI matches, the
    targets the library reports are the device code it embeds, the C ABI rejects bad arguments.
    Skipped with the reason when none is built.
-3. Parity of every op with the reference (DESIGN.md §5: quantize/dequantize bit-exact, int8 ops
+3. Parity of every op with the reference (docs/design.md §5: quantize/dequantize bit-exact, int8 ops
    exact, float products within the accumulation-order bound stated in ``_product_close``,
    optimizers 1e-6 relative / >= 99.9% identical 8-bit codes), run on
    * the host emulation of the kernels (csrc/cuda/emu: the same .cu files compiled as C++, CTAs

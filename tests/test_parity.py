@@ -1,6 +1,6 @@
 """Every native backend against the reference backend, op by op, on the same inputs.
 
-Agreement required (DESIGN.md §5): quantize and dequantize bit-exact (bytes and absmax),
+Agreement required (docs/design.md §5): quantize and dequantize bit-exact (bytes and absmax),
 int8 products exact, float matmuls within what accumulation order explains.
 Each backend's kernel is called directly, bypassing dispatch, so the reference cannot mask it.
 The native CPU backend is checked once per instruction set this machine can run (scalar, avx2,

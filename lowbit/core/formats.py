@@ -1,4 +1,4 @@
-"""The quantization formats, defined once for Python (DESIGN.md §4).
+"""The quantization formats, defined once for Python (docs/design.md §4).
 
 The same constants live in ``csrc/common/lowbit_formats.h`` for the native backends;
 ``tests/test_formats.py`` checks the two against each other through the C ABI.

@@ -1,4 +1,4 @@
-"""The op schemas of DESIGN.md §5 as ``torch.library`` custom ops in the ``lowbit`` namespace.
+"""The op schemas of docs/design.md §5 as ``torch.library`` custom ops in the ``lowbit`` namespace.
 
 Each op gets:
 * a schema (what ``torch.ops.lowbit.<op>`` accepts),

@@ -1,6 +1,6 @@
 """8-bit blockwise quantize/dequantize through the GPU library (csrc/cuda/blockwise_8bit.cu).
-Bit-exact with the reference and the CPU backend (DESIGN.md §5). The GPU kernels take blocks of
-up to 4096 values; the larger 8-bit blocksizes (formats.BLOCKSIZES_8BIT) run the reference kernel."""
+Bit-exact with the reference and the CPU backend (docs/design.md §5). The GPU kernels take blocks
+of up to 4096 values; the larger 8-bit blocksizes (formats.BLOCKSIZES_8BIT) run the reference kernel."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Fused optimizer steps through the GPU library (csrc/cuda/optimizers.cu): 32-bit state, and
 8-bit blockwise state (dequantize -> update -> requantize in one kernel). Same formulas and
-operation order as lowbit/backends/reference/optimizers.py; DESIGN.md §5 tolerances."""
+operation order as lowbit/backends/reference/optimizers.py; docs/design.md §5 tolerances."""
 
 from __future__ import annotations
 

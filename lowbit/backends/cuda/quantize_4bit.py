@@ -1,5 +1,5 @@
 """4-bit quantize/dequantize through the GPU library (csrc/cuda/quantize_4bit.cu). Bit-exact with
-the reference and the CPU backend (DESIGN.md §5)."""
+the reference and the CPU backend (docs/design.md §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LLM.int8: row-wise int8 quantization with outlier columns, exact int32 products, DESIGN.md §4."""
+"""LLM.int8: row-wise int8 quantization with outlier columns, exact int32 products, docs/design.md §4."""
 
 from __future__ import annotations
 
