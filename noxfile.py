@@ -290,6 +290,7 @@ TRITON_TESTS = (
     "tests/test_nn.py",
     "tests/test_autograd.py",
     "tests/test_optim.py",
+    "tests/test_optim_nonfinite.py",
     "tests/test_op_schemas.py",
     "tests/test_bad_input.py",
 )
@@ -402,3 +403,26 @@ def gpu(session: nox.Session) -> None:
     """On a machine with an NVIDIA GPU, offline, in the current environment (torch with CUDA): build
     for the local arch, parity of every op on the device, the QLoRA step, then timings (benchmarks/gpu.py)."""
     session.run("python", "benchmarks/gpu.py", *session.posargs)
+
+
+# ---- fuzzing the C ABI (issue 14; csrc/fuzz, ci/fuzz_capi.py) ---------------------------------------
+@nox.session(default=False)
+def fuzz(session: nox.Session) -> None:
+    """libFuzzer on every entry point of the CPU library's C ABI under ASan + UBSan (clang).
+
+    Default: 1,000,000 executions over 2 workers (what .ci/run runs); `-- --seconds 3600` for a long
+    run, `-- --workers N`. Skipped, with the reason, when no clang++ with libFuzzer is installed
+    (an error under LOWBIT_REQUIRE_FUZZ=1, which .ci/run sets after installing it).
+    """
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fuzz_capi", "ci/fuzz_capi.py")
+    fuzz_capi = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fuzz_capi)
+    compiler, problem = fuzz_capi.find_compiler()
+    if compiler is None and os.environ.get("LOWBIT_REQUIRE_FUZZ") == "1":
+        session.error(f"LOWBIT_REQUIRE_FUZZ=1 but {problem}")
+    if compiler is None:
+        session.skip(problem)
+    session.install("cmake", "ninja")
+    session.run("python", "ci/fuzz_capi.py", *session.posargs)

@@ -326,3 +326,16 @@ def test_valid_inputs_issue_14_found_rejected():
     table = lnn.EmbeddingNF4(10, 64).to("cpu")
     assert table(torch.empty(0, dtype=torch.long)).shape == (0, 64)
     assert table(torch.empty(3, 0, dtype=torch.long)).shape == (3, 0, 64)
+
+
+def test_int8_linear_matmul_refuses_a_k_its_int32_accumulator_cannot_hold():
+    """K = 2^17 of (-128)(-128) sums to 2^31, which wraps to -2^31 in int32: every backend refuses
+    K > formats.INT8_MATMUL_MAX_K (shape check, no data read), also through int8_scaled_mm."""
+    K = formats.INT8_MATMUL_MAX_K + 1
+    A = torch.full((1, K), -128, dtype=torch.int8)
+    with pytest.raises(ValueError, match=rf"A's last dimension \(K = {K}\) exceeds {K - 1}"):
+        F.int8_linear_matmul(A, A)
+    with pytest.raises(ValueError, match=rf"K = {K}"):
+        torch.ops.lowbit.int8_scaled_mm(A, A, torch.ones(1), torch.ones(1))
+    largest = A[:, 1:].contiguous()
+    assert F.int8_linear_matmul(largest, largest).item() == (K - 1) * 128 * 128  # exact up to the limit

@@ -195,3 +195,16 @@ def test_no_bitsandbytes_avx512bf16_repacked_layout():
     from lowbit.functional import has_avx512bf16
 
     assert has_avx512bf16() is False  # callers keep the standard packed layout lowbit's kernels read
+
+
+def test_int8_matmul_max_k_matches_the_c_constant():
+    """formats.INT8_MATMUL_MAX_K is kInt8MatmulMaxK of csrc/common/lowbit_int8.h, and is the largest
+    K for which K products of (-128)(-128) still fit int32."""
+    import re
+
+    header = Path(__file__).resolve().parents[1] / "csrc" / "common" / "lowbit_int8.h"
+    if not header.is_file():
+        pytest.skip("needs the source checkout (csrc/)")
+    shift, minus = re.search(r"kInt8MatmulMaxK = \(int64_t\{1\} << (\d+)\) - (\d+);", header.read_text()).groups()
+    assert formats.INT8_MATMUL_MAX_K == (1 << int(shift)) - int(minus)
+    assert formats.INT8_MATMUL_MAX_K * 128 * 128 <= 2**31 - 1 < (formats.INT8_MATMUL_MAX_K + 1) * 128 * 128

@@ -98,6 +98,10 @@ BLOCKWISE_LUT_BINS = 65536
 INT8_MM_DEQUANT_SCALE = 6.200124e-05
 #: 1/127 in float32, the int8 vectorwise dequantization factor.
 INT8_DEQUANT_SCALE = 7.874015718698502e-3
+#: Largest inner size K of int8_linear_matmul: its int32 accumulator is exact while K * 128^2 < 2^31
+#: (every product of two int8 values has |a*b| <= 2^14); beyond, -128 * -128 summed 2^17 times
+#: wraps to -2^31. Every backend refuses larger K (kInt8MatmulMaxK in csrc/common/lowbit_int8.h).
+INT8_MATMUL_MAX_K = 2**17 - 1
 
 
 def code_tensor(quant_type: str, device: torch.device | str | None = None) -> torch.Tensor:

@@ -284,7 +284,9 @@ def _check_gemm_4bit(
         checks.tensor(absmax_8bit, "absmax_8bit", (torch.uint8,), numel=blocks, device=A.device, ndim=1)
         _absmax(absmax, blocks, formats.NESTED_BLOCKSIZE, A.device, "absmax_8bit")
         checks.code(absmax_code, "absmax_code", formats.CODE8_SIZE, A.device)
-        checks.tensor(absmax_offset, "absmax_offset", formats.FLOAT_DTYPES, numel=1, device=A.device)
+        offset = checks.tensor(absmax_offset, "absmax_offset", formats.FLOAT_DTYPES, numel=1, device=A.device)
+        if offset.dim() > 1:
+            raise ValueError(f"absmax_offset must be a scalar (0-d or one element), got shape {tuple(offset.shape)}")
         checks.finite_values(absmax_offset, "absmax_offset")
     _bias(bias, shapeB[0], A.device)
 
@@ -406,6 +408,11 @@ def _check_int8_linear_matmul(A, B, out=None, names=("A", "B")) -> None:
         raise ValueError(
             f"{names[1]} must be 2-D (out_features, {A.shape[-1]}) to match the last dimension of {names[0]} "
             f"(shape {tuple(A.shape)}), got shape {tuple(B.shape)}"
+        )
+    if A.shape[-1] > formats.INT8_MATMUL_MAX_K:
+        raise ValueError(
+            f"{names[0]}'s last dimension (K = {A.shape[-1]}) exceeds {formats.INT8_MATMUL_MAX_K}, the largest inner size "
+            "whose int32 accumulation of int8 products cannot overflow"
         )
     if out is not None:
         checks.out(out, "out", (*A.shape[:-1], B.shape[0]), torch.int32, A.device, {"A": A, "B": B}, "A's rows by B's rows")

@@ -9,7 +9,7 @@ import torch
 from ...core import formats
 from ...core.registry import KernelTable
 from ..reference import blockwise_8bit as reference
-from .native import DTYPES, GpuLibrary, ptr
+from .native import DTYPES, GpuLibrary, buf, ptr
 
 
 def install(kernels: KernelTable, gpu: GpuLibrary) -> None:
@@ -22,7 +22,7 @@ def install(kernels: KernelTable, gpu: GpuLibrary) -> None:
         absmax = torch.empty(formats.num_blocks(n, blocksize), dtype=torch.float32, device=A.device)
         gpu.call(
             "lowbit_cuda_quantize_blockwise", A.device,
-            DTYPES[A.dtype], ptr(code), ptr(A), n, blocksize, ptr(q), ptr(absmax),
+            DTYPES[A.dtype], *buf(code), ptr(A), n, blocksize, *buf(q), *buf(absmax),
         )  # fmt: skip
         return q, absmax
 
@@ -32,7 +32,7 @@ def install(kernels: KernelTable, gpu: GpuLibrary) -> None:
             return reference.dequantize_blockwise_out(A, absmax, code, blocksize, dtype, out)
         gpu.call(
             "lowbit_cuda_dequantize_blockwise", A.device,
-            DTYPES[dtype], ptr(code), ptr(A), ptr(absmax), A.numel(), blocksize, ptr(out),
+            DTYPES[dtype], *buf(code), *buf(A), *buf(absmax), blocksize, ptr(out), out.numel(),
         )  # fmt: skip
 
     @kernels.register("dequantize_blockwise")
