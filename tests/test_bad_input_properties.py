@@ -359,6 +359,26 @@ def _build_4bit_matmul_nested(name, p, g):
     return OpCall(name, args, roles, close=True)
 
 
+def _build_gemm_4bit(name, p, g):
+    """bitsandbytes' op: the quant type instead of a code, and a double-quantized absmax as
+    (absmax of the nested blocks, absmax_8bit, absmax_code, absmax_offset) when ``nested``."""
+    (m, N, K), bs, qt, dtype, nested = p
+    packed, absmax = _quantized_4bit(N * K, bs, qt, g)
+    args = [_randn((m, K), dtype, g), packed, [N, K], absmax, bs, qt, _randn((N,), dtype, g)]
+    roles = {
+        0: Arg(FLOATS, "input"), 1: Arg(formats.QUANT_STORAGE_DTYPES, "packed"), 3: Arg((torch.float32,), "absmax"),
+        6: Arg(REAL_FLOATS, "bias"),
+    }  # fmt: skip
+    if nested:
+        offset = absmax.mean()
+        absmax_8bit, args[3] = torch.ops.lowbit.quantize_blockwise(
+            absmax - offset, formats.dynamic_map(), formats.NESTED_BLOCKSIZE
+        )
+        args += [absmax_8bit, formats.dynamic_map(), offset]
+        roles.update({7: Arg((torch.uint8,), "sized"), 8: Arg((torch.float32,), "code"), 9: Arg(FLOATS, "stat")})
+    return OpCall(name, args, roles, close=True)
+
+
 def _build_quantize_blockwise(name, p, g):
     n, bs, dtype = p
     return OpCall(
@@ -434,7 +454,7 @@ def _build_int8_mixed_scaled_mm(name, p, g):
     CA, SCA, cols = torch.ops.lowbit.int8_vectorwise_quant(A, 6.0)
     args = [A, CA, _int8((N, K), g), SCA, torch.rand(N, generator=g) * 10, cols, None]
     roles = {
-        0: Arg((torch.float16,), "input"), 1: Arg((torch.int8,), "sized"), 2: Arg((torch.int8,), "sized"),
+        0: Arg(FLOATS, "input"), 1: Arg((torch.int8,), "sized"), 2: Arg((torch.int8,), "sized"),
         3: Arg((torch.float32,), "stat"), 4: Arg((torch.float32,), "stat"), 5: Arg((torch.int64, torch.int32), "index"),
     }  # fmt: skip
     if with_bias:
@@ -495,6 +515,7 @@ _BUILDERS: dict[str, tuple[st.SearchStrategy, Callable]] = {
     "matmul_4bit_nested": (
         st.tuples(_mnk, _blocksize, _blocksize, _quant_type, _float, st.booleans()), _build_4bit_matmul_nested
     ),
+    "gemm_4bit": (st.tuples(_mnk, _blocksize, _quant_type, _float, st.booleans()), _build_gemm_4bit),
     "quantize_blockwise": (st.tuples(st.integers(1, 600), _blocksize, _float), _build_quantize_blockwise),
     "dequantize_blockwise": (st.tuples(st.integers(1, 600), _blocksize, _float), _build_dequantize_blockwise),
     "dequantize_blockwise.out": (st.tuples(st.integers(1, 600), _blocksize, _float), _build_dequantize_blockwise),
@@ -528,6 +549,7 @@ def test_every_op_is_generated():
 # ------------------------------------------------------------------------------------------------
 _SCALARS: dict[str, list[tuple[int, str, list]]] = {}  # op -> (position, name, bad values)
 _BAD_BLOCKSIZES = [0, -64, 48, 8192, 1]
+_BAD_BLOCKSIZES_8BIT = [0, -64, 48, 2 * formats.BLOCKSIZES_8BIT[-1], 1]  # 8192..65536 are 8-bit blocksizes
 _BAD_QUANT_TYPES = ["nf5", "", "NF4", "int4"]
 _BAD_DTYPES = [torch.int8, torch.float64, torch.bool, torch.complex64]
 _BAD_FLOATS = [math.nan, math.inf, -math.inf, -1.0]
@@ -542,9 +564,11 @@ for _name in ("gemv_4bit", "gemv_4bit.out", "matmul_4bit"):
 _SCALARS["matmul_4bit_nested"] = [
     (9, "blocksize", _BAD_BLOCKSIZES), (6, "blocksize2", _BAD_BLOCKSIZES), (2, "shapeB", ["N+1", "K+1", "flat", "3-D"])
 ]  # fmt: skip
-_SCALARS["quantize_blockwise"] = [(2, "blocksize", _BAD_BLOCKSIZES)]
+_SCALARS["gemm_4bit"] = [(4, "blocksize", _BAD_BLOCKSIZES), (5, "quant_type", _BAD_QUANT_TYPES),
+                         (2, "shapeB", ["N+1", "K+1", "flat", "3-D"])]  # fmt: skip
+_SCALARS["quantize_blockwise"] = [(2, "blocksize", _BAD_BLOCKSIZES_8BIT)]
 for _name in ("dequantize_blockwise", "dequantize_blockwise.out"):
-    _SCALARS[_name] = [(3, "blocksize", _BAD_BLOCKSIZES), (4, "dtype", _BAD_DTYPES)]
+    _SCALARS[_name] = [(3, "blocksize", _BAD_BLOCKSIZES_8BIT), (4, "dtype", _BAD_DTYPES)]
 for _name in ("int8_vectorwise_quant", "int8_double_quant"):
     _SCALARS[_name] = [(1, "threshold", [-1.0, math.nan, math.inf, -math.inf])]
 _SCALARS["int8_mm_dequant"] = [(3, "dtype", _BAD_DTYPES)]
@@ -572,6 +596,7 @@ def _shape_value(bad, call: OpCall):
         return {"+2": [n + 2], "-2": [n - 2] if n > 2 else [n + 2], "negative": [-n], "extra0": [n, 0]}[bad]
     N, K = call.args[2]
     # K = 1: one row more may only fill the padding nibble of an odd N, so add two
+    # "N+1" adds two rows when K == 1: one more row of one value may fit the padding nibble of B
     return {"N+1": [N + (2 if K == 1 else 1), K], "K+1": [N, K + 1], "flat": [N * K], "3-D": [N, K, 1]}[bad]
 
 
@@ -595,6 +620,7 @@ def _with_value(t: torch.Tensor, index: int, kind: str, n_cols: int) -> torch.Te
         value = {"nan": -1, "inf": n_cols, "-inf": info.min, "subnormal": 2**31 - 1 if info.bits > 32 else info.max,
                  "huge": info.max, "-huge": info.min}[kind]  # fmt: skip
         value = min(max(value, info.min), info.max)  # n_cols or -1 may not fit (int8, uint8)
+        value = min(max(value, info.min), info.max)  # n_cols of an int8 tensor may exceed 127
     flat[i] = value
     return t
 

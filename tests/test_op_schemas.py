@@ -18,10 +18,10 @@ g = torch.Generator().manual_seed(0)
 W = torch.randn(32, 64, generator=g)
 X = torch.randn(3, 64, generator=g)
 PACKED, STATE = F.quantize_4bit(W, quant_type="nf4")
+PACKED_NESTED, STATE_NESTED = F.quantize_4bit(W, quant_type="fp4", compress_statistics=True)
 QA, SA, _ = F.int8_vectorwise_quant(X)
 QW, SW, _ = F.int8_vectorwise_quant(W)
 CODE8 = formats.dynamic_map()
-_, NESTED = F.quantize_4bit(W, quant_type="nf4", compress_statistics=True)
 Q8, ABSMAX8 = torch.ops.lowbit.quantize_blockwise(W, CODE8, 256)
 
 SAMPLES = {
@@ -32,8 +32,12 @@ SAMPLES = {
     "gemv_4bit.out": (X, PACKED, [32, 64], STATE.absmax, STATE.code, 64, torch.empty(3, 32)),
     "matmul_4bit": (X, PACKED, [32, 64], STATE.absmax, STATE.code, 64, torch.randn(32)),
     "matmul_4bit_nested": (
-        X, PACKED, [32, 64], NESTED.absmax, NESTED.state2.code, NESTED.state2.absmax, NESTED.state2.blocksize,
-        NESTED.offset, STATE.code, 64, torch.randn(32),
+        X, PACKED_NESTED, [32, 64], STATE_NESTED.absmax, STATE_NESTED.state2.code, STATE_NESTED.state2.absmax,
+        STATE_NESTED.state2.blocksize, STATE_NESTED.offset, STATE_NESTED.code, 64, torch.randn(32),
+    ),
+    "gemm_4bit": (
+        X, PACKED_NESTED, [32, 64], STATE_NESTED.state2.absmax, 64, "fp4", torch.randn(32), STATE_NESTED.absmax,
+        STATE_NESTED.state2.code, STATE_NESTED.offset,
     ),
     "quantize_blockwise": (W, CODE8, 256),
     "dequantize_blockwise": (Q8, ABSMAX8, CODE8, 256, torch.float16),

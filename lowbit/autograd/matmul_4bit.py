@@ -57,7 +57,7 @@ def to_out(result: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
     shape and dtype. The result is complete before ``out`` is written, so ``out`` may alias A."""
     if out is None:
         return result
-    return checks.out(out, "out", result.shape, result.dtype, result.device, {}).copy_(result)
+    return checks.out(out, "out", result.shape, result.dtype, result.device, {}, contiguous=False).copy_(result)
 
 
 class MatMul4Bit(torch.autograd.Function):
@@ -138,11 +138,13 @@ def matmul_4bit(
         bias = bias.to(A.dtype)  # outside the autograd.Function, so the cast is differentiable
 
     if A.shape[-1] != k_in:
-        # A weight quantized in [K, N] orientation: bitsandbytes still accepts it (deprecated).
+        # A weight quantized in [K, N] orientation: bitsandbytes still accepts it (deprecated). The
+        # message keeps bitsandbytes' wording, which warning filters written for it match.
         if not torch.compiler.is_compiling():
             warnings.warn(
                 f"matmul_4bit: the weight was quantized from a [K, N] tensor (quant_state.shape="
-                f"{list(quant_state.shape)}); quantize it as [N, K] (out_features, in_features) instead",
+                f"{list(quant_state.shape)}). Re-quantize from the weight in [N, K] (out_features, in_features) "
+                "orientation.",
                 DeprecationWarning,
                 stacklevel=2,
             )
