@@ -132,6 +132,11 @@ LOWBIT_API int32_t lowbit_format_table(int32_t table, float *out, int32_t capaci
     case LOWBIT_TABLE_BLOCKSIZES:
         copy_table(fmt::kBlocksizes, fmt::kNumBlocksizes, out, capacity, count);
         break;
+    case LOWBIT_TABLE_INTERLEAVE: {
+        const int layout[] = {fmt::kInterleaveRows, fmt::kInterleaveWordWeights};
+        copy_table(layout, 2, out, capacity, count);
+        break;
+    }
     default: return LOWBIT_ERR_ARGUMENT;
     }
     return LOWBIT_OK;
@@ -209,6 +214,39 @@ LOWBIT_API int32_t lowbit_gemv_4bit(int32_t a_dtype, const void *A, int64_t M, i
     return guarded([&] {
         const bool ok = kernels().gemv_4bit(a_dtype, A, M, K, B, absmax, code, N, blocksize, out_dtype,
                                             out, num_threads);
+        return int32_t{ok ? LOWBIT_OK : LOWBIT_ERR_UNSUPPORTED};
+    });
+}
+
+LOWBIT_API int32_t lowbit_interleave_4bit(const uint8_t *B, const float *absmax, int64_t N, int64_t K,
+                                          int64_t blocksize, int32_t inverse, uint8_t *B_out, float *absmax_out,
+                                          int32_t num_threads) {
+    if (!fmt::is_supported_blocksize(blocksize) || N < 0 || K < 1 || K % blocksize != 0 || !product_fits(N, K))
+        return LOWBIT_ERR_ARGUMENT;
+    if (N == 0) return LOWBIT_OK;
+    if (B == nullptr || absmax == nullptr || B_out == nullptr || absmax_out == nullptr) return LOWBIT_ERR_ARGUMENT;
+    return guarded([&] {
+        kernels().interleave_4bit(B, absmax, N, K, blocksize, inverse != 0, B_out, absmax_out, num_threads);
+        return int32_t{LOWBIT_OK};
+    });
+}
+
+LOWBIT_API int32_t lowbit_matmul_4bit_interleaved(int32_t a_dtype, const void *A, int64_t M, int64_t K,
+                                                  const uint8_t *B, const float *absmax, const float *code,
+                                                  int64_t N, int64_t blocksize, const void *bias, int32_t bias_dtype,
+                                                  int32_t precision, int32_t out_dtype, void *out,
+                                                  int32_t num_threads) {
+    if (!valid_dtype(a_dtype) || !valid_dtype(out_dtype) || (bias != nullptr && !valid_dtype(bias_dtype)) ||
+        (precision != LOWBIT_PRECISION_FLOAT32 && precision != LOWBIT_PRECISION_BF16) ||
+        !fmt::is_supported_blocksize(blocksize) || M < 0 || N < 0 || K < 1 || K % blocksize != 0 ||
+        !product_fits(M, K) || !product_fits(N, K) || !product_fits(M, N))
+        return LOWBIT_ERR_ARGUMENT;
+    if (M == 0 || N == 0) return LOWBIT_OK;
+    if (A == nullptr || B == nullptr || absmax == nullptr || code == nullptr || out == nullptr)
+        return LOWBIT_ERR_ARGUMENT;
+    return guarded([&] {
+        const bool ok = kernels().matmul_4bit_interleaved(a_dtype, A, M, K, B, absmax, code, N, blocksize, bias,
+                                                          bias_dtype, out_dtype, out, num_threads);
         return int32_t{ok ? LOWBIT_OK : LOWBIT_ERR_UNSUPPORTED};
     });
 }

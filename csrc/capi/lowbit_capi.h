@@ -67,6 +67,7 @@ typedef enum lowbit_table {
     LOWBIT_TABLE_FP4_ORDER = 4,      /* 16 codes sorted by value (as float) */
     LOWBIT_TABLE_NF4_ORDER = 5,      /* identity (as float) */
     LOWBIT_TABLE_BLOCKSIZES = 6,     /* supported blocksizes (as float) */
+    LOWBIT_TABLE_INTERLEAVE = 7,     /* the interleaved layout: rows per group, weights per word */
 } lowbit_table;
 
 /* Instruction sets the CPU kernels are built for; higher is wider. */
@@ -125,6 +126,37 @@ LOWBIT_API int32_t lowbit_gemv_4bit(int32_t a_dtype, const void *A, int64_t M, i
                                     const uint8_t *B, const float *absmax, const float *code,
                                     int64_t N, int64_t blocksize, int32_t out_dtype, void *out,
                                     int32_t num_threads);
+
+/* ---- the interleaved 4-bit layout (CPU inference; defined in lowbit_formats.h) ---------- */
+/* Rows in groups of 16, and within a group the 4-byte words of the packed bytes (8 weights each)
+ * and the absmax stored transposed; sizes unchanged. Requires K % blocksize == 0. */
+
+/* The (N*K)/2 packed bytes B and N*K/blocksize floats absmax of an (N, K) weight to the
+ * interleaved layout in B_out / absmax_out; inverse != 0: from it, back to the standard layout
+ * (bit-exact both ways). Outputs must not overlap inputs. LOWBIT_ERR_ARGUMENT: blocksize out of
+ * range, N < 0, K < 1, K % blocksize != 0 or N*K too large; N == 0 reads no pointer. */
+LOWBIT_API int32_t lowbit_interleave_4bit(const uint8_t *B, const float *absmax, int64_t N, int64_t K,
+                                          int64_t blocksize, int32_t inverse, uint8_t *B_out, float *absmax_out,
+                                          int32_t num_threads);
+
+/* How exact a product on the interleaved layout must be. */
+typedef enum lowbit_precision {
+    LOWBIT_PRECISION_FLOAT32 = 0, /* float32 products and sums (the contract of lowbit_gemv_4bit) */
+    LOWBIT_PRECISION_BF16 = 1,    /* weights and A may be rounded once to bf16; sums in float32 */
+} lowbit_precision;
+
+/* out = A @ W.T (+ bias) with W the (N, K) weight whose B and absmax are in the interleaved layout:
+ * out[m, n] = sum_k A[m, k] * code[nibble(n, k)] * absmax[n, k / blocksize] (+ bias[n]), rounded
+ * once to out_dtype. A: M x K row-major of a_dtype; code: 16 floats; bias: N values of bias_dtype,
+ * or null; out: M x N row-major of out_dtype. Any M. LOWBIT_ERR_ARGUMENT: a dtype, precision or
+ * blocksize out of range, K % blocksize != 0, M < 0, N < 0, K < 1, or M*K, N*K or M*N too large;
+ * M == 0 or N == 0 returns LOWBIT_OK without reading any pointer. LOWBIT_ERR_UNSUPPORTED: a
+ * workspace could not be allocated. */
+LOWBIT_API int32_t lowbit_matmul_4bit_interleaved(int32_t a_dtype, const void *A, int64_t M, int64_t K,
+                                                  const uint8_t *B, const float *absmax, const float *code,
+                                                  int64_t N, int64_t blocksize, const void *bias, int32_t bias_dtype,
+                                                  int32_t precision, int32_t out_dtype, void *out,
+                                                  int32_t num_threads);
 
 /* ---- CPU extensions -------------------------------------------------------------------- */
 /* Optional instruction-set extensions (bit flags) that an ISA build uses where the CPU has them,

@@ -95,6 +95,22 @@ bool gemv_4bit(int32_t a_dtype, const void *A, int64_t M, int64_t K, const uint8
                const float *absmax, const float *code, int64_t N, int64_t blocksize,
                int32_t out_dtype, void *out, int num_threads);
 
+/* ---- the interleaved 4-bit layout (interleaved_4bit.cpp; lowbit_formats.h defines it) ---- */
+
+/* B: the (N*K)/2 packed bytes and absmax: the N*K/blocksize floats of an (N, K) weight with
+ * K % blocksize == 0, to the interleaved layout in B_out / absmax_out (inverse: back). Outputs
+ * must not overlap the inputs. */
+void interleave_4bit(const uint8_t *B, const float *absmax, int64_t N, int64_t K, int64_t blocksize, bool inverse,
+                     uint8_t *B_out, float *absmax_out, int num_threads);
+
+/* out[m, n] = sum_k A[m, k] * code[nibble(n, k)] * absmax[n, k / blocksize] (+ bias[n]), float32
+ * products and sums rounded once to out_dtype, with B and absmax in the interleaved layout
+ * (K % blocksize == 0). A: M x K of a_dtype; bias: N values of bias_dtype or null; out: M x N.
+ * Returns false only when the float32 copy of A cannot be allocated (nothing written). */
+bool matmul_4bit_interleaved(int32_t a_dtype, const void *A, int64_t M, int64_t K, const uint8_t *B,
+                             const float *absmax, const float *code, int64_t N, int64_t blocksize, const void *bias,
+                             int32_t bias_dtype, int32_t out_dtype, void *out, int num_threads);
+
 /* ---- 8-bit blockwise (blockwise_8bit.cpp) ---- */
 
 /* code: 256 floats; A: n elements -> out: n bytes, absmax: num_blocks floats.

@@ -56,6 +56,13 @@ struct KernelTable {
                                             const optim::Params &params, const float *qmap1,
                                             const float *qmap2, float *absmax1, float *absmax2,
                                             int num_threads);
+    /* The interleaved 4-bit layout (interleaved_4bit.cpp) */
+    void (*interleave_4bit)(const uint8_t *B, const float *absmax, int64_t N, int64_t K, int64_t blocksize,
+                            bool inverse, uint8_t *B_out, float *absmax_out, int num_threads);
+    bool (*matmul_4bit_interleaved)(int32_t a_dtype, const void *A, int64_t M, int64_t K, const uint8_t *B,
+                                    const float *absmax, const float *code, int64_t N, int64_t blocksize,
+                                    const void *bias, int32_t bias_dtype, int32_t out_dtype, void *out,
+                                    int num_threads);
 };
 
 /* True when `isa` is compiled into this library and this CPU/OS can execute it. */
