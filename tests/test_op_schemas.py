@@ -19,6 +19,7 @@ QA, SA, _ = F.int8_vectorwise_quant(X)
 QW, SW, _ = F.int8_vectorwise_quant(W)
 CODE8 = formats.dynamic_map()
 Q8, ABSMAX8 = torch.ops.lowbit.quantize_blockwise(W, CODE8, 256)
+PACKED_I, ABSMAX_I = torch.ops.lowbit.interleave_4bit(PACKED, STATE.absmax, [32, 64], 64)
 
 SAMPLES = {
     "quantize_4bit": (W, 64, "nf4", torch.uint8),
@@ -27,6 +28,9 @@ SAMPLES = {
     "gemv_4bit": (X, PACKED, [32, 64], STATE.absmax, STATE.code, 64),
     "gemv_4bit.out": (X, PACKED, [32, 64], STATE.absmax, STATE.code, 64, torch.empty(3, 32)),
     "matmul_4bit": (X, PACKED, [32, 64], STATE.absmax, STATE.code, 64, torch.randn(32)),
+    "interleave_4bit": (PACKED, STATE.absmax, [32, 64], 64),
+    "deinterleave_4bit": (PACKED_I, ABSMAX_I, [32, 64], 64),
+    "matmul_4bit_interleaved": (X, PACKED_I, [32, 64], ABSMAX_I, STATE.code, 64, torch.randn(32), False),
     "quantize_blockwise": (W, CODE8, 256),
     "dequantize_blockwise": (Q8, ABSMAX8, CODE8, 256, torch.float16),
     "dequantize_blockwise.out": (Q8, ABSMAX8, CODE8, 256, torch.float32, torch.empty(32, 64)),

@@ -1,0 +1,49 @@
+"""The interleaved 4-bit layout (CPU inference) and the product on it, through the native library
+(csrc/cpu/interleaved_4bit.cpp): one fused pass over the weight for any number of rows of A."""
+
+from __future__ import annotations
+
+import torch
+
+from . import kernels, native
+
+
+def _permute(B, absmax, shapeB, blocksize, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    N, K = shapeB
+    out_B, out_absmax = torch.empty_like(B), torch.empty_like(absmax)
+    native.check(
+        native.lib().lowbit_interleave_4bit(
+            native.ptr(B), native.ptr(absmax), N, K, blocksize, int(inverse), native.ptr(out_B),
+            native.ptr(out_absmax), native.num_threads(),
+        ),
+        "lowbit_interleave_4bit",
+    )  # fmt: skip
+    return out_B, out_absmax
+
+
+@kernels.register("interleave_4bit")
+def interleave_4bit(B, absmax, shapeB, blocksize):
+    return _permute(B, absmax, shapeB, blocksize, inverse=False)
+
+
+@kernels.register("deinterleave_4bit")
+def deinterleave_4bit(B, absmax, shapeB, blocksize):
+    return _permute(B, absmax, shapeB, blocksize, inverse=True)
+
+
+@kernels.register("matmul_4bit_interleaved")
+def matmul_4bit_interleaved(A, B, shapeB, absmax, code, blocksize, bias=None, exact=True):
+    N, K = shapeB
+    if bias is not None and bias.dtype not in native.DTYPES:
+        bias = bias.float()
+    out = torch.empty((*A.shape[:-1], N), dtype=A.dtype)
+    native.check(
+        native.lib().lowbit_matmul_4bit_interleaved(
+            native.DTYPES[A.dtype], native.ptr(A), A.numel() // K, K, native.ptr(B), native.ptr(absmax),
+            native.ptr(code), N, blocksize, native.ptr(bias), native.DTYPES[bias.dtype] if bias is not None else 0,
+            native.PRECISIONS["float32" if exact else "bf16"], native.DTYPES[out.dtype], native.ptr(out),
+            native.num_threads(),
+        ),
+        "lowbit_matmul_4bit_interleaved",
+    )  # fmt: skip
+    return out
