@@ -2,6 +2,9 @@
 
 Paths:
 
+* inference with the weight in the interleaved layout (a layer placed for CPU inference, see
+  ``functional.interleave_4bit``), any number of rows: ``matmul_4bit_interleaved``, the fused
+  product on that layout (float32 products and sums, as ``gemv_4bit``);
 * inference on a few rows (up to ``GEMV_MAX_ROWS`` rows of ``A``, no gradient needed: decoding,
   small batches): ``gemv_4bit``, the fused dequantize-dot op that backends implement without
   materializing the weight (float32 products and sums, one rounding to ``A``'s dtype; bitsandbytes
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 
 from ..core import formats
 from ..core.quant_state import QuantState
-from ..functional import block_absmax_of
+from ..functional import block_absmax_of, deinterleave_4bit
 
 #: Rows of ``A`` up to which inference uses the fused ``gemv_4bit`` (the CPU kernel reads the weight
 #: once per 8 rows; beyond that dequantizing once and running a GEMM is faster).
@@ -32,6 +35,8 @@ GEMV_MAX_ROWS = 8
 
 def dense_weight(B: torch.Tensor, quant_state: QuantState, dtype: torch.dtype) -> torch.Tensor:
     """The [N, K] weight of packed ``B`` in ``dtype``, rounded once from float32 (as bitsandbytes)."""
+    if quant_state.interleaved:
+        B, quant_state = deinterleave_4bit(B, quant_state)
     return torch.ops.lowbit.dequantize_4bit(
         B,
         block_absmax_of(quant_state),
@@ -134,6 +139,12 @@ def matmul_4bit(
         # `out` is filled by a differentiable copy; handed to the Function it would come back
         # as a new tensor object
         return to_out(MatMul4Bit.apply(A, B, None, bias, quant_state), out)
+    if quant_state.interleaved and A.numel() > 0:
+        result = torch.ops.lowbit.matmul_4bit_interleaved(
+            A.contiguous(), B, [n_out, k_in], quant_state.absmax, _code(quant_state, A.device),
+            quant_state.blocksize, bias,
+        )  # fmt: skip
+        return to_out(result, out)
     if 0 < A.numel() <= GEMV_MAX_ROWS * k_in:  # a few tokens: fused dequantize-dot, no dense weight
         # bias joins the float32 sums before the one rounding to A's dtype
         result = torch.ops.lowbit.matmul_4bit(
