@@ -14,6 +14,7 @@ import torch
 
 import lowbit
 import lowbit.functional as F
+from lowbit.backends.cpu import native
 from lowbit.core import formats, registry
 from lowbit.nn import Linear4bit
 from support import NATIVE_CPU_BACKENDS
@@ -61,9 +62,11 @@ def test_eval_forward_places_the_layout_and_computes_the_same_product(quant_type
             assert layer.weight.interleaved
             bias = layer.bias.to(dtype).double()  # the layer adds the bias in the compute dtype
             want = x.double() @ dense.t() + bias
-            # float32 products and sums in another order, one rounding to dtype
+            # float32 products and sums in another order, one rounding to dtype; bf16 activations
+            # may also have each weight rounded once to bf16 (lowbit.set_cpu_precision, "auto")
             scale = x.double().abs() @ dense.abs().t() + bias.abs()
             tol = 1e-6 * scale + (0 if dtype == torch.float32 else want.abs() * 2.0**-7)
+            tol = tol + (2.0**-8 * scale if dtype == torch.bfloat16 else 0)
             assert ((got.double() - want).abs() <= tol).all()
 
 
@@ -197,3 +200,46 @@ def test_lowbit_reports_its_layout_in_repr():
         layer(torch.randn(1, 576))
     assert "layout='interleaved'" in repr(layer.weight.quant_state)
     assert lowbit.functional.deinterleave_4bit is F.deinterleave_4bit
+
+
+def test_cpu_precision_float32_is_reference_parity_and_auto_rounds_bf16_weights_once():
+    layer = _layer(in_features=1024, out_features=48, nested=False, bias=False).eval()
+    x = torch.randn(16, 1024).bfloat16()
+    with torch.no_grad():
+        layer(x)
+        assert layer.weight.interleaved
+        dense = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        exact = x.double() @ dense.double().t()
+        scale = x.double().abs() @ dense.double().abs().t()
+        bf16_weights = x.double() @ dense.bfloat16().double().t()  # the bf16 contract, float64 sums
+        previous = lowbit.set_cpu_precision("float32")
+        try:
+            parity = layer(x).double()
+        finally:
+            lowbit.set_cpu_precision(previous)
+        auto = layer(x).double()
+    ulp = exact.abs() * 2.0**-8  # one rounding of the output to bf16
+    assert ((parity - exact).abs() <= 1e-6 * scale + ulp).all()
+    assert ((auto - bf16_weights).abs() <= 1e-6 * scale + ulp).all()
+    if "amx_bf16" in native.cpu_features():  # AMX from 6 rows: the weights really were rounded
+        assert ((auto - exact).abs() > 1e-6 * scale + ulp).any()
+    with pytest.raises(ValueError, match="precision must be one of"):
+        lowbit.set_cpu_precision("fp8")
+
+
+@pytest.mark.skipif(not NATIVE_CPU_BACKENDS or "amx_bf16" not in native.supported_cpu_features(), reason="no AMX")
+@pytest.mark.parametrize("rows", [6, 16, 33, 64, 65])
+def test_amx_and_fma_paths_agree_within_the_bf16_contract(rows):
+    W = torch.randn(40, 512)
+    packed, state = F.interleave_4bit(*F.quantize_4bit(W, quant_type="nf4"))
+    x = torch.randn(rows, 512).bfloat16()
+    bias = torch.randn(40).bfloat16()
+    args = (x, packed, [40, 512], state.absmax, state.code, 64, bias, False)
+    with native.use_cpu_features(["amx_bf16"]):
+        amx = torch.ops.lowbit.matmul_4bit_interleaved(*args).double()
+    with native.use_cpu_features([]):
+        fma = torch.ops.lowbit.matmul_4bit_interleaved(*args).double()
+    dense = F.dequantize_4bit(packed, state).double()
+    scale = x.double().abs() @ dense.abs().t() + bias.double().abs()
+    assert ((amx - fma).abs() <= 2.0**-7 * scale).all()
+    assert not torch.equal(amx, fma)

@@ -246,7 +246,8 @@ LOWBIT_API int32_t lowbit_matmul_4bit_interleaved(int32_t a_dtype, const void *A
         return LOWBIT_ERR_ARGUMENT;
     return guarded([&] {
         const bool ok = kernels().matmul_4bit_interleaved(a_dtype, A, M, K, B, absmax, code, N, blocksize, bias,
-                                                          bias_dtype, out_dtype, out, num_threads);
+                                                          bias_dtype, precision == LOWBIT_PRECISION_BF16, out_dtype,
+                                                          out, num_threads);
         return int32_t{ok ? LOWBIT_OK : LOWBIT_ERR_UNSUPPORTED};
     });
 }

@@ -163,6 +163,7 @@ LOWBIT_API int32_t lowbit_matmul_4bit_interleaved(int32_t a_dtype, const void *A
  * beyond that ISA's baseline; results never depend on them. */
 typedef enum lowbit_cpu_feature {
     LOWBIT_CPU_FEATURE_AVX512_VNNI = 1, /* vpdpbusd in the avx512 int8 GEMM */
+    LOWBIT_CPU_FEATURE_AMX_BF16 = 2,    /* AMX tiles in the avx512 interleaved 4-bit product (bf16 precision) */
 } lowbit_cpu_feature;
 
 /* The features this CPU supports (for an ISA build compiled in). */

@@ -27,6 +27,7 @@
 #include <utility>
 
 #include "cpu_kernels.h"
+#include "dispatch.h"
 #include "parallel.h"
 #include "scratch.h"
 #include "simd.h"
@@ -227,6 +228,160 @@ void pack_rows(const typename E::T *A, int64_t M, int64_t K, float *out) {
     }
 }
 
+#if defined(LOWBIT_SIMD_AVX512) && (defined(__GNUC__) || defined(__clang__))
+#define LOWBIT_INTERLEAVED_AMX 1
+#define LOWBIT_TARGET_AMX __attribute__((target("amx-tile,amx-bf16,avx512bf16")))
+
+/* ---- AMX (bf16 precision) -------------------------------------------------------------------
+ *
+ * With bf16 rounding allowed (LOWBIT_PRECISION_BF16), from kAmxMinRows rows of A on, the product
+ * runs on AMX tiles: tdpbf16ps multiplies a 16 x 32 bf16 tile of A by a tile of 32 weights of the
+ * group's 16 rows, 16 x 16 x 32 multiply-adds into float32 in one instruction, so the FMA work
+ * that grows with M disappears and the cost is decoding the weights once per pass of up to 64
+ * rows of A. A B tile row holds, for each of the 16 output rows (the lanes, as in the FMA path),
+ * a pair of weights: slots t and t + 4 of one word (weights t ^ 1 and 4 + (t ^ 1)), each code
+ * value times its block's absmax in float32, rounded once to bf16 (vcvtne2ps2bf16: round to
+ * nearest even; like all AVX512-BF16/AMX arithmetic it flushes subnormals, which only a block
+ * absmax below ~1e-38 produces); the 16 rows of a B tile are 4 words x 4 pairs. A is rounded to
+ * bf16 and rearranged once per call into the same pair order, so a tile of A is a plain strided
+ * load. Sums stay in float32 in the tile registers until the group's end.
+ */
+constexpr int kAmxMinRows = 6; /* below, the FMA path is as fast (measured on Intel AMX) */
+constexpr int kTileRows = 16;                      /* rows of A per C tile */
+constexpr int kTileWeights = 32;                   /* weights of a row per B tile: 4 words */
+constexpr int kAmxPassTiles = 4;                   /* C tiles per pass: 64 rows of A */
+
+struct TileConfig {
+    uint8_t palette, start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+/* Tiles 0-3: C (16 rows of A x 16 output rows, float32), 4: the decoded weights, 5: A. */
+LOWBIT_TARGET_AMX void amx_begin() {
+    TileConfig config{};
+    config.palette = 1;
+    for (int t = 0; t < 6; ++t) {
+        config.rows[t] = kTileRows;
+        config.colsb[t] = 64;
+    }
+    /* GCC 12 does not see _tile_loadconfig read the struct and drops the stores above */
+    __asm__ volatile("ldtilecfg %0" : : "m"(config));
+}
+
+LOWBIT_TARGET_AMX void amx_end() { _tile_release(); }
+
+/* A as bf16 pairs in the order of the B tiles' rows: pair 4d + t of a row = (A[8d + (t ^ 1)],
+ * A[8d + 4 + (t ^ 1)]); rows padded with zeros to a whole number of tiles. */
+template <class E>
+void pack_pairs(const typename E::T *A, int64_t M, int64_t K, uint16_t *out) {
+    const int64_t padded = (M + kTileRows - 1) / kTileRows * kTileRows;
+    for (int64_t m = 0; m < padded; ++m)
+        for (int64_t d = 0; d < K / 8; ++d)
+            for (int t = 0; t < 4; ++t)
+                for (int half = 0; half < 2; ++half) {
+                    const float v = m < M ? E::load(A[m * K + 8 * d + 4 * half + (t ^ 1)]) : 0.0f;
+                    out[m * K + 8 * d + 2 * t + half] = fmt::float_to_bf16_bits(v);
+                }
+}
+
+/* The B tile of weights 32c..32c+31 of the group's rows (lanes), scaled and rounded to bf16. */
+template <bool kTail>
+LOWBIT_TARGET_AMX LOWBIT_ALWAYS_INLINE void decode_tile(const Gemm &g, const uint8_t *b, int64_t step, int lanes,
+                                                        __m512 scale, int64_t c, uint8_t *tile) {
+    /* word j of the conversion holds slot t of lane j, word 16 + j slot t + 4: interleave them */
+    const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
+                                           6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int word = 0; word < 4; ++word) {
+        const uint8_t *at = b + (4 * c + word) * step;
+        const __m512i x = kTail ? Vec::load_dwords(at, lanes) : Vec::load_dwords(at);
+        __m512 w[8];
+        w[0] = Vec::lookup(g.code, x);
+        w[1] = Vec::lookup(g.code, Vec::shift_right<4>(x));
+        w[2] = Vec::lookup(g.code, Vec::shift_right<8>(x));
+        w[3] = Vec::lookup(g.code, Vec::shift_right<12>(x));
+        w[4] = Vec::lookup(g.code, Vec::shift_right<16>(x));
+        w[5] = Vec::lookup(g.code, Vec::shift_right<20>(x));
+        w[6] = Vec::lookup(g.code, Vec::shift_right<24>(x));
+        w[7] = Vec::lookup(g.code, Vec::shift_right<28>(x));
+        for (int t = 0; t < 4; ++t) {
+            const __m512bh bf = _mm512_cvtne2ps_pbh(_mm512_mul_ps(w[t + 4], scale), _mm512_mul_ps(w[t], scale));
+            _mm512_store_si512(tile + (4 * word + t) * 64, _mm512_permutexvar_epi16(pairs, (__m512i)bf));
+        }
+    }
+}
+
+/* Rows m0.. (MT tiles of 16; the packed A is zero past M) times the group of rows n0.. of B. */
+template <int MT, bool kTail>
+LOWBIT_TARGET_AMX void group_amx(const Gemm &g, const uint16_t *ap, int64_t M, int64_t n0, int64_t m0) {
+    const int r = kTail ? static_cast<int>(g.N - n0) : kGroup;
+    const uint8_t *b = g.B + n0 * (g.K / 2);
+    const float *absmax = g.absmax + n0 * g.blocks;
+    const int64_t step = 4 * int64_t{r};
+    const int64_t stride = 2 * g.K; /* bytes per row of the packed A */
+    alignas(64) uint8_t tiles[2][kTileRows * 64];
+    _tile_zero(0);
+    if constexpr (MT > 1) _tile_zero(1);
+    if constexpr (MT > 2) _tile_zero(2);
+    if constexpr (MT > 3) _tile_zero(3);
+    const int64_t chunks_per_block = g.words_per_block / 4;
+    for (int64_t c = 0; c < g.K / kTileWeights; ++c) {
+        const int64_t blk = c / chunks_per_block;
+        const __m512 scale = kTail ? Vec::load_floats(absmax + blk * r, r) : Vec::loadu(absmax + blk * kGroup);
+        uint8_t *tile = tiles[c & 1];
+        decode_tile<kTail>(g, b, step, r, scale, c, tile);
+        _tile_loadd(4, tile, 64);
+        const uint16_t *a = ap + m0 * g.K + c * kTileWeights;
+        _tile_loadd(5, a, stride);
+        _tile_dpbf16ps(0, 5, 4);
+        if constexpr (MT > 1) {
+            _tile_loadd(5, a + 16 * g.K, stride);
+            _tile_dpbf16ps(1, 5, 4);
+        }
+        if constexpr (MT > 2) {
+            _tile_loadd(5, a + 32 * g.K, stride);
+            _tile_dpbf16ps(2, 5, 4);
+        }
+        if constexpr (MT > 3) {
+            _tile_loadd(5, a + 48 * g.K, stride);
+            _tile_dpbf16ps(3, 5, 4);
+        }
+    }
+    alignas(64) float sums[kAmxPassTiles][kTileRows][kGroup];
+    _tile_stored(0, sums[0], 64);
+    if constexpr (MT > 1) _tile_stored(1, sums[1], 64);
+    if constexpr (MT > 2) _tile_stored(2, sums[2], 64);
+    if constexpr (MT > 3) _tile_stored(3, sums[3], 64);
+    for (int64_t m = m0; m < std::min<int64_t>(M, m0 + MT * kTileRows); ++m) {
+        const float *row = sums[(m - m0) / kTileRows][(m - m0) % kTileRows];
+        for (int j = 0; j < r; ++j) {
+            const int64_t n = n0 + j;
+            store_out(g, m * g.N + n, g.bias != nullptr ? row[j] + bias_at(g, n) : row[j]);
+        }
+    }
+}
+
+/* Groups [g0, g1) on AMX; the thread configures its tiles for the range. */
+void groups_amx(const Gemm &g, const uint16_t *ap, int64_t M, int64_t g0, int64_t g1) {
+    amx_begin();
+    for (int64_t grp = g0; grp < g1; ++grp) {
+        const int64_t n0 = grp * kGroup;
+        const bool tail = g.N - n0 < kGroup;
+        for (int64_t m0 = 0; m0 < M; m0 += kAmxPassTiles * kTileRows) {
+            const int64_t tiles = std::min<int64_t>(kAmxPassTiles, (M - m0 + kTileRows - 1) / kTileRows);
+            switch (tiles) {
+            case 1: tail ? group_amx<1, true>(g, ap, M, n0, m0) : group_amx<1, false>(g, ap, M, n0, m0); break;
+            case 2: tail ? group_amx<2, true>(g, ap, M, n0, m0) : group_amx<2, false>(g, ap, M, n0, m0); break;
+            case 3: tail ? group_amx<3, true>(g, ap, M, n0, m0) : group_amx<3, false>(g, ap, M, n0, m0); break;
+            default: tail ? group_amx<4, true>(g, ap, M, n0, m0) : group_amx<4, false>(g, ap, M, n0, m0); break;
+            }
+        }
+    }
+    amx_end();
+}
+#endif
+
 } // namespace
 
 void interleave_4bit(const uint8_t *B, const float *absmax, int64_t N, int64_t K, int64_t blocksize, bool inverse,
@@ -245,7 +400,25 @@ void interleave_4bit(const uint8_t *B, const float *absmax, int64_t N, int64_t K
 
 bool matmul_4bit_interleaved(int32_t a_dtype, const void *A, int64_t M, int64_t K, const uint8_t *B,
                              const float *absmax, const float *code, int64_t N, int64_t blocksize, const void *bias,
-                             int32_t bias_dtype, int32_t out_dtype, void *out, int num_threads) {
+                             int32_t bias_dtype, bool bf16, int32_t out_dtype, void *out, int num_threads) {
+    const int64_t grain = std::max<int64_t>(1, kMinWeightsPerThread / (kGroup * K));
+    const int64_t groups_total = (N + kGroup - 1) / kGroup;
+#if defined(LOWBIT_INTERLEAVED_AMX)
+    if (bf16 && M >= kAmxMinRows && (cpu_features() & kFeatureAmxBf16) != 0) {
+        const int64_t padded = (M + kTileRows - 1) / kTileRows * kTileRows;
+        uint16_t *packed = reinterpret_cast<uint16_t *>(thread_scratch(static_cast<size_t>(padded * K / 2)));
+        if (packed == nullptr) return false;
+        dispatch_dtype(a_dtype, [&](auto tag) {
+            using E = decltype(tag);
+            pack_pairs<E>(static_cast<const typename E::T *>(A), M, K, packed);
+        });
+        const Gemm g{B, absmax, N, K, K / blocksize, blocksize / fmt::kInterleaveWordWeights, nullptr, bias, bias_dtype,
+                     out_dtype, out, Vec::table16(code)};
+        parallel_for(0, groups_total, num_threads, grain, [&](int64_t g0, int64_t g1) { groups_amx(g, packed, M, g0, g1); });
+        return true;
+    }
+#endif
+    (void)bf16; /* float32 products satisfy the bf16 contract too */
     const float *a = static_cast<const float *>(A); /* one row: already in order */
     if (a_dtype != kFloat32 || M > 1) {
         float *packed = thread_scratch(static_cast<size_t>(M * K));
@@ -258,9 +431,7 @@ bool matmul_4bit_interleaved(int32_t a_dtype, const void *A, int64_t M, int64_t 
     }
     const Gemm g{B, absmax, N, K, K / blocksize, blocksize / fmt::kInterleaveWordWeights, a, bias, bias_dtype,
                  out_dtype, out, Vec::table16(code)};
-    const int64_t grain = std::max<int64_t>(1, kMinWeightsPerThread / (kGroup * K));
-    parallel_for(0, (N + kGroup - 1) / kGroup, num_threads, grain,
-                 [&](int64_t g0, int64_t g1) { groups(g, M, g0, g1); });
+    parallel_for(0, groups_total, num_threads, grain, [&](int64_t g0, int64_t g1) { groups(g, M, g0, g1); });
     return true;
 }
 

@@ -37,6 +37,9 @@
 
 namespace fmt = lowbit::fmt;
 
+/* Every lowbit_cpu_feature bit: restores the default (all supported features in use). */
+static const int32_t kAllCpuFeatures = LOWBIT_CPU_FEATURE_AVX512_VNNI | LOWBIT_CPU_FEATURE_AMX_BF16;
+
 static int g_failures = 0;
 static long g_checks = 0;
 
@@ -256,7 +259,10 @@ static void test_capi_arguments() {
     t[3] = 123.0f;
     CHECK(lowbit_format_table(LOWBIT_TABLE_FP4_CODE, t, 3, &count) == LOWBIT_OK && count == 16 &&
               t[3] == 123.0f && fbits(t[2]) == fbits(fmt::kFP4Code[2]), "capacity respected");
-    CHECK(lowbit_format_table(7, t, 32, &count) == LOWBIT_ERR_ARGUMENT, "bad table");
+    CHECK(lowbit_format_table(LOWBIT_TABLE_INTERLEAVE, t, 32, &count) == LOWBIT_OK && count == 2 &&
+              t[0] == (float)fmt::kInterleaveRows && t[1] == (float)fmt::kInterleaveWordWeights,
+          "interleave table");
+    CHECK(lowbit_format_table(8, t, 32, &count) == LOWBIT_ERR_ARGUMENT, "bad table");
     CHECK(lowbit_format_table(-1, t, 32, &count) == LOWBIT_ERR_ARGUMENT, "bad table");
     CHECK(lowbit_format_table(0, t, 32, nullptr) == LOWBIT_ERR_ARGUMENT, "null count");
     CHECK(lowbit_format_table(0, nullptr, 4, &count) == LOWBIT_ERR_ARGUMENT, "null out");
@@ -624,6 +630,32 @@ static void test_gemv_arguments() {
     CHECK(lowbit_gemv_4bit(0, a, 1, 8, b, am, c, 1, 64, 0, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "null out");
 }
 
+/* The interleaved layout's entry points reject what they must (K % blocksize included) and do
+ * nothing, reading no pointer, for empty problems. */
+static void test_interleaved_arguments() {
+    float a[64] = {}, am[1] = {1.0f}, am_out[1] = {}, out[1] = {};
+    uint8_t b[32] = {}, b_out[32] = {};
+    const float *c = fmt::kNF4Code;
+    CHECK(lowbit_interleave_4bit(b, am, 1, 64, 64, 0, b_out, am_out, 1) == LOWBIT_OK, "interleave");
+    CHECK(lowbit_interleave_4bit(b, am, 1, 96, 64, 0, b_out, am_out, 1) == LOWBIT_ERR_ARGUMENT, "K mod blocksize");
+    CHECK(lowbit_interleave_4bit(b, am, 1, 64, 48, 0, b_out, am_out, 1) == LOWBIT_ERR_ARGUMENT, "blocksize");
+    CHECK(lowbit_interleave_4bit(b, am, -1, 64, 64, 0, b_out, am_out, 1) == LOWBIT_ERR_ARGUMENT, "N < 0");
+    CHECK(lowbit_interleave_4bit(nullptr, nullptr, 0, 64, 64, 1, nullptr, nullptr, 1) == LOWBIT_OK, "N == 0");
+    CHECK(lowbit_interleave_4bit(b, am, 1, 64, 64, 0, nullptr, am_out, 1) == LOWBIT_ERR_ARGUMENT, "null out");
+    CHECK(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, am, c, 1, 64, nullptr, 0, 0, 0, out, 1) == LOWBIT_OK,
+          "product");
+    CHECK(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, am, c, 1, 64, nullptr, 0, 2, 0, out, 1) ==
+              LOWBIT_ERR_ARGUMENT, "precision");
+    CHECK(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, am, c, 1, 64, am, 5, 0, 0, out, 1) == LOWBIT_ERR_ARGUMENT,
+          "bias dtype");
+    CHECK(lowbit_matmul_4bit_interleaved(0, a, 1, 96, b, am, c, 1, 64, nullptr, 0, 0, 0, out, 1) ==
+              LOWBIT_ERR_ARGUMENT, "K mod blocksize");
+    CHECK(lowbit_matmul_4bit_interleaved(0, nullptr, 0, 64, nullptr, nullptr, nullptr, 1, 64, nullptr, 0, 0, 0,
+                                         nullptr, 1) == LOWBIT_OK, "M == 0");
+    CHECK(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, nullptr, c, 1, 64, nullptr, 0, 0, 0, out, 1) ==
+              LOWBIT_ERR_ARGUMENT, "null absmax");
+}
+
 /* One gemv problem with exactly sized heap buffers; checks every ISA against a double sum and the
  * thread count against itself. Tolerance: fp32 sums in any order, 8 sqrt(K) 2^-24 S with
  * S = sum |A W| (see tests/test_parity.py), plus one ulp of a 16-bit output. */
@@ -890,11 +922,11 @@ static void test_int8_arguments() {
     /* features */
     const int32_t features = lowbit_cpu_features();
     CHECK((features & ~lowbit_cpu_features_supported()) == 0, "features in use are supported");
-    CHECK(lowbit_set_cpu_features(-1) == LOWBIT_ERR_ARGUMENT && lowbit_set_cpu_features(2) == LOWBIT_ERR_ARGUMENT,
+    CHECK(lowbit_set_cpu_features(-1) == LOWBIT_ERR_ARGUMENT && lowbit_set_cpu_features(4) == LOWBIT_ERR_ARGUMENT,
           "unknown feature bits rejected");
     CHECK(lowbit_cpu_features() == features, "unchanged after a rejected set");
     CHECK(lowbit_set_cpu_features(0) == LOWBIT_OK && lowbit_cpu_features() == 0, "features off");
-    CHECK(lowbit_set_cpu_features(LOWBIT_CPU_FEATURE_AVX512_VNNI) == LOWBIT_OK && lowbit_cpu_features() == features,
+    CHECK(lowbit_set_cpu_features(kAllCpuFeatures) == LOWBIT_OK && lowbit_cpu_features() == features,
           "features restored");
 }
 
@@ -935,7 +967,7 @@ static void check_int8_matmul(std::mt19937_64 &rng, int64_t M, int64_t K, int64_
         }
     }
     lowbit_set_cpu_isa(supported_isas().back());
-    lowbit_set_cpu_features(LOWBIT_CPU_FEATURE_AVX512_VNNI);
+    lowbit_set_cpu_features(kAllCpuFeatures);
 }
 
 /* Quantize (row- and column-wise, with and without outlier columns), dequantize and mm_dequant on
@@ -1052,7 +1084,7 @@ static void check_int8_quant(std::mt19937_64 &rng, int dt, int64_t rows, int64_t
         }
     }
     lowbit_set_cpu_isa(supported_isas().back());
-    lowbit_set_cpu_features(LOWBIT_CPU_FEATURE_AVX512_VNNI);
+    lowbit_set_cpu_features(kAllCpuFeatures);
 }
 
 static void test_int8() {
@@ -1094,6 +1126,7 @@ int main(int argc, char **argv) {
     test_isas_bit_exact();
     test_isa_narrowing(exhaustive);
     test_gemv_arguments();
+    test_interleaved_arguments();
     test_gemv();
     test_int8_arguments();
     test_int8();

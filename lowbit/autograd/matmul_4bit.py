@@ -24,13 +24,37 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..core import formats
+from ..core import formats, registry
 from ..core.quant_state import QuantState
 from ..functional import block_absmax_of, deinterleave_4bit
 
 #: Rows of ``A`` up to which inference uses the fused ``gemv_4bit`` (the CPU kernel reads the weight
 #: once per 8 rows; beyond that dequantizing once and running a GEMM is faster).
 GEMV_MAX_ROWS = 8
+
+#: How exact the products on the interleaved layout (CPU inference) are:
+#:   "auto": bfloat16 activations may have each weight (code * absmax) rounded once to bfloat16,
+#:           with float32 sums -- what a bf16 dense layer computes, run on AMX tiles where the CPU
+#:           has them; float32 and float16 activations get float32 products;
+#:   "float32": float32 products and sums whatever A's dtype (reference parity, as gemv_4bit);
+#:   "bf16": weights and activations may be rounded once to bfloat16 whatever A's dtype.
+CPU_PRECISIONS = ("auto", "float32", "bf16")
+ENV_CPU_PRECISION = "LOWBIT_CPU_PRECISION"
+_cpu_precision = ["auto"]
+
+
+def set_cpu_precision(precision: str) -> str:
+    """Choose :data:`CPU_PRECISIONS` for the CPU inference products from now on; returns the
+    previous choice (``LOWBIT_CPU_PRECISION`` sets the initial one)."""
+    if precision not in CPU_PRECISIONS:
+        raise ValueError(f"precision must be one of {CPU_PRECISIONS}, got {precision!r}")
+    previous, _cpu_precision[0] = _cpu_precision[0], precision
+    return previous
+
+
+def _exact(dtype: torch.dtype) -> bool:
+    precision = _cpu_precision[0]
+    return precision == "float32" or (precision == "auto" and dtype != torch.bfloat16)
 
 
 def dense_weight(B: torch.Tensor, quant_state: QuantState, dtype: torch.dtype) -> torch.Tensor:
@@ -81,6 +105,28 @@ class MatMul4Bit(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
         return grad_A, None, None, grad_bias, None
+
+
+def _interleaved_product(A, B, quant_state: QuantState, bias) -> torch.Tensor:
+    """``matmul_4bit_interleaved`` for a layer's weight in the interleaved layout.
+
+    Decoding a token runs one such product per layer, a few microseconds of kernel each on small
+    models, so in eager mode the backend's kernel is called directly: the op's own checks would
+    cost more than the product (B is the parameter subclass, whose every attribute read passes
+    through __torch_function__). Everything they check holds by construction -- B and the state
+    came out of ``interleave_4bit`` together, A and bias passed ``_check_arguments`` -- except
+    where A and bias live, checked here. Traced code goes through the op as usual.
+    """
+    n_out, k_in = quant_state.shape
+    code = _code(quant_state, A.device)
+    args = (A, B, [n_out, k_in], quant_state.absmax, code, quant_state.blocksize, bias, _exact(A.dtype))
+    if torch.compiler.is_compiling():
+        return torch.ops.lowbit.matmul_4bit_interleaved(*args)
+    if A.device != quant_state.absmax.device:
+        raise ValueError(f"matmul_4bit: A is on {A.device}, the weight on {quant_state.absmax.device}")
+    if bias is not None and (bias.numel() != n_out or bias.device != A.device or not bias.is_contiguous()):
+        raise ValueError(f"matmul_4bit: bias must be a contiguous tensor of {n_out} values on {A.device}")
+    return registry.kernel_for("matmul_4bit_interleaved", A.device.type)(*args)
 
 
 def _check_arguments(A, B, quant_state, bias) -> None:
@@ -140,11 +186,7 @@ def matmul_4bit(
         # as a new tensor object
         return to_out(MatMul4Bit.apply(A, B, None, bias, quant_state), out)
     if quant_state.interleaved and A.numel() > 0:
-        result = torch.ops.lowbit.matmul_4bit_interleaved(
-            A.contiguous(), B, [n_out, k_in], quant_state.absmax, _code(quant_state, A.device),
-            quant_state.blocksize, bias,
-        )  # fmt: skip
-        return to_out(result, out)
+        return to_out(_interleaved_product(A.contiguous(), B, quant_state, bias), out)
     if 0 < A.numel() <= GEMV_MAX_ROWS * k_in:  # a few tokens: fused dequantize-dot, no dense weight
         # bias joins the float32 sums before the one rounding to A's dtype
         result = torch.ops.lowbit.matmul_4bit(

@@ -108,12 +108,11 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
 
     def _place_for_cpu_inference(self, x: torch.Tensor, weight: Params4bit) -> None:
         state = weight.quant_state
+        if self.training or state is None or state.interleaved:  # every call: the cheap tests first
+            return
         if (
-            self.training
-            or torch.compiler.is_compiling()  # placed by an eager call, or never: no graph break
+            torch.compiler.is_compiling()  # placed by an eager call, or never: no graph break
             or weight.device.type != "cpu"
-            or state is None
-            or state.interleaved
             or (x.requires_grad and torch.is_grad_enabled())
             or not formats.can_interleave(state.shape, state.blocksize)
             or tuple(state.shape) != self.weight_shape()

@@ -37,12 +37,13 @@ def matmul_4bit_interleaved(A, B, shapeB, absmax, code, blocksize, bias=None, ex
     if bias is not None and bias.dtype not in native.DTYPES:
         bias = bias.float()
     out = torch.empty((*A.shape[:-1], N), dtype=A.dtype)
+    # plain addresses (ctypes converts ints for void* arguments): this runs once per layer and token
     native.check(
         native.lib().lowbit_matmul_4bit_interleaved(
-            native.DTYPES[A.dtype], native.ptr(A), A.numel() // K, K, native.ptr(B), native.ptr(absmax),
-            native.ptr(code), N, blocksize, native.ptr(bias), native.DTYPES[bias.dtype] if bias is not None else 0,
-            native.PRECISIONS["float32" if exact else "bf16"], native.DTYPES[out.dtype], native.ptr(out),
-            native.num_threads(),
+            native.DTYPES[A.dtype], A.data_ptr(), A.numel() // K, K, B.data_ptr(), absmax.data_ptr(),
+            code.data_ptr(), N, blocksize, None if bias is None else bias.data_ptr(),
+            0 if bias is None else native.DTYPES[bias.dtype], native.PRECISIONS["float32" if exact else "bf16"],
+            native.DTYPES[out.dtype], out.data_ptr(), native.num_threads(),
         ),
         "lowbit_matmul_4bit_interleaved",
     )  # fmt: skip

@@ -39,7 +39,7 @@ PRECISIONS = {"float32": 0, "bf16": 1}
 #: lowbit_isa, narrowest first (the numbering orders them).
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 #: lowbit_cpu_feature: optional extensions an ISA build uses where the CPU has them (bit flags).
-CPU_FEATURES = {"avx512_vnni": 1}
+CPU_FEATURES = {"avx512_vnni": 1, "amx_bf16": 2}
 TABLES = {
     "nf4_code": 0,
     "fp4_code": 1,
