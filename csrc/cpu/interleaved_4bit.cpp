@@ -272,17 +272,21 @@ LOWBIT_TARGET_AMX void amx_begin() {
 
 LOWBIT_TARGET_AMX void amx_end() { _tile_release(); }
 
-/* A as bf16 pairs in the order of the B tiles' rows: pair 4d + t of a row = (A[8d + (t ^ 1)],
- * A[8d + 4 + (t ^ 1)]); rows padded with zeros to a whole number of tiles. */
+/* A as bf16 pairs in the order of the B tiles' rows -- pair 4d + t of a row = (A[8d + (t ^ 1)],
+ * A[8d + 4 + (t ^ 1)]) -- stored tile by tile: the 16 x 32 tile of rows 16i.. and weights 32c..
+ * is 1 KiB at (i * K / 32 + c) KiB, so a pass reads its tiles as one sequential stream. Rows past
+ * M are zero. */
 template <class E>
-void pack_pairs(const typename E::T *A, int64_t M, int64_t K, uint16_t *out) {
-    const int64_t padded = (M + kTileRows - 1) / kTileRows * kTileRows;
+void pack_tiles(const typename E::T *A, int64_t M, int64_t K, uint16_t *out) {
+    const int64_t padded = (M + kTileRows - 1) / kTileRows * kTileRows, chunks = K / kTileWeights;
     for (int64_t m = 0; m < padded; ++m)
         for (int64_t d = 0; d < K / 8; ++d)
             for (int t = 0; t < 4; ++t)
                 for (int half = 0; half < 2; ++half) {
                     const float v = m < M ? E::load(A[m * K + 8 * d + 4 * half + (t ^ 1)]) : 0.0f;
-                    out[m * K + 8 * d + 2 * t + half] = fmt::float_to_bf16_bits(v);
+                    const int64_t tile = (m / kTileRows) * chunks + d / 4;
+                    out[(tile * kTileRows + m % kTileRows) * kTileWeights + 8 * (d % 4) + 2 * t + half] =
+                        fmt::float_to_bf16_bits(v);
                 }
 }
 
@@ -312,6 +316,16 @@ LOWBIT_TARGET_AMX LOWBIT_ALWAYS_INLINE void decode_tile(const Gemm &g, const uin
     }
 }
 
+/* decode_tile for chunk c with its block's absmax. */
+template <bool kTail>
+LOWBIT_TARGET_AMX LOWBIT_ALWAYS_INLINE void decode_chunk(const Gemm &g, const uint8_t *b, const float *absmax,
+                                                         int64_t step, int r, int64_t c, int64_t chunks_per_block,
+                                                         uint8_t *tile) {
+    const int64_t blk = c / chunks_per_block;
+    const __m512 scale = kTail ? Vec::load_floats(absmax + blk * r, r) : Vec::loadu(absmax + blk * kGroup);
+    decode_tile<kTail>(g, b, step, r, scale, c, tile);
+}
+
 /* Rows m0.. (MT tiles of 16; the packed A is zero past M) times the group of rows n0.. of B. */
 template <int MT, bool kTail>
 LOWBIT_TARGET_AMX void group_amx(const Gemm &g, const uint16_t *ap, int64_t M, int64_t n0, int64_t m0) {
@@ -319,32 +333,37 @@ LOWBIT_TARGET_AMX void group_amx(const Gemm &g, const uint16_t *ap, int64_t M, i
     const uint8_t *b = g.B + n0 * (g.K / 2);
     const float *absmax = g.absmax + n0 * g.blocks;
     const int64_t step = 4 * int64_t{r};
-    const int64_t stride = 2 * g.K; /* bytes per row of the packed A */
-    alignas(64) uint8_t tiles[2][kTileRows * 64];
+    const int64_t chunks = g.K / kTileWeights;
+    /* decoded tiles are stored kTileLead chunks before the tile loads that read them: AMX loads
+     * wait for the stores, which then have had time to complete */
+    constexpr int kTileLead = 2;
+    alignas(64) uint8_t tiles[kTileLead + 1][kTileRows * 64];
     _tile_zero(0);
     if constexpr (MT > 1) _tile_zero(1);
     if constexpr (MT > 2) _tile_zero(2);
     if constexpr (MT > 3) _tile_zero(3);
     const int64_t chunks_per_block = g.words_per_block / 4;
-    for (int64_t c = 0; c < g.K / kTileWeights; ++c) {
-        const int64_t blk = c / chunks_per_block;
-        const __m512 scale = kTail ? Vec::load_floats(absmax + blk * r, r) : Vec::loadu(absmax + blk * kGroup);
-        uint8_t *tile = tiles[c & 1];
-        decode_tile<kTail>(g, b, step, r, scale, c, tile);
-        _tile_loadd(4, tile, 64);
-        const uint16_t *a = ap + m0 * g.K + c * kTileWeights;
-        _tile_loadd(5, a, stride);
+    for (int64_t c = 0; c < std::min<int64_t>(kTileLead, chunks); ++c)
+        decode_chunk<kTail>(g, b, absmax, step, r, c, chunks_per_block, tiles[c % (kTileLead + 1)]);
+    for (int64_t c = 0; c < chunks; ++c) {
+        if (c + kTileLead < chunks)
+            decode_chunk<kTail>(g, b, absmax, step, r, c + kTileLead, chunks_per_block,
+                                tiles[(c + kTileLead) % (kTileLead + 1)]);
+        _tile_loadd(4, tiles[c % (kTileLead + 1)], 64);
+        const uint16_t *a = ap + ((m0 / kTileRows) * chunks + c) * (kTileRows * kTileWeights); /* tile (m0/16, c) */
+        const int64_t next = chunks * kTileRows * kTileWeights;                              /* to tile (+1, c) */
+        _tile_loadd(5, a, 64);
         _tile_dpbf16ps(0, 5, 4);
         if constexpr (MT > 1) {
-            _tile_loadd(5, a + 16 * g.K, stride);
+            _tile_loadd(5, a + next, 64);
             _tile_dpbf16ps(1, 5, 4);
         }
         if constexpr (MT > 2) {
-            _tile_loadd(5, a + 32 * g.K, stride);
+            _tile_loadd(5, a + 2 * next, 64);
             _tile_dpbf16ps(2, 5, 4);
         }
         if constexpr (MT > 3) {
-            _tile_loadd(5, a + 48 * g.K, stride);
+            _tile_loadd(5, a + 3 * next, 64);
             _tile_dpbf16ps(3, 5, 4);
         }
     }
@@ -410,7 +429,7 @@ bool matmul_4bit_interleaved(int32_t a_dtype, const void *A, int64_t M, int64_t 
         if (packed == nullptr) return false;
         dispatch_dtype(a_dtype, [&](auto tag) {
             using E = decltype(tag);
-            pack_pairs<E>(static_cast<const typename E::T *>(A), M, K, packed);
+            pack_tiles<E>(static_cast<const typename E::T *>(A), M, K, packed);
         });
         const Gemm g{B, absmax, N, K, K / blocksize, blocksize / fmt::kInterleaveWordWeights, nullptr, bias, bias_dtype,
                      out_dtype, out, Vec::table16(code)};
