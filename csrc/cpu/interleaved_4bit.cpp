@@ -69,10 +69,11 @@ constexpr int64_t kMinWeightsPerThread = int64_t{1} << 18;
 /* Rows of A per pass over a group (the totals and block sums of a pass stay in registers). */
 constexpr int kPassRows = W == 8 ? 4 : 8;
 
-/* Independent FMA chains per (row of A, vector): one row of A needs two to keep both FMA ports
- * busy; more rows are independent chains themselves. */
+/* Independent FMA chains per (row of A, vector): one row of A with one vector per group needs two
+ * to keep both FMA ports busy; more rows or vectors are independent chains themselves (and AVX2's
+ * 16 registers hold no more). */
 template <int M>
-constexpr int kChains = M == 1 ? 2 : 1;
+constexpr int kChains = M == 1 && kVecs == 1 ? 2 : 1;
 
 /* With AVX2's 16 registers, from 3 rows of A on the block sums do not fit beside the totals:
  * each decoded vector is then multiplied by its lanes' absmax first and the products go straight
