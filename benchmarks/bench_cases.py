@@ -681,6 +681,40 @@ def resident_bytes(libs: Libs) -> list[tuple[str, int]]:
     return found
 
 
+def precision_errors(libs: Libs, rows: int = 16) -> list[tuple[str, float, float]]:
+    """Error of each product against the float64 product of the same (dequantized) NF4 weight,
+    4096x4096, ``rows`` activations of N(0, 1): (what, max |error| / max |product|, mean |error| /
+    mean |product|). lowbit in its two precisions, and torch's F.linear on the weight in the same
+    dtype (bf16: the weight rounded to bf16 once, as the bf16 contract does)."""
+    packed, state = libs.F.quantize_4bit(weight(torch.float32), quant_type="nf4")
+    dense = libs.F.dequantize_4bit(packed, state)
+    set_precision = getattr(libs.lowbit, "set_cpu_precision", None)
+    placed = lowbit_layer(libs, packed, state)
+    found = []
+    for dtype in (torch.bfloat16, torch.float32):
+        x = activations(rows, dtype)
+        exact = x.double() @ dense.double().T
+
+
+        for precision in ("auto", "float32", "bf16"):
+            if set_precision is None:
+                break
+            previous = set_precision(precision)
+            try:
+                out = libs.lowbit.matmul_4bit(x, *placed)
+            finally:
+                set_precision(previous)
+            found.append((f"lowbit {dtype_name(dtype)} activations, precision {precision!r}", *_errors(out, exact)))
+        torch_out = TF.linear(x, dense.to(dtype))
+        found.append((f"torch F.linear {dtype_name(dtype)} (weight in {dtype_name(dtype)})", *_errors(torch_out, exact)))
+    return found
+
+
+def _errors(out: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
+    diff = (out.double() - exact).abs()
+    return (diff.max() / exact.abs().max()).item(), (diff.mean() / exact.abs().mean()).item()
+
+
 def _state_bytes(packed: torch.Tensor, state: Any) -> int:
     tensors = [packed, state.absmax, state.code, getattr(state, "absmax_codes", None), state.offset]
     if state.state2 is not None:

@@ -149,6 +149,8 @@ def markdown(results: list[CaseResult], read: CaseResult, copy: CaseResult, info
         )
     lines += ["", "## Memory bandwidth", "", bandwidth_table(results, read, copy), ""]
     lines += ["## Memory per 4096×4096 layer at inference", "", resident_table(info.get("resident", [])), ""]
+    lines += ["## Error of the products (16×4096×4096 NF4, vs the float64 product)", "",
+              precision_table(info.get("precision", [])), ""]  # fmt: skip
     lines += ["## Notes", "", *notes_text(results, read, copy, info), "", *notes.render()]
     return "\n".join(lines) + "\n"
 
@@ -166,6 +168,12 @@ def load_warning(info: dict[str, Any]) -> list[str]:
         "split work statically over threads (OpenMP) suffer most. Compare with a run on an idle machine.",
         "",
     ]
+
+
+def precision_table(errors: list[tuple[str, float, float]]) -> str:
+    lines = ["| product | max error ÷ max |product| | mean error ÷ mean |product| |", "|---|---:|---:|"]
+    lines += [f"| {what} | {worst:.2e} | {mean:.2e} |" for what, worst, mean in errors]
+    return "\n".join(lines)
 
 
 def resident_table(resident: list[tuple[str, int]]) -> str:

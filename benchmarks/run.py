@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         "lowbit_report": bench_machine.lowbit_report(),
     }
     info["resident"] = bench_cases.resident_bytes(libs)
+    info["precision"] = bench_cases.precision_errors(libs)
     log("read and copy bandwidth ...")
     read = bench_machine.read_bandwidth(llc, budget)
     if read.impls and read.impls[0].gbps:
