@@ -719,10 +719,11 @@ def _cpu_isas_with_vnni_off() -> list[str]:
 @pytest.mark.parametrize("op", ["int8_linear_matmul", "int8_scaled_mm"])
 def test_int8_products_without_vnni(isa, op):
     """The AVX-512 int16 (vpmaddwd) path that CPUs without AVX512_VNNI take."""
+    before = native.cpu_features()
     with native.use_cpu_features([]):
         assert native.cpu_features() == []
         _run_int8_cases("cpu", isa, op)
-    assert native.cpu_features() == ["avx512_vnni"]
+    assert native.cpu_features() == before and "avx512_vnni" in before
 
 
 def _int8_isa_modes() -> list[tuple[str, tuple[str, ...]]]:

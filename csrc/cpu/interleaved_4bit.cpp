@@ -63,11 +63,19 @@ void transpose_group(const uint8_t *src, uint8_t *dst, int64_t r, int64_t words,
 
 /* ---- product ------------------------------------------------------------------------------- */
 
-/* Output rows per thread: at least this many weights each (a thread start costs ~20-50 us). */
-constexpr int64_t kMinWeightsPerThread = int64_t{1} << 18;
-
 /* Rows of A per pass over a group (the totals and block sums of a pass stay in registers). */
 constexpr int kPassRows = W == 8 ? 4 : 8;
+
+/* Weights per thread, at least: 1M (512 KiB packed, ~30 us for one row on one core), fewer with
+ * more rows of A (a pass of 8 rows costs several times one). Below, the wake-up of a second thread
+ * (5-10 us idle; a scheduler time slice when other libraries' threads still spin on the cores, as
+ * torch's do between the ops of a model) costs more than it saves. */
+constexpr int64_t kMinWeightsPerThread = int64_t{1} << 20;
+
+/* parallel_for's grain, in groups. */
+inline int64_t group_grain(int64_t M, int64_t K) {
+    return std::max<int64_t>(1, kMinWeightsPerThread / std::min<int64_t>(M, kPassRows) / (kGroup * K));
+}
 
 /* Independent FMA chains per (row of A, vector): one row of A with one vector per group needs two
  * to keep both FMA ports busy; more rows or vectors are independent chains themselves (and AVX2's
@@ -428,7 +436,7 @@ void interleave_4bit(const uint8_t *B, const float *absmax, int64_t N, int64_t K
 bool matmul_4bit_interleaved(int32_t a_dtype, const void *A, int64_t M, int64_t K, const uint8_t *B,
                              const float *absmax, const float *code, int64_t N, int64_t blocksize, const void *bias,
                              int32_t bias_dtype, bool bf16, int32_t out_dtype, void *out, int num_threads) {
-    const int64_t grain = std::max<int64_t>(1, kMinWeightsPerThread / (kGroup * K));
+    const int64_t grain = group_grain(M, K);
     const int64_t groups_total = (N + kGroup - 1) / kGroup;
 #if defined(LOWBIT_INTERLEAVED_AMX)
     if (bf16 && M >= kAmxMinRows && (cpu_features() & kFeatureAmxBf16) != 0) {
