@@ -257,19 +257,8 @@ def interleave_4bit(A: torch.Tensor, quant_state: QuantState) -> tuple[torch.Ten
     packed, absmax = torch.ops.lowbit.interleave_4bit(
         A, block_absmax_of(quant_state), list(quant_state.shape), quant_state.blocksize
     )
-    state = QuantState(
-        absmax=absmax,
-        shape=quant_state.shape,
-        code=quant_state.code,
-        blocksize=quant_state.blocksize,
-        quant_type=quant_state.quant_type,
-        dtype=quant_state.dtype,
-        offset=quant_state.offset,
-        state2=quant_state.state2,
-        layout=formats.LAYOUT_INTERLEAVED,
-        absmax_codes=quant_state.absmax if quant_state.nested else None,
-    )
-    return packed, state
+    codes = quant_state.absmax if quant_state.nested else None
+    return packed, quant_state.replace(absmax=absmax, layout=formats.LAYOUT_INTERLEAVED, absmax_codes=codes)
 
 
 def deinterleave_4bit(A: torch.Tensor, quant_state: QuantState) -> tuple[torch.Tensor, QuantState]:
@@ -281,17 +270,8 @@ def deinterleave_4bit(A: torch.Tensor, quant_state: QuantState) -> tuple[torch.T
     packed, absmax = torch.ops.lowbit.deinterleave_4bit(
         A, quant_state.absmax, list(quant_state.shape), quant_state.blocksize
     )
-    state = QuantState(
-        absmax=quant_state.absmax_codes if quant_state.nested else absmax,
-        shape=quant_state.shape,
-        code=quant_state.code,
-        blocksize=quant_state.blocksize,
-        quant_type=quant_state.quant_type,
-        dtype=quant_state.dtype,
-        offset=quant_state.offset,
-        state2=quant_state.state2,
-    )
-    return packed, state
+    standard = quant_state.absmax_codes if quant_state.nested else absmax
+    return packed, quant_state.replace(absmax=standard, layout=formats.LAYOUT_STANDARD, absmax_codes=None)
 
 
 # ----------------------------------------------------------------------------------------

@@ -241,6 +241,15 @@ class QuantState:
             state2=state2,
         )
 
+    def replace(self, **changes: Any) -> QuantState:
+        """A new state with the same fields except ``changes`` (the tensors are shared, not copied)."""
+        fields = {
+            name: getattr(self, name)
+            for name in ("absmax", "shape", "code", "blocksize", "quant_type", "dtype", "offset", "state2", "layout",
+                         "absmax_codes")
+        }  # fmt: skip
+        return QuantState(**{**fields, **changes})
+
     # -- device movement and comparison ---------------------------------------------------
     def to(self, device: torch.device | str) -> QuantState:
         """Move every tensor to ``device`` in place (and return self, for chaining)."""

@@ -3,6 +3,8 @@ the product on it: back to the standard layout, then the product of ``matmul_4bi
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ...core import formats
@@ -19,14 +21,8 @@ def _permute(B, absmax, shapeB, blocksize, inverse: bool) -> tuple[torch.Tensor,
     return out_B, out_absmax
 
 
-@kernels.register("interleave_4bit")
-def interleave_4bit(B, absmax, shapeB, blocksize):
-    return _permute(B, absmax, shapeB, blocksize, inverse=False)
-
-
-@kernels.register("deinterleave_4bit")
-def deinterleave_4bit(B, absmax, shapeB, blocksize):
-    return _permute(B, absmax, shapeB, blocksize, inverse=True)
+kernels.register("interleave_4bit")(functools.partial(_permute, inverse=False))
+kernels.register("deinterleave_4bit")(functools.partial(_permute, inverse=True))
 
 
 @kernels.register("matmul_4bit_interleaved")
