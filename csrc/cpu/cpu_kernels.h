@@ -68,6 +68,23 @@ inline void dispatch_dtype(int32_t dtype, Fn &&fn) {
     }
 }
 
+/* Element i of a float-side array of a validated dtype, widened exactly / stored rounded to
+ * nearest even (for kernels that touch a few elements per row, e.g. their outputs and bias). */
+inline float load_element(int32_t dtype, const void *p, int64_t i) {
+    switch (dtype) {
+    case kFloat16: return ElemF16::load(static_cast<const uint16_t *>(p)[i]);
+    case kBFloat16: return ElemBF16::load(static_cast<const uint16_t *>(p)[i]);
+    default: return static_cast<const float *>(p)[i];
+    }
+}
+inline void store_element(int32_t dtype, void *p, int64_t i, float v) {
+    switch (dtype) {
+    case kFloat16: static_cast<uint16_t *>(p)[i] = ElemF16::store(v); break;
+    case kBFloat16: static_cast<uint16_t *>(p)[i] = ElemBF16::store(v); break;
+    default: static_cast<float *>(p)[i] = v; break;
+    }
+}
+
 /* Number of blocks, ceil(n / blocksize), without overflow. */
 inline int64_t num_blocks(int64_t n, int64_t blocksize) {
     return n / blocksize + (n % blocksize != 0 ? 1 : 0);

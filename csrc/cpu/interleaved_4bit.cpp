@@ -139,20 +139,9 @@ LOWBIT_ALWAYS_INLINE void word(const Gemm &g, I x, F scale, const float *a, int 
     (word_slot<S, M, R, kScaled>(g, x, scale, a, vec, sums), ...);
 }
 
-inline float bias_at(const Gemm &g, int64_t n) {
-    switch (g.bias_dtype) {
-    case kFloat16: return fmt::half_bits_to_float(static_cast<const uint16_t *>(g.bias)[n]);
-    case kBFloat16: return fmt::bf16_bits_to_float(static_cast<const uint16_t *>(g.bias)[n]);
-    default: return static_cast<const float *>(g.bias)[n];
-    }
-}
-
-inline void store_out(const Gemm &g, int64_t i, float v) {
-    switch (g.out_dtype) {
-    case kFloat16: static_cast<uint16_t *>(g.out)[i] = fmt::float_to_half_bits(v); break;
-    case kBFloat16: static_cast<uint16_t *>(g.out)[i] = fmt::float_to_bf16_bits(v); break;
-    default: static_cast<float *>(g.out)[i] = v; break;
-    }
+/* out[m, n] = sum (+ bias[n]), rounded once to out_dtype. */
+inline void store_out(const Gemm &g, int64_t m, int64_t n, float sum) {
+    store_element(g.out_dtype, g.out, m * g.N + n, g.bias != nullptr ? sum + load_element(g.bias_dtype, g.bias, n) : sum);
 }
 
 /* Rows m0..m0+M-1 of A times the group of rows n0.. of B (kTail: the last, r < 16 rows). */
@@ -198,10 +187,7 @@ void group_pass(const Gemm &g, int64_t n0, int64_t m0) {
         for (int vec = 0; vec < kVecs; ++vec) {
             float lane[W];
             Vec::storeu(lane, tot.v[m][vec][0]);
-            for (int j = 0; j < lanes[vec]; ++j) {
-                const int64_t n = n0 + vec * W + j;
-                store_out(g, (m0 + m) * g.N + n, g.bias != nullptr ? lane[j] + bias_at(g, n) : lane[j]);
-            }
+            for (int j = 0; j < lanes[vec]; ++j) store_out(g, m0 + m, n0 + vec * W + j, lane[j]);
         }
 }
 
@@ -390,10 +376,7 @@ LOWBIT_TARGET_AMX void group_amx(const Gemm &g, const uint16_t *ap, int64_t M, i
     if constexpr (MT > 3) _tile_stored(3, sums[3], 64);
     for (int64_t m = m0; m < std::min<int64_t>(M, m0 + MT * kTileRows); ++m) {
         const float *row = sums[(m - m0) / kTileRows][(m - m0) % kTileRows];
-        for (int j = 0; j < r; ++j) {
-            const int64_t n = n0 + j;
-            store_out(g, m * g.N + n, g.bias != nullptr ? row[j] + bias_at(g, n) : row[j]);
-        }
+        for (int j = 0; j < r; ++j) store_out(g, m, n0 + j, row[j]);
     }
 }
 
