@@ -1,4 +1,4 @@
-"""Checks that matter (DESIGN.md §6). `.ci/run` runs `nox -s lint sanitize tests parity compat integration build_gpu_min`.
+"""Checks that matter (DESIGN.md §6). `.ci/run` runs `nox -s lint sanitize tests parity triton compat integration build_gpu_min`.
 
 Every session builds lowbit from this checkout into its own virtualenv. torch always comes
 from the pinned local CPU wheel: an unpinned torch would pull several GB of CUDA packages.
@@ -86,11 +86,14 @@ def bench(session: nox.Session) -> None:
 # ---- GPU library builds (csrc/cuda; see ci/gpu_build.py) -------------------------------------------
 # Each session compiles every kernel with warnings as errors, then checks that the library holds
 # code for every requested arch in every translation unit (ci/gpu_fatbin.py, cross-checked with
-# cuobjdump / roc-obj-ls). No GPU is needed. `-- --per-arch` also builds and times each arch alone;
-# `-- --json build/gpu/<name>.json` records the results.
+# cuobjdump / roc-obj-ls) and links its runtime as Python expects (readelf: libcudart.so.<major>
+# shared, no libamdhip64 NEEDED). No GPU is needed. `-- --per-arch` also builds and times each arch
+# alone; `-- --json build/gpu/<name>.json` records the results.
 GPU_BUILD_TOOLS = ("cmake>=3.24", "ninja", "nvidia-cuda-cuobjdump")
-CUDA_ARCHS = "75;80;86;89;90;100;120"  # every arch nvcc 13 builds
-HIP_ARCHS = "gfx906;gfx908;gfx90a;gfx1030;gfx940"
+CUDA13_ARCHS = "75;80;86;89;90;100;120"  # every arch nvcc 13 builds
+CUDA12_ARCHS = "70;75;80;86;89;90"  # every arch clang 19 builds, Volta included
+HIP_ARCHS = "gfx906;gfx908;gfx90a;gfx1030"  # what Debian's hipcc (ROCm 5.2) knows
+HIP_CLANG_ARCHS = "gfx90a;gfx942;gfx1100;gfx1201"  # MI200, MI300, RDNA3, RDNA4 with clang 19
 
 
 def _gpu_build(session: nox.Session, toolchain: str, archs: str, *extra: str) -> None:
@@ -99,32 +102,47 @@ def _gpu_build(session: nox.Session, toolchain: str, archs: str, *extra: str) ->
 
 @nox.session(default=False)
 def build_cuda(session: nox.Session) -> None:
-    """liblowbit_cuda.so with nvcc for sm_75..sm_120 (+ PTX of sm_120)."""
+    """liblowbit_cuda13.so with nvcc 13 for sm_75..sm_120 (+ PTX of sm_120), shared libcudart.so.13."""
     session.install(*GPU_BUILD_TOOLS)
-    _gpu_build(session, "nvcc", CUDA_ARCHS)
+    _gpu_build(session, "nvcc", CUDA13_ARCHS)
 
 
 @nox.session(default=False)
-def build_cuda_sm70(session: nox.Session) -> None:
-    """liblowbit_cuda.so for sm_70 (Volta) with clang-19 and a CUDA 12.8 tree from PyPI wheels."""
+def build_cuda12(session: nox.Session) -> None:
+    """liblowbit_cuda12.so for sm_70..sm_90 (+ PTX of sm_90) with clang-19 and CUDA 12.8 from PyPI wheels."""
     session.install(*GPU_BUILD_TOOLS)
-    _gpu_build(session, "clang-cuda", "70", "--install-missing")
+    _gpu_build(session, "clang-cuda", CUDA12_ARCHS, "--install-missing")
 
 
 @nox.session(default=False)
 def build_hip(session: nox.Session) -> None:
-    """liblowbit_hip.so with Debian's hipcc (ROCm 5.2) for gfx906, gfx908, gfx90a, gfx1030, gfx940."""
+    """liblowbit_hip.so with Debian's hipcc (ROCm 5.2) for gfx906, gfx908, gfx90a, gfx1030."""
     session.install(*GPU_BUILD_TOOLS)
     _gpu_build(session, "hip", HIP_ARCHS, "--install-missing")
 
 
 @nox.session(default=False)
+def build_hip_clang(session: nox.Session) -> None:
+    """liblowbit_hip.so with clang-19 and Debian's HIP headers for gfx90a, gfx942, gfx1100, gfx1201."""
+    session.install(*GPU_BUILD_TOOLS)
+    _gpu_build(session, "hip-clang", HIP_CLANG_ARCHS, "--install-missing")
+
+
+@nox.session(default=False)
 def build_gpu_min(session: nox.Session) -> None:
-    """CI-sized GPU build check: sm_70 via clang, sm_80 via nvcc, gfx90a via hipcc (one arch per toolchain)."""
+    """CI-sized GPU build check, one arch per toolchain: liblowbit_cuda12.so sm_70 (clang),
+    liblowbit_cuda13.so sm_80 (nvcc), liblowbit_hip.so gfx942 (clang-19 + HIP headers)."""
     session.install(*GPU_BUILD_TOOLS)
     _gpu_build(session, "clang-cuda", "70", "--install-missing")
     _gpu_build(session, "nvcc", "80")
-    _gpu_build(session, "hip", "gfx90a", "--install-missing")
+    _gpu_build(session, "hip-clang", "gfx942", "--install-missing")
+
+
+@nox.session(python=False, default=False)
+def gpu(session: nox.Session) -> None:
+    """On a machine with an NVIDIA GPU, offline, in the current environment (torch with CUDA): build
+    for the local arch, parity of every op on the device, the QLoRA step, then timings (benchmarks/gpu.py)."""
+    session.run("python", "benchmarks/gpu.py", *session.posargs)
 
 
 # ---- Hugging Face integration (lowbit.integrations; examples/) -----------------------------------
@@ -165,4 +183,34 @@ def integration(session: nox.Session) -> None:
     session.run(
         "pytest", *INTEGRATION_TESTS, "-v", "--durations=12", *session.posargs,
         env={**REQUIRE_NATIVE, "LOWBIT_INTEGRATION": "1"},
+    )  # fmt: skip
+
+
+# ---- Triton kernels (lowbit/backends/triton) under Triton's interpreter --------------------------
+# TRITON_INTERPRET=1 runs the kernels on CPU tensors (one program at a time, in Python), where the
+# triton backend then serves cpu tensors. `-k triton` picks each file's triton cases: test_parity's
+# cases on its INTERPRETED sizes, and the layer, autograd, optimizer, op-schema and bad-input tests
+# parametrized by backend. test_optim's 8-bit-vs-32-bit training runs (hundreds of steps, ~4 min
+# interpreted) stay with the other backends; test_parity checks the same optimizer steps.
+TRITON_TESTS = (
+    "tests/test_parity.py",
+    "tests/test_triton_backend.py",
+    "tests/test_nn.py",
+    "tests/test_autograd.py",
+    "tests/test_optim.py",
+    "tests/test_op_schemas.py",
+    "tests/test_bad_input.py",
+)
+
+
+@nox.session
+def triton(session: nox.Session) -> None:
+    """The Triton kernels against the reference and through the layers and optimizers, on CPU
+    tensors under TRITON_INTERPRET=1 (no GPU needed). About 75 s of single-core test time, plus
+    the install."""
+    session.install(TORCH)
+    session.install(".[test,triton]")
+    session.run(
+        "pytest", *TRITON_TESTS, "-k", "triton and not trains_as_well", "--durations=10", *session.posargs,
+        env={"TRITON_INTERPRET": "1"},
     )  # fmt: skip

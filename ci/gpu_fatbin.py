@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """List the GPU code objects inside a shared library, without any GPU tool.
 
-    python3 ci/gpu_fatbin.py build/cuda/liblowbit_cuda.so [--expect sm_80 sm_90 compute_90]
+    python3 ci/gpu_fatbin.py build/cuda/liblowbit_cuda13.so [--expect sm_80 sm_90 compute_90]
 
 Reads the ELF section headers and then
 

@@ -17,6 +17,8 @@ import torch
 
 import lowbit
 from lowbit import functional as F
+from lowbit.backends import triton as triton_backend
+from lowbit.backends.xpu import ipex
 from lowbit.core import registry
 
 _ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_bf16")
@@ -35,12 +37,18 @@ def cpu_features() -> list[str]:
     return [f"torch capability: {torch.backends.cpu.get_cpu_capability()}"]
 
 
+def _self_test_device(status: registry.BackendStatus) -> str:
+    """The first device type the backend serves that torch can use here (cpu for the reference)."""
+    usable = [d for d in status.device_types if d == "cpu" or getattr(torch, d).is_available()]
+    return usable[0] if usable else "cpu"
+
+
 def self_test(backend: str) -> str:
     """Run quantize 4-bit and 8-bit blockwise on ``backend``'s device and compare with the reference."""
     torch.manual_seed(0)
     A = torch.randn(4099, dtype=torch.float32)
-    device_type = registry.get(backend).status().device_type
-    on_device = A if device_type == "any" else A.to(device_type)
+    device_type = _self_test_device(registry.get(backend).status())
+    on_device = A.to(device_type)
     reference = registry.get("reference").kernels
     kernels = registry.get(backend).kernels
     if kernels.get("quantize_4bit") is None and backend != "reference":
@@ -54,7 +62,7 @@ def self_test(backend: str) -> str:
     qb = kernels.get("quantize_blockwise") or reference.get("quantize_blockwise")
     code = lowbit.core.formats.dynamic_map()
     results.append(same(qb(on_device, code.to(on_device.device), 256), reference.get("quantize_blockwise")(A, code, 256)))
-    where = "" if device_type == "any" else f" on {on_device.device}"
+    where = f" on {on_device.device}" if backend != "reference" else ""
     return f"pass (quantize_4bit, quantize_blockwise bit-exact vs reference{where})" if all(results) else "FAIL: differs from reference"
 
 
@@ -63,8 +71,10 @@ def report() -> int:
     print(f"CPU: {platform.processor() or 'unknown'}; features: {' '.join(cpu_features())}; torch threads: {torch.get_num_threads()}")
     forced = registry.forced()
     print(f"LOWBIT_BACKEND: {os.environ.get(registry.ENV_BACKEND) or '(unset)'}" + (f" -> {forced} forced" if forced else ""))
+    print(f"Triton: {triton_backend.describe()}")
+    print(f"IPEX: {ipex.describe()}")
     print()
-    print(f"{'backend':<10} {'device':<6} {'status':<12} {'active for':<10} detail")
+    print(f"{'backend':<10} {'device':<12} {'status':<12} {'active for':<10} detail")
     status_ok = True
     for status in registry.available():
         active_for = [d for d in ("cpu", "cuda", "xpu") if registry.active(d) == status.name]
@@ -72,7 +82,9 @@ def report() -> int:
         if status.name == forced:
             state = "forced"
         detail = status.reason if not status.available else ", ".join(f"{k}: {v}" for k, v in status.details.items())
-        print(f"{status.name:<10} {status.device_type:<6} {state:<12} {','.join(active_for) or '-':<10} {detail}")
+        print(f"{status.name:<10} {status.device_type:<12} {state:<12} {','.join(active_for) or '-':<10} {detail}")
+        if not status.available and "variant" in status.details:  # GPU backends: which library file and why
+            print(f"{'':<10} library: {status.details['library']} ({status.details['variant']})")
     print()
     print("self-test:")
     for status in registry.available():

@@ -62,7 +62,11 @@ def quantize_blockwise(
     checks.tensor(A, "A", formats.FLOAT_DTYPES)
     if code is None:
         code = formats.dynamic_map(signed=True, device=A.device)
-    q, block_absmax = torch.ops.lowbit.quantize_blockwise(A, code.to(A.device), blocksize)
+    checks.tensor(code, "code", (torch.float32,))
+    checks.blocksize(blocksize)
+    _check_outputs(A, out, A.shape, torch.uint8, absmax, formats.num_blocks(A.numel(), blocksize), nested)
+    code = checks.moved(code, "code", A.device)
+    q, block_absmax = torch.ops.lowbit.quantize_blockwise(A, code, blocksize)
     if nested:
         offset = block_absmax.mean()
         block_absmax -= offset
@@ -82,6 +86,37 @@ def quantize_blockwise(
     if absmax is not None:
         state.absmax = absmax.copy_(state.absmax)
     return q, state
+
+
+def _check_outputs(A, out, out_shape, out_dtype, absmax, n_blocks: int, nested: bool) -> None:
+    """The ``out=``/``absmax=`` buffers of a quantizer, checked before anything is computed: exactly
+    the shape and dtype of what is copied into them (the absmax of a nested state is uint8 codes)."""
+    if out is not None:
+        checks.out(out, "out", out_shape, out_dtype, A.device, {"A": A}, "what A quantizes to")
+    if absmax is not None:
+        absmax_dtype = torch.uint8 if nested else torch.float32
+        checks.out(absmax, "absmax", (n_blocks,), absmax_dtype, A.device, {"A": A, "out": out}, "one per block of A")
+
+
+def _require_fields(state: object, name: str, fields: tuple[str, ...]) -> None:
+    """``state`` is a QuantState with ``fields`` set (a hand-built state may lack some)."""
+    if not isinstance(state, QuantState):
+        raise TypeError(f"{name} must be a QuantState, got {type(state).__name__}")
+    missing = [field for field in fields if getattr(state, field) is None]
+    if missing:
+        raise ValueError(f"{name} has no {', '.join(missing)}; it cannot be used here")
+    if state.nested:
+        _require_fields(state.state2, f"{name}.state2", ("code", "blocksize", "dtype"))
+
+
+def codebook_of(state: QuantState, device: torch.device) -> torch.Tensor:
+    """The 16-entry codebook of a 4-bit state on ``device``: ``state.code``, which must be the
+    codebook of ``state.quant_type`` (what dequantize_4bit decodes with; checked once per code
+    tensor), or that codebook when a hand-built state carries none."""
+    if state.code is None:
+        return formats.code_tensor(state.quant_type, device)
+    checks.code_matches(state.code, state.quant_type, "quant_state.code")
+    return checks.moved(state.code, "quant_state.code", device)
 
 
 def block_absmax_of(state: QuantState) -> torch.Tensor:
@@ -113,15 +148,13 @@ def dequantize_blockwise(
         if code is None:
             code = formats.dynamic_map(signed=True, device=A.device)
         quant_state = QuantState(absmax=absmax, code=code, blocksize=blocksize, dtype=torch.float32)
+    _require_fields(quant_state, "quant_state", ("code", "blocksize", "dtype"))
     block_absmax = block_absmax_of(quant_state)
+    code = checks.moved(quant_state.code, "code", A.device)
     if out is not None:
-        torch.ops.lowbit.dequantize_blockwise.out(
-            A, block_absmax, quant_state.code.to(A.device), quant_state.blocksize, quant_state.dtype, out
-        )
+        torch.ops.lowbit.dequantize_blockwise.out(A, block_absmax, code, quant_state.blocksize, quant_state.dtype, out)
         return out
-    return torch.ops.lowbit.dequantize_blockwise(
-        A, block_absmax, quant_state.code.to(A.device), quant_state.blocksize, quant_state.dtype
-    )
+    return torch.ops.lowbit.dequantize_blockwise(A, block_absmax, code, quant_state.blocksize, quant_state.dtype)
 
 
 # ----------------------------------------------------------------------------------------
@@ -143,6 +176,11 @@ def quantize_4bit(
     """
     blocksize = formats.DEFAULT_BLOCKSIZE_4BIT if blocksize is None else blocksize
     checks.tensor(A, "A", formats.FLOAT_DTYPES)
+    checks.blocksize(blocksize)
+    if quant_storage in formats.QUANT_STORAGE_DTYPES:
+        n_packed = formats.packed_numel(A.numel(), quant_storage)
+        n_blocks = formats.num_blocks(A.numel(), blocksize)
+        _check_outputs(A, out, (n_packed, 1), quant_storage, absmax, n_blocks, bool(compress_statistics))
     packed, block_absmax = torch.ops.lowbit.quantize_4bit(A, blocksize, quant_type, quant_storage)
     code = get_4bit_type(quant_type, device=A.device)
     if compress_statistics:
@@ -190,6 +228,7 @@ def dequantize_4bit(
     if quant_state is None:
         if absmax is None or out is None:
             raise ValueError("dequantize_4bit needs quant_state, or both absmax and out")
+        checks.tensor(out, "out", formats.FLOAT_DTYPES, nonempty=False)
         quant_state = QuantState(
             absmax=absmax,
             shape=out.shape,
@@ -197,8 +236,7 @@ def dequantize_4bit(
             blocksize=formats.DEFAULT_BLOCKSIZE_4BIT if blocksize is None else blocksize,
             quant_type=quant_type,
         )
-    if not isinstance(quant_state, QuantState):
-        raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
+    _require_fields(quant_state, "quant_state", _FIELDS_4BIT)
     if quant_state.interleaved:
         A, quant_state = deinterleave_4bit(A, quant_state)
     block_absmax = block_absmax_of(quant_state)
@@ -211,6 +249,10 @@ def dequantize_4bit(
     if A.dim() == 2 and A.shape[0] == 1 and A.shape[1] > 1:
         return out.t()
     return out
+
+
+#: What a 4-bit QuantState needs to be dequantized or multiplied.
+_FIELDS_4BIT = ("shape", "blocksize", "quant_type", "dtype")
 
 
 def dequantize_nf4(A, quant_state=None, absmax=None, out=None, blocksize=None):
@@ -232,12 +274,14 @@ def gemv_4bit(
     """``A @ dequantize_4bit(B).T`` for a few rows of A, without materializing the weight."""
     if state is None:
         raise ValueError("gemv_4bit needs state, the QuantState returned by quantize_4bit")
+    _require_fields(state, "state", _FIELDS_4BIT)
+    checks.tensor(A, "A", formats.FLOAT_DTYPES)
     if state.interleaved:
         result = torch.ops.lowbit.matmul_4bit_interleaved(
-            A, B, list(state.shape), state.absmax, state.code.to(A.device), state.blocksize
+            A, B, list(state.shape), state.absmax, codebook_of(state, A.device), state.blocksize
         )
         return result if out is None else out.copy_(result)
-    args = (A, B, list(state.shape), block_absmax_of(state), state.code.to(A.device), state.blocksize)
+    args = (A, B, list(state.shape), block_absmax_of(state), codebook_of(state, A.device), state.blocksize)
     if out is not None:
         torch.ops.lowbit.gemv_4bit.out(*args, out)
         return out
@@ -323,4 +367,7 @@ def int8_mm_dequant(
 ) -> torch.Tensor:
     """Scale an int32 product back to float16: ``A * row_stats * col_stats / 127**2 + bias``."""
     result = torch.ops.lowbit.int8_mm_dequant(A, row_stats, col_stats, torch.float16, bias)
-    return out.copy_(result) if out is not None else result
+    if out is None:
+        return result
+    # the result is complete before `out` is written, so `out` may even alias A
+    return checks.out(out, "out", result.shape, result.dtype, result.device, {}).copy_(result)

@@ -6,8 +6,13 @@ import os
 import warnings
 
 import pytest
+from hypothesis import settings
 
 import lowbit
+
+# `pytest --hypothesis-profile=long`: 20 times the examples of the property suites (tests/
+# test_bad_input_properties.py scales its counts with max_examples), random instead of derandomized.
+settings.register_profile("long", max_examples=2000, deadline=None)
 
 
 def pytest_report_header(config):

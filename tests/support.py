@@ -8,9 +8,9 @@ import torch
 
 import lowbit
 
-CPU_BACKENDS = [
-    s.name for s in lowbit.backends.available() if s.available and s.device_type in ("cpu", "any")
-]
+#: Backends that run ops on CPU tensors here: reference, the native cpu backend when built, and
+#: triton under Triton's interpreter (TRITON_INTERPRET=1, `nox -s triton`).
+CPU_BACKENDS = [s.name for s in lowbit.backends.available() if s.available and s.serves("cpu")]
 NATIVE_CPU_BACKENDS = [name for name in CPU_BACKENDS if name != "reference"]
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

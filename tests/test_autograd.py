@@ -164,7 +164,7 @@ def test_matmul_4bit_rejects_bad_arguments():
         matmul_4bit(_input((2, K + 1), torch.float32), packed, state)
     with pytest.raises(TypeError, match="A must be"):
         matmul_4bit(A.numpy(), packed, state)
-    with pytest.raises(ValueError, match="floating-point"):
+    with pytest.raises(ValueError, match="A must be float32, float16 or bfloat16"):
         matmul_4bit(A.long(), packed, state)
 
 

@@ -1,6 +1,8 @@
 """Backend selection: LOWBIT_BACKEND, the fallback when the native library is missing or broken,
-backends.use(), backends.available() and `python -m lowbit`. Environment variables are read at
-import, so those tests run Python in a subprocess."""
+the automatic choice per device type (native library, else Triton, else reference; checked with
+the registry's own seams, no GPU needed), Triton missing, IPEX on XPU, backends.use(),
+backends.available() and `python -m lowbit`. Environment variables are read at import, so those
+tests run Python in a subprocess."""
 
 from __future__ import annotations
 
@@ -40,10 +42,10 @@ def test_forced_reference_is_reported_as_forced():
 def test_unknown_backend_name_lists_valid_names():
     result = run_python(PROBE, LOWBIT_BACKEND="nope")
     assert result.returncode != 0
-    assert "LOWBIT_BACKEND='nope' is not a lowbit backend; valid names: reference, cpu, cuda, hip, xpu" in result.stderr
+    assert "LOWBIT_BACKEND='nope' is not a lowbit backend; valid names: reference, cpu, cuda, hip, xpu, triton" in result.stderr
 
 
-@pytest.mark.parametrize("name", ["cuda", "hip", "xpu"])
+@pytest.mark.parametrize("name", ["cuda", "hip", "xpu", "triton"])
 def test_forcing_an_unavailable_backend_fails_with_the_reason(name):
     status = next(s for s in lowbit.backends.available() if s.name == name)
     if status.available:
@@ -92,7 +94,7 @@ def test_use_switches_and_restores():
 
 
 def test_use_rejects_unknown_and_unavailable_backends():
-    with pytest.raises(lowbit.backends.BackendError, match="valid names: reference, cpu, cuda, hip, xpu"):
+    with pytest.raises(lowbit.backends.BackendError, match="valid names: reference, cpu, cuda, hip, xpu, triton"):
         with lowbit.backends.use("tpu"):
             pass
     unavailable = [s for s in lowbit.backends.available() if not s.available]
@@ -104,7 +106,7 @@ def test_use_rejects_unknown_and_unavailable_backends():
 
 def test_available_reports_every_backend_with_a_reason():
     statuses = {s.name: s for s in lowbit.backends.available()}
-    assert list(statuses) == ["reference", "cpu", "cuda", "hip", "xpu"]
+    assert list(statuses) == ["reference", "cpu", "cuda", "hip", "xpu", "triton"]
     assert statuses["reference"].available and "quantize_4bit" in statuses["reference"].ops
     for status in statuses.values():
         assert status.available or status.reason, f"{status.name} is unavailable without a reason"
@@ -127,8 +129,9 @@ def test_cli_report_and_self_test():
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert f"lowbit {lowbit.__version__}" in out and "features:" in out
-    for name in ("reference", "cpu", "cuda", "hip", "xpu"):
+    for name in ("reference", "cpu", "cuda", "hip", "xpu", "triton"):
         assert any(line.startswith(name) for line in out.splitlines())
+    assert "Triton: " in out and "IPEX: " in out
     assert "self-test:" in out and "FAIL" not in out
     if NATIVE_CPU_BACKENDS:
         assert "library: " in out and "build: " in out
@@ -146,3 +149,154 @@ def test_cli_demo_runs():
 def test_native_library_was_built_and_loads():
     status = next(s for s in lowbit.backends.available() if s.name == "cpu")
     assert status.available, status.reason
+
+
+# ---- the automatic choice per device type (DESIGN.md §3), through the registry's seams ----------
+@pytest.fixture
+def choose_afresh(monkeypatch):
+    """Set backends' availability as if probed here, and forget earlier automatic choices."""
+    monkeypatch.setattr(registry, "_auto", {})
+    monkeypatch.setattr(registry, "_forced", None)
+
+    def set_available(**availability: bool) -> None:
+        registry._auto.clear()
+        for name, ok in availability.items():
+            monkeypatch.setattr(registry._BACKENDS[name].load(), "available", ok)
+
+    return set_available
+
+
+@pytest.mark.parametrize("rocm", [False, True], ids=["nvidia", "rocm"])
+def test_cuda_tensors_use_the_native_library_else_triton_else_reference(rocm, choose_afresh, monkeypatch):
+    monkeypatch.setattr(torch.version, "hip", "6.2" if rocm else None)
+    native = "hip" if rocm else "cuda"
+    assert registry.auto_order("cuda") == (native, "triton")
+    choose_afresh(**{native: True, "triton": True})
+    assert registry.active("cuda") == native
+    choose_afresh(**{native: False, "triton": True})
+    assert registry.active("cuda") == "triton"
+    choose_afresh(**{native: False, "triton": False})
+    assert registry.active("cuda") == "reference"
+
+
+def test_xpu_and_cpu_tensors_never_fall_to_triton_directly(choose_afresh):
+    """xpu tensors go to the xpu backend (itself the Triton kernels); cpu tensors never to triton,
+    not even when Triton's interpreter lets it serve them."""
+    choose_afresh(xpu=True, triton=True)
+    assert registry.active("xpu") == "xpu"
+    choose_afresh(xpu=False, triton=True, cpu=False)
+    assert registry.active("xpu") == "reference" and registry.active("cpu") == "reference"
+
+
+# ---- Triton missing, Triton's interpreter ------------------------------------------------------
+NO_TRITON = """
+import importlib.machinery, sys
+class BrokenLoader:
+    def create_module(self, spec):
+        return None
+    def exec_module(self, module):  # what a Triton whose native library does not load raises
+        raise ImportError("libtriton.so: undefined symbol: cuGetProcAddress")
+class NoTriton:  # as if Triton were not installed (or, with BROKEN set, broken)
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            if BROKEN:
+                return importlib.machinery.ModuleSpec(name, BrokenLoader())
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoTriton())
+"""
+MISSING_TRITON, BROKEN_TRITON = "BROKEN = False" + NO_TRITON, "BROKEN = True" + NO_TRITON
+INSTALL_HINT = 'pip install "lowbit[triton]"'
+
+
+def test_forced_triton_without_triton_fails_with_the_install_hint():
+    result = run_python(MISSING_TRITON + PROBE, LOWBIT_BACKEND="triton")
+    assert result.returncode != 0
+    assert "LOWBIT_BACKEND='triton' was requested but the triton backend cannot run: Triton is not installed" in result.stderr
+    assert INSTALL_HINT in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("blocker", "reason"),
+    [(MISSING_TRITON, "Triton is not installed"), (BROKEN_TRITON, "importing Triton failed (ImportError: libtriton.so")],
+    ids=["missing", "broken"],
+)
+def test_without_a_working_triton_lowbit_imports_and_the_report_says_why(blocker, reason):
+    result = run_python(blocker + "import sys; from lowbit.__main__ import main; sys.exit(main([]))")
+    assert result.returncode == 0, result.stdout + result.stderr
+    triton_line = next(line for line in result.stdout.splitlines() if line.startswith("Triton: "))
+    assert reason in triton_line and INSTALL_HINT in triton_line
+    row = next(line for line in result.stdout.splitlines() if line.startswith("triton "))
+    assert "unavailable" in row and reason in row
+
+
+STATUS = "import lowbit; s = {b.name: b for b in lowbit.backends.available()}['triton']; print(s.device_types, s.available)"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU makes the triton backend available without the interpreter")
+def test_triton_serves_cpu_tensors_only_under_its_interpreter():
+    pytest.importorskip("triton", reason="Triton is not installed here (nox -s triton installs it)")
+    compiled = run_python(STATUS + "; print(s.reason)", TRITON_INTERPRET="0")
+    assert compiled.returncode == 0, compiled.stderr
+    assert "('cuda', 'xpu') False" in compiled.stdout and "no GPU for the Triton kernels" in compiled.stdout
+    interpreted = run_python(STATUS + "; print(lowbit.backends.active('cpu'))", TRITON_INTERPRET="1", LOWBIT_BACKEND="triton")
+    assert interpreted.returncode == 0, interpreted.stderr
+    assert "('cuda', 'xpu', 'cpu') True" in interpreted.stdout and interpreted.stdout.split()[-1] == "triton"
+
+
+# ---- IPEX on XPU ---------------------------------------------------------------------------------
+FAKE_IPEX = """
+import torch
+from lowbit.backends.reference.blockwise_8bit import decode_blockwise
+CALLS = []
+
+class _C:
+    @staticmethod
+    def _has_xpu():
+        return True
+
+def _dequantize(code, A, absmax, out, blocksize, n):  # IPEX's argument order
+    CALLS.append(out.dtype)
+    out.copy_(decode_blockwise(A, absmax, code, blocksize).to(out.dtype).view(out.shape))
+
+class xpu:
+    class bitsandbytes:
+        cdequantize_blockwise_fp32 = cdequantize_blockwise_fp16 = cdequantize_blockwise_bf16 = staticmethod(_dequantize)
+"""
+
+
+def _fake_ipex(tmp_path, version: str) -> str:
+    """A stand-in intel_extension_for_pytorch distribution (module + metadata) on a path of its own."""
+    (tmp_path / "intel_extension_for_pytorch").mkdir()
+    (tmp_path / "intel_extension_for_pytorch" / "__init__.py").write_text(FAKE_IPEX)
+    info = tmp_path / f"intel_extension_for_pytorch-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: intel_extension_for_pytorch\nVersion: {version}\n")
+    return str(tmp_path)
+
+
+def test_ipex_matching_torch_serves_dequantize_blockwise_on_xpu(tmp_path):
+    version = ".".join(torch.__version__.split("+")[0].split(".")[:2]) + ".10"
+    code = """
+import sys, torch, lowbit, intel_extension_for_pytorch as ipex
+from lowbit.backends import xpu
+from lowbit.core import formats, registry
+print(xpu.ipex.describe())
+q = torch.randint(0, 256, (1000,), dtype=torch.uint8)
+absmax, code = torch.rand(4) * 3, formats.dynamic_map()
+got = xpu.kernels.get("dequantize_blockwise")(q, absmax, code, 256, torch.bfloat16)
+want = registry.get("reference").kernels.get("dequantize_blockwise")(q, absmax, code, 256, torch.bfloat16)
+print("same", torch.equal(got, want), ipex.CALLS)
+"""
+    result = run_python(code, PYTHONPATH=_fake_ipex(tmp_path, version))
+    assert result.returncode == 0, result.stderr
+    assert f"used (intel_extension_for_pytorch {version}: dequantize_blockwise)" in result.stdout
+    assert "same True [torch.bfloat16]" in result.stdout
+
+
+def test_ipex_for_another_torch_is_not_loaded_and_the_report_says_why(tmp_path):
+    code = "import sys; from lowbit.__main__ import main; main([]); print('loaded', 'intel_extension_for_pytorch' in sys.modules)"
+    result = run_python(code, PYTHONPATH=_fake_ipex(tmp_path, "2.8.0"))
+    assert result.returncode == 0, result.stderr
+    minor = ".".join(torch.__version__.split(".")[:2])
+    assert f"IPEX: not used: intel_extension_for_pytorch 2.8.0 is built for torch 2.8, this torch is {torch.__version__}" in result.stdout
+    assert "loaded False" in result.stdout and minor != "2.8"

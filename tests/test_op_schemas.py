@@ -1,10 +1,13 @@
 """The torch.library ops: schemas and fake kernels agree with the real ones (torch.library.opcheck),
-and torch.compile(fullgraph=True) traces through them."""
+torch.compile(fullgraph=True) traces through them, and their checks read no tensor values."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch.utils._pytree import tree_leaves, tree_map
 
 import lowbit
 from lowbit import functional as F
@@ -81,3 +84,39 @@ def test_compile_fullgraph_through_4bit_ops():
 
     compiled = torch.compile(forward, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(X, PACKED, STATE.absmax), forward(X, PACKED, STATE.absmax))
+
+
+#: Ops whose output size depends on values (outlier columns): torch runs them on fake tensors with a
+#: shape environment only, never on bare meta tensors.
+DATA_DEPENDENT_SIZE = ("int8_double_quant", "int8_mixed_scaled_mm")
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_checks_and_fake_kernel_read_no_values(name):
+    """An op's whole Python path (its checks, then the fake kernel) on tensors without values: any
+    read of one (.item(), bool(t), .tolist(): a GPU sync on a real device) would raise here."""
+    with FakeTensorMode(shape_env=ShapeEnv()) as mode:
+        fake_args = tree_map(lambda a: mode.from_tensor(a) if isinstance(a, torch.Tensor) else a, SAMPLES[name])
+        _op(name)(*fake_args)
+    if name not in DATA_DEPENDENT_SIZE:
+        meta_args = tree_map(lambda a: a.to("meta") if isinstance(a, torch.Tensor) else a, SAMPLES[name])
+        outputs = _op(name)(*meta_args)
+        assert all(t.device.type == "meta" for t in tree_leaves(outputs) if isinstance(t, torch.Tensor))
+
+
+def _tensor_positions(name: str) -> list[int]:
+    return [i for i, value in enumerate(SAMPLES[name]) if isinstance(value, torch.Tensor)]
+
+
+@pytest.mark.parametrize("name", sorted(n for n in SAMPLES if len(_tensor_positions(n)) > 1))
+def test_a_meta_argument_among_real_ones_is_rejected(name):
+    """One meta tensor among CPU tensors selects the fake kernel; it must refuse the call, naming the
+    argument, instead of returning uninitialized memory."""
+    schema = _op(name)._schema
+    for index in _tensor_positions(name):
+        value = SAMPLES[name][index]
+        args = list(SAMPLES[name])
+        args[index] = value.to("meta")
+        with pytest.raises(ValueError, match="is on (meta|cpu), expected (cpu|meta)") as raised:
+            _op(name)(*args)
+        assert any(other.name in str(raised.value) for other in schema.arguments), raised.value

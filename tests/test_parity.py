@@ -4,7 +4,9 @@ Agreement required (DESIGN.md §5): quantize and dequantize bit-exact (bytes and
 int8 products exact, float matmuls within what accumulation order explains.
 Each backend's kernel is called directly, bypassing dispatch, so the reference cannot mask it.
 The native CPU backend is checked once per instruction set this machine can run (scalar, avx2,
-avx512: ``isa`` in the test ids), switching its kernels with ``native.use_cpu_isa``.
+avx512: ``isa`` in the test ids), switching its kernels with ``native.use_cpu_isa``. The triton
+backend takes part under Triton's interpreter (TRITON_INTERPRET=1, ``nox -s triton``) with the
+same cases on smaller sizes (:data:`INTERPRETED`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import functools
 import itertools
 import math
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -25,6 +28,15 @@ from support import FLOAT_DTYPES, NATIVE_CPU_BACKENDS
 
 #: The CPU instruction sets the native backend can run here (its kernels exist once per ISA).
 CPU_ISAS = native.supported_isas() if native.load_error() is None else []
+
+
+class Sizes(NamedTuple):
+    """The sizes the cases are generated for."""
+
+    lengths: tuple[int, ...]  # of the 4-bit and 8-bit blockwise tensors
+    product_shapes: tuple[tuple[int, int], ...]  # (N, K) of the 4-bit products' weights
+    optimizer_lengths: tuple[int, ...]  # of the optimizer steps' parameters
+
 
 LENGTHS = (1, 2, 3, 63, 64, 65, 1000, 4096 * 3 + 7, 300_001)
 
@@ -38,30 +50,30 @@ def _input(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     return x.to(dtype)
 
 
-def _cases_quantize_4bit() -> Iterator[tuple]:
-    for qt, bs, dtype, n in itertools.product(formats.QUANT_TYPES, formats.BLOCKSIZES, FLOAT_DTYPES, LENGTHS):
+def _cases_quantize_4bit(sizes: Sizes) -> Iterator[tuple]:
+    for qt, bs, dtype, n in itertools.product(formats.QUANT_TYPES, formats.BLOCKSIZES, FLOAT_DTYPES, sizes.lengths):
         storage = torch.uint8 if n % 4 else torch.float16
         yield (_input(n, dtype, n + bs), bs, qt, storage)
 
 
-def _cases_dequantize_4bit() -> Iterator[tuple]:
+def _cases_dequantize_4bit(sizes: Sizes) -> Iterator[tuple]:
     reference = registry.get("reference").kernels.get("quantize_4bit")
     for qt, bs, dtype, n in itertools.product(
-        formats.QUANT_TYPES, (32, 64, 256, 4096), FLOAT_DTYPES, LENGTHS
+        formats.QUANT_TYPES, (32, 64, 256, 4096), FLOAT_DTYPES, sizes.lengths
     ):
         packed, absmax = reference(_input(n, torch.float32, n), bs, qt, torch.uint8)
         yield (packed, absmax, bs, qt, [n], dtype)
 
 
-def _cases_quantize_blockwise() -> Iterator[tuple]:
-    for signed, bs, dtype, n in itertools.product((True, False), formats.BLOCKSIZES, FLOAT_DTYPES, LENGTHS):
+def _cases_quantize_blockwise(sizes: Sizes) -> Iterator[tuple]:
+    for signed, bs, dtype, n in itertools.product((True, False), formats.BLOCKSIZES, FLOAT_DTYPES, sizes.lengths):
         x = _input(n, dtype, n * bs)
         yield (x if signed else x.abs(), formats.dynamic_map(signed=signed), bs)
 
 
-def _cases_dequantize_blockwise() -> Iterator[tuple]:
+def _cases_dequantize_blockwise(sizes: Sizes) -> Iterator[tuple]:
     g = torch.Generator().manual_seed(0)
-    for bs, dtype, n in itertools.product((64, 256, 4096), FLOAT_DTYPES, LENGTHS):
+    for bs, dtype, n in itertools.product((64, 256, 4096), FLOAT_DTYPES, sizes.lengths):
         q = torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8)
         absmax = torch.rand(formats.num_blocks(n, bs), generator=g) * 10
         yield (q, absmax, formats.dynamic_map(), bs, dtype)
@@ -109,10 +121,10 @@ CASES = {
     "deinterleave_4bit": _cases_deinterleave_4bit,
     "quantize_4bit": _cases_quantize_4bit,
     "dequantize_4bit": _cases_dequantize_4bit,
-    "dequantize_4bit.out": lambda: _with_out(_cases_dequantize_4bit(), lambda a: a[4]),
+    "dequantize_4bit.out": lambda sizes: _with_out(_cases_dequantize_4bit(sizes), lambda a: a[4]),
     "quantize_blockwise": _cases_quantize_blockwise,
     "dequantize_blockwise": _cases_dequantize_blockwise,
-    "dequantize_blockwise.out": lambda: _with_out(_cases_dequantize_blockwise(), lambda a: a[0].shape),
+    "dequantize_blockwise.out": lambda sizes: _with_out(_cases_dequantize_blockwise(sizes), lambda a: a[0].shape),
 }
 
 # Weight shapes (N, K) for the 4-bit products. Across blocksizes 32..4096 they cover every path of
@@ -122,11 +134,11 @@ CASES = {
 PRODUCT_SHAPES = ((5, 4096), (7, 256), (3, 576), (6, 160), (33, 136), (9, 1000), (3, 1001), (1, 40), (11, 8), (2, 4104))
 
 
-def _product_cases(rows: Iterator[tuple[int, ...]], with_bias: bool) -> Iterator[tuple]:
+def _product_cases(sizes: Sizes, rows: Iterator[tuple[int, ...]], with_bias: bool) -> Iterator[tuple]:
     """(A, B, shapeB, absmax, code, blocksize[, bias]) for every quant type x blocksize x shape x dtype;
     the leading shape of A cycles through ``rows``."""
     g = torch.Generator().manual_seed(1)
-    combos = itertools.product(formats.QUANT_TYPES, formats.BLOCKSIZES, PRODUCT_SHAPES, FLOAT_DTYPES)
+    combos = itertools.product(formats.QUANT_TYPES, formats.BLOCKSIZES, sizes.product_shapes, FLOAT_DTYPES)
     for (qt, bs, (N, K), dtype), lead in zip(combos, itertools.cycle(rows)):
         W = torch.randn(N, K, generator=g)
         B, absmax = registry.get("reference").kernels.get("quantize_4bit")(W, bs, qt, torch.uint8)
@@ -138,13 +150,13 @@ def _product_cases(rows: Iterator[tuple[int, ...]], with_bias: bool) -> Iterator
             yield args
 
 
-def _cases_gemv_4bit() -> Iterator[tuple]:
+def _cases_gemv_4bit(sizes: Sizes) -> Iterator[tuple]:
     # 1..8 rows (the fused kernel), more (the GEMM path), and a 3-D A
-    return _product_cases([(m,) for m in range(1, 9)] + [(9,), (2, 3)], with_bias=False)
+    return _product_cases(sizes, [(m,) for m in range(1, 9)] + [(9,), (2, 3)], with_bias=False)
 
 
-def _cases_matmul_4bit() -> Iterator[tuple]:
-    return _product_cases([(1,), (8,), (2, 3), (17,), (4, 33)], with_bias=True)
+def _cases_matmul_4bit(sizes: Sizes) -> Iterator[tuple]:
+    return _product_cases(sizes, [(1,), (8,), (2, 3), (17,), (4, 33)], with_bias=True)
 
 
 def _cases_matmul_4bit_interleaved() -> Iterator[tuple]:
@@ -161,8 +173,8 @@ def _cases_matmul_4bit_interleaved() -> Iterator[tuple]:
 #: Float matmuls: checked within the accumulation-order tolerance of _close (not bit for bit).
 PRODUCT_CASES = {
     "gemv_4bit": _cases_gemv_4bit,
-    "gemv_4bit.out": lambda: _with_out(
-        _cases_gemv_4bit(), lambda a: (*a[0].shape[:-1], a[2][0]), lambda a: a[0].dtype
+    "gemv_4bit.out": lambda sizes: _with_out(
+        _cases_gemv_4bit(sizes), lambda a: (*a[0].shape[:-1], a[2][0]), lambda a: a[0].dtype
     ),
     "matmul_4bit": _cases_matmul_4bit,
     "matmul_4bit_interleaved": _cases_matmul_4bit_interleaved,
@@ -247,12 +259,12 @@ def _running(backend: str, isa: str):
             yield
 
 
-@functools.lru_cache(maxsize=1)  # the ISA varies fastest in the test order: compute each reference once
-def _reference_results(op: str) -> list[tuple]:
+@functools.lru_cache(maxsize=1)  # the backend varies fastest in the test order: compute each reference once
+def _reference_results(op: str, sizes: Sizes) -> list[tuple]:
     reference = registry.get("reference").kernels.get(op)
     cases = {**CASES, **PRODUCT_CASES}[op]
     results = []
-    for args in cases():
+    for args in cases(sizes):
         if op.endswith(".out"):
             want = args[-1].clone()
             reference(*args[:-1], want)
@@ -283,13 +295,15 @@ def test_every_native_kernel_has_parity_cases(backend):
 
 def _run_cases(backend: str, isa: str, op: str, compare, results=None) -> None:
     """Run every case of ``op`` (``results(op)``: (args, reference output) pairs; the 4-bit/8-bit
-    cases by default) on ``backend``'s kernel and ``compare`` with the reference output."""
+    cases in the backend's sizes by default) on ``backend``'s kernel and ``compare`` with the
+    reference output."""
     kernel = registry.get(backend).kernels.get(op)
     if kernel is None:
         pytest.skip(f"{backend} has no {op} kernel (dispatch falls back to the reference)")
     count = 0
     with _running(backend, isa):
-        for count, (args, want) in enumerate((results or _reference_results)(op), start=1):
+        pairs = results(op) if results else _reference_results(op, _sizes(backend))
+        for count, (args, want) in enumerate(pairs, start=1):
             if op.endswith(".out"):
                 got = args[-1].clone()
                 args = args[:-1]
@@ -337,6 +351,25 @@ def test_products_close_to_reference(backend, isa, op):
 from lowbit.core.ops import OPTIMIZER_8BIT_BLOCKSIZE, OPTIMIZERS, OPTIMIZERS_TWO_STATES  # noqa: E402
 
 OPTIMIZER_LENGTHS = (1, 255, 257, 4096 * 3 + 7, 70_001)
+#: The sizes of every backend but those under Triton's interpreter.
+FULL = Sizes(LENGTHS, PRODUCT_SHAPES, OPTIMIZER_LENGTHS)
+#: Triton's interpreter runs a kernel one program at a time in Python (~0.1 ms per tensor operation
+#: per program): there the same cases run on smaller tensors, keeping every tail, dtype and
+#: blocksize, and inputs that span several of the interpreter's 16384-element tiles.
+INTERPRETED = Sizes(
+    lengths=(1, 3, 64, 65, 1000, 40_001),
+    # K % blocksize == 0 or not, blocks straddling rows (K = 8), rows starting mid-byte (odd K),
+    # several K steps with a partial last one (4104), several programs along N (33)
+    product_shapes=((7, 256), (3, 1001), (33, 136), (11, 8), (2, 4104)),
+    optimizer_lengths=(1, 257, 40_001),
+)
+INTERPRETED_BACKENDS = ("triton",)
+
+
+def _sizes(backend: str) -> Sizes:
+    return INTERPRETED if backend in INTERPRETED_BACKENDS else FULL
+
+
 _SQRT_OPTIMIZERS = ("adam", "adamw", "lamb", "ademamix", "rmsprop", "adagrad")
 _TRUST_OPTIMIZERS = ("lamb", "lars")
 
@@ -363,8 +396,8 @@ def _optim_hyper(name: str, case: int) -> dict:
     )  # fmt: skip
 
 
-def _cases_optimizer_update_32bit() -> Iterator[tuple]:
-    for case, (name, dtype, n) in enumerate(itertools.product(OPTIMIZERS, FLOAT_DTYPES, OPTIMIZER_LENGTHS)):
+def _cases_optimizer_update_32bit(sizes: Sizes) -> Iterator[tuple]:
+    for case, (name, dtype, n) in enumerate(itertools.product(OPTIMIZERS, FLOAT_DTYPES, sizes.optimizer_lengths)):
         g = torch.Generator().manual_seed(1000 + case)
         p = torch.randn(n, generator=g).to(dtype)
         grad = (torch.randn(n, generator=g) * 0.1).to(dtype)
@@ -379,10 +412,10 @@ def _cases_optimizer_update_32bit() -> Iterator[tuple]:
         )  # fmt: skip
 
 
-def _cases_optimizer_update_8bit_blockwise() -> Iterator[tuple]:
+def _cases_optimizer_update_8bit_blockwise(sizes: Sizes) -> Iterator[tuple]:
     quantize = registry.get("reference").kernels.get("quantize_blockwise")
     signed, unsigned = formats.dynamic_map(signed=True), formats.dynamic_map(signed=False)
-    for case, (name, dtype, n) in enumerate(itertools.product(OPTIMIZERS, FLOAT_DTYPES, OPTIMIZER_LENGTHS)):
+    for case, (name, dtype, n) in enumerate(itertools.product(OPTIMIZERS, FLOAT_DTYPES, sizes.optimizer_lengths)):
         g = torch.Generator().manual_seed(2000 + case)
         p = torch.randn(n, generator=g).to(dtype)
         grad = (torch.randn(n, generator=g) * 0.1).to(dtype)
@@ -411,11 +444,11 @@ def _clone_args(args: tuple) -> tuple:
 
 
 @functools.lru_cache(maxsize=1)
-def _optimizer_reference_results(op: str) -> list[tuple]:
+def _optimizer_reference_results(op: str, sizes: Sizes) -> list[tuple]:
     reference = registry.get("reference").kernels.get(op)
     cases, written = OPTIMIZER_CASES[op]
     results = []
-    for args in cases():
+    for args in cases(sizes):
         after = _clone_args(args)
         reference(*after)
         results.append((args, tuple(after[i] for i in written)))
@@ -474,7 +507,7 @@ def test_optimizer_steps_match_reference(backend, isa, op):
     written = OPTIMIZER_CASES[op][1]
     count = 0
     with _running(backend, isa):
-        for count, (args, want) in enumerate(_optimizer_reference_results(op), start=1):
+        for count, (args, want) in enumerate(_optimizer_reference_results(op, _sizes(backend)), start=1):
             mine = _clone_args(args)
             kernel(*mine)
             context = f"{backend}[{isa}].{op} case {count}: {args[0]} {args[2].dtype} n={args[2].numel()}"

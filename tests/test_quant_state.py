@@ -103,8 +103,8 @@ def _corrupt(state: QuantState, **changes):
     [
         ({"quant_type": "nf3"}, "'quant_type' must be one of"),
         ({"blocksize": 63}, "'blocksize' must be one of"),
-        ({"dtype": "floaty"}, "'dtype' must name a torch dtype"),
-        ({"shape": [96, -1]}, "'shape' must be a list"),
+        ({"dtype": "floaty"}, "'dtype' must be one of 'float32', 'float16', 'bfloat16', got 'floaty'"),
+        ({"shape": [96, -1]}, "'shape' must be a non-empty list of positive ints"),
         ({"shape": [96, 131]}, "'absmax' has 195 elements, expected 197"),
         ({"absmax": torch.ones(3)}, "'absmax' has 3 elements"),
         ({"quant_map": torch.ones(15)}, "'quant_map' has 15 elements"),

@@ -13,9 +13,13 @@
  *                        c with !(mid[c] < v_j), or 255 if there is none. (The sweep's cursor
  *                        stops at bin j on the first midpoint it cannot pass; v_j only grows with
  *                        j, so every earlier midpoint was passable at bin j.) O(255).
- *   lut8_entry_sorted -- the same value in 8 steps, valid when the midpoints are non-decreasing
+ *   lut8_entry_tree   -- the same value in 8 steps, valid when the midpoints are non-decreasing
  *                        and free of NaN (then "mid[c] < v" is true on a prefix and the entry is
- *                        a lower bound). Reads mid256[255], which must be +Inf (a sentinel).
+ *                        a lower bound), searched in the midpoints laid out as an implicit binary
+ *                        tree (breadth-first: node i has children 2i, 2i+1). In shared memory the
+ *                        probes of one level then fall in distinct banks for levels 0-5, where a
+ *                        search of the sorted array probes bank 31 at every one of its first
+ *                        five steps (the conflicts the optimizers and quantize_blockwise paid).
  *
  * Both take the bin index j and use fmt::lut8_bin_value, so the float arithmetic is the CPU's.
  */
@@ -60,13 +64,24 @@ LOWBIT_HD static inline uint8_t lut8_entry_sweep(const float *mid255, uint32_t j
     return static_cast<uint8_t>(c);
 }
 
-/* Entry of the 8-bit lookup for bin j when mid256[0..254] is non-decreasing without NaN and
- * mid256[255] is +Inf. Branch-free lower bound over 256 slots: 8 dependent loads. */
-LOWBIT_HD static inline uint8_t lut8_entry_sorted(const float *mid256, uint32_t j) {
+/* Index of the midpoint that node i (1..255) of the search tree holds: node i is on level
+ * k = floor(log2 i) at position p = i - 2^k, and the in-order position of that node in a complete
+ * tree of 255 nodes is (2p + 1) * 2^(7-k) - 1 (the root holds midpoint 127, the leaves 0, 2, 4...). */
+LOWBIT_HD static inline int lut8_tree_source(int i) {
+    int k = 0;
+    while ((2 << k) <= i) ++k;
+    return ((2 * (i - (1 << k)) + 1) << (7 - k)) - 1;
+}
+
+/* Entry of the 8-bit lookup for bin j when the 255 midpoints are non-decreasing without NaN,
+ * given as tree256[i] = midpoint lut8_tree_source(i) (tree256[0] unused). Branch-free descent:
+ * 8 dependent loads; right moves pass a node and its left subtree, so the leaf reached, minus
+ * 256, counts the midpoints below v. */
+LOWBIT_HD static inline uint8_t lut8_entry_tree(const float *tree256, uint32_t j) {
     const float v = lut8_bin_value(j);
-    int pos = 0;
-    for (int step = 128; step > 0; step >>= 1) pos += (mid256[pos + step - 1] < v) ? step : 0;
-    return static_cast<uint8_t>(pos);
+    int i = 1;
+    for (int level = 0; level < 8; ++level) i = 2 * i + ((tree256[i] < v) ? 1 : 0);
+    return static_cast<uint8_t>(i - 256);
 }
 
 /* Whether lut8_entry_sorted may be used for these 255 midpoints: each one <= its successor
@@ -78,10 +93,11 @@ LOWBIT_HD static inline bool midpoints8_sorted(const float *mid255) {
 }
 
 /* Byte of one value of an 8-bit blockwise block with absmax m (finite, > 0) and inv = 1/m:
- * what csrc/cpu/blockwise_8bit.cpp writes through its table. `sorted` selects the fast search. */
-LOWBIT_HD static inline uint8_t encode_8bit(float x, float inv, const float *mid256, bool sorted) {
+ * what csrc/cpu/blockwise_8bit.cpp writes through its table. `sorted` selects the tree search
+ * (tree256), else the sweep over the midpoints in order (mid255). */
+LOWBIT_HD static inline uint8_t encode_8bit(float x, float inv, const float *mid255, const float *tree256, bool sorted) {
     const uint32_t bin = lut8_bin(clamp_unit(x * inv));
-    return sorted ? lut8_entry_sorted(mid256, bin) : lut8_entry_sweep(mid256, bin);
+    return sorted ? lut8_entry_tree(tree256, bin) : lut8_entry_sweep(mid255, bin);
 }
 
 /* Correctly rounded float32 square root from a hardware approximation that is within 1 ulp

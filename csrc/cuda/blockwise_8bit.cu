@@ -7,10 +7,12 @@
  *   dequantize: out = to_dtype(code[q] * absmax[block]).
  *
  * The lookup: the CPU builds a 65536-entry table per code (fmt::build_lut8) and indexes it with
- * fmt::lut8_bin. Here each CTA keeps only the code's 255 midpoints (1 KiB of shared memory,
- * computed with fmt::midpoint8) and computes the table entry of each value's bin on the spot
- * (lowbit_device.h): an 8-step lower-bound search when the midpoints are sorted (every code
- * lowbit and bitsandbytes create), the sweep's O(255) definition otherwise. Same bins, same
+ * fmt::lut8_bin. Here each CTA keeps only the code's 255 midpoints (twice: 2 KiB of shared
+ * memory, computed with fmt::midpoint8) and computes the table entry of each value's bin on the
+ * spot (lowbit_device.h): an 8-step search of the midpoints laid out as a breadth-first tree when
+ * they are sorted (every code lowbit and bitsandbytes create) -- the lanes' probes of one step
+ * then fall in distinct banks for the first six steps, where a search of the sorted array probed
+ * bank 31 five times -- and the sweep's O(255) definition otherwise. Same bins, same
  * entries, same bytes -- device_math_test.cpp proves the entry functions equal the CPU table
  * for all 65536 bins. Why not the table itself:
  *   - in global memory it would need a build kernel + scratch buffer per call, or a cache keyed
@@ -50,7 +52,7 @@ __global__ void __launch_bounds__(kThreads)
                          float *__restrict__ absmax, bool vec) {
     constexpr int EPT = Split8<BS>::kEpt;
     constexpr int G = Split8<BS>::kGroup;
-    __shared__ float mid[fmt::kCode8Size];
+    __shared__ Midpoints8 mid;
     const bool sorted = load_midpoints8(code, mid);
 
     const int t = static_cast<int>(threadIdx.x) % G;
@@ -82,7 +84,7 @@ __global__ void __launch_bounds__(kThreads)
     if (t == 0) absmax[b] = blk.absmax;
     uint8_t q[EPT];
 #pragma unroll
-    for (int i = 0; i < EPT; ++i) q[i] = blk.encode ? fmt::encode_8bit(x[i], blk.inv, mid, sorted) : 0;
+    for (int i = 0; i < EPT; ++i) q[i] = blk.encode ? fmt::encode_8bit(x[i], blk.inv, mid.in_order, mid.tree, sorted) : 0;
     if (vec && cnt == EPT) {
         store_bytes<EPT>(out + first, q);
     } else {

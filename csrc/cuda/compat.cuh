@@ -5,17 +5,19 @@
  * Nothing else in csrc/cuda may include a runtime header directly.
  *
  * Also defined here:
- *  - LOWBIT_WARP_SIZE (device code only): 32 on NVIDIA and on RDNA (gfx10xx/gfx11xx), 64 on
- *    GCN/CDNA (gfx9xx: gfx906, gfx908, gfx90a, gfx940). A compile-time constant per target, checked
- *    against the compiler's own __AMDGCN_WAVEFRONT_SIZE. Host code never uses it: a HIP fat
- *    binary mixes wave32 and wave64 targets, so launch shapes are chosen without it (kernels
- *    reduce over 32-lane groups, which are whole warps on NVIDIA/RDNA and half-wavefronts on CDNA).
+ *  - LOWBIT_WARP_SIZE (device code only): 32 on NVIDIA and on RDNA (gfx10xx/gfx11xx/gfx12xx), 64
+ *    on GCN/CDNA (gfx9xx: gfx906, gfx908, gfx90a, gfx942, gfx950). A compile-time constant per
+ *    target from the compiler's family macros (__GFX9__, ...), not from __AMDGCN_WAVEFRONT_SIZE,
+ *    which ROCm 6.4+ compilers deprecate (a warning, an error under -Werror). Host code never uses
+ *    it: a HIP fat binary mixes wave32 and wave64 targets, so launch shapes are chosen without it
+ *    (kernels reduce over 32-lane groups, which are whole warps on NVIDIA/RDNA and half-wavefronts
+ *    on CDNA; an RDNA build forced to wave64 would still be correct, only the groups are halves).
  *  - lb_shfl_xor: butterfly shuffle over a power-of-two group of lanes <= 32 (CUDA needs the
  *    *_sync form with a member mask, ROCm 5.2 only has the mask-less form).
  *  - LOWBIT_LAUNCH(grid, block, stream, kernel)(args): the <<<>>> launch, spelled so that the
  *    host emulation (csrc/cuda/emu, -DLOWBIT_EMULATION=1, tests only) can run the same sources on
  *    the CPU; LOWBIT_CHECK_ALIGNED lets the emulation verify vector-access alignment.
- *  - lb_sqrtf (correctly rounded on every toolchain) and the cp.async helpers (sm_80+).
+ *  - lb_sqrtf (correctly rounded on every toolchain).
  *  - bf16: ROCm 5.2 has no hip_bf16.h, so no bf16 type from either runtime is used anywhere:
  *    fp16/bf16 data are raw uint16_t bits converted with lowbit_formats.h's helpers (exact,
  *    round-to-nearest-even, the CPU's bits). NVIDIA sm_80+ paths may use the hardware
@@ -57,6 +59,7 @@ typedef hipStream_t cudaStream_t;
 #define cudaGetDeviceCount hipGetDeviceCount
 #define cudaDeviceGetAttribute hipDeviceGetAttribute
 #define cudaDevAttrConcurrentManagedAccess hipDeviceAttributeConcurrentManagedAccess
+#define cudaDevAttrMultiProcessorCount hipDeviceAttributeMultiprocessorCount
 #define cudaRuntimeGetVersion hipRuntimeGetVersion
 #define cudaDriverGetVersion hipDriverGetVersion
 #define cudaFuncGetAttributes hipFuncGetAttributes
@@ -93,27 +96,16 @@ typedef hipFuncAttributes cudaFuncAttributes;
 #else
 #error "lowbit: unknown AMD GPU family; add its wavefront size to csrc/cuda/compat.cuh"
 #endif
-#if defined(__AMDGCN_WAVEFRONT_SIZE) && __AMDGCN_WAVEFRONT_SIZE != LOWBIT_WARP_SIZE
-#error "lowbit: LOWBIT_WARP_SIZE disagrees with the compiler's wavefront size for this target"
-#endif
 #elif defined(__CUDA_ARCH__)
 #define LOWBIT_WARP_SIZE 32
 #endif
 
-/* True in the device pass for NVIDIA sm_80 or newer (cp.async, hardware bf16 conversion). */
+/* True in the device pass for NVIDIA sm_80 or newer (hardware bf16 conversion). */
 #if defined(__CUDA_ARCH__) && !defined(__HIP_DEVICE_COMPILE__) && __CUDA_ARCH__ >= 800
 #define LOWBIT_SM80 1
 #else
 #define LOWBIT_SM80 0
 #endif
-/* Kernels take their cp.async path on sm_80+, and in the emulation when LOWBIT_EMU_CP_ASYNC is
- * set (cp.async emulated by an immediate copy: it checks the pipeline's slot bookkeeping). */
-#if LOWBIT_SM80 || (defined(LOWBIT_EMULATION) && LOWBIT_EMULATION && defined(LOWBIT_EMU_CP_ASYNC) && LOWBIT_EMU_CP_ASYNC)
-#define LOWBIT_CP_ASYNC 1
-#else
-#define LOWBIT_CP_ASYNC 0
-#endif
-
 #if defined(LOWBIT_WARP_SIZE)
 static_assert(LOWBIT_WARP_SIZE % 32 == 0, "32-lane groups (kLaneGroup) must tile a warp");
 #endif
@@ -148,33 +140,6 @@ __device__ __forceinline__ float lb_sqrtf(float x) {
     return __fsqrt_rn(x);
 #endif
 }
-
-/* ---- cp.async (16-byte global -> shared copies that bypass L1, sm_80+) ---------------------- */
-#if LOWBIT_SM80
-__device__ __forceinline__ unsigned shared_address(const void *p) {
-    unsigned r;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
-    return r;
-}
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(smem)), "l"(gmem)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-#elif LOWBIT_CP_ASYNC
-inline void cp_async16(void *smem, const void *gmem) {
-    LOWBIT_CHECK_ALIGNED(smem, 16);
-    LOWBIT_CHECK_ALIGNED(gmem, 16);
-    memcpy(smem, gmem, 16);
-}
-inline void cp_async_commit() {}
-template <int N>
-inline void cp_async_wait() {}
-#endif
 
 } // namespace gpu
 } // namespace lowbit

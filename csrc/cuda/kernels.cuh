@@ -232,16 +232,30 @@ __device__ __forceinline__ float block_max(float m) {
 }
 
 /* ---- 8-bit blockwise helpers ------------------------------------------------------------------ */
-/* Fills mid[256] (the 255 midpoints of a 256-entry code, computed as fmt::midpoint8 does, and
- * +Inf at [255]) and returns whether lut8_entry_sorted may be used. Every thread must call it. */
-__device__ __forceinline__ bool load_midpoints8(const float *__restrict__ code, float *mid) {
-    for (int i = static_cast<int>(threadIdx.x); i < fmt::kCode8Size; i += static_cast<int>(blockDim.x))
-        mid[i] = (i < fmt::kMidpoint8Size) ? fmt::midpoint8(code, i) : infinity();
+/* The shared tables of the 8-bit lookup (lowbit_device.h): the code's 255 midpoints in order (the
+ * sweep of an unsorted code) and as the implicit search tree of lut8_entry_tree (sorted codes). */
+struct Midpoints8 {
+    float in_order[fmt::kCode8Size];
+    float tree[fmt::kCode8Size];
+};
+
+/* Fills m from a 256-entry code (midpoints computed as fmt::midpoint8 does) and returns whether
+ * the tree search may be used (midpoints non-decreasing, no NaN). Every thread must call it. */
+__device__ __forceinline__ bool load_midpoints8(const float *__restrict__ code, Midpoints8 &m) {
+    for (int i = static_cast<int>(threadIdx.x); i < fmt::kCode8Size; i += static_cast<int>(blockDim.x)) {
+        m.in_order[i] = (i < fmt::kMidpoint8Size) ? fmt::midpoint8(code, i) : infinity();
+        m.tree[i] = (i > 0) ? fmt::midpoint8(code, fmt::lut8_tree_source(i)) : infinity();
+    }
     __syncthreads();
     int ok = 1;
     for (int i = static_cast<int>(threadIdx.x); i + 1 < fmt::kMidpoint8Size; i += static_cast<int>(blockDim.x))
-        ok &= (mid[i] <= mid[i + 1]) ? 1 : 0;
+        ok &= (m.in_order[i] <= m.in_order[i + 1]) ? 1 : 0;
     return __syncthreads_and(ok) != 0;
+}
+
+/* Byte of an 8-bit bin through the tables (sorted: tree search; else the sweep). */
+__device__ __forceinline__ uint8_t lookup8(const Midpoints8 &m, bool sorted, uint32_t bin) {
+    return sorted ? fmt::lut8_entry_tree(m.tree, bin) : fmt::lut8_entry_sweep(m.in_order, bin);
 }
 
 /* What an 8-bit block with (max |x| = m, NaN seen) stores and whether its values are encoded,

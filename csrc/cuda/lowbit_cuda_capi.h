@@ -1,4 +1,4 @@
-/* lowbit GPU C ABI: the symbols Python loads (ctypes) from liblowbit_cuda.so / liblowbit_hip.so.
+/* lowbit GPU C ABI: the symbols Python loads (ctypes) from liblowbit_cuda12.so, liblowbit_cuda13.so or liblowbit_hip.so.
  *
  * The same header serves both libraries (the HIP build is the same sources through compat.cuh);
  * "cuda" in the names means "this GPU library". No torch headers, no C++ types, no runtime

@@ -21,7 +21,7 @@
  *   consecutive elements (coalesced). Per block: dequantize (qmap[q] * absmax) -> update -> new
  *   absmax (shuffle max over the group) -> requantize exactly as quantize_blockwise (shared
  *   midpoints, lowbit_device.h entries). Both qmaps (256 floats) and their midpoints live in
- *   shared memory (4 KiB per CTA).
+ *   shared memory (6 KiB per CTA).
  */
 #include <type_traits>
 
@@ -137,7 +137,7 @@ __device__ __forceinline__ void step8(const OptimParams &P, float g, float &p, f
 
 /* New absmax of one state block (the group's 8 x 32 values; absent elements are 0) and its
  * requantized bytes, as quantize_blockwise computes them. */
-__device__ __forceinline__ void requantize8(const float (&s)[kEpt8], const float *mid, bool sorted,
+__device__ __forceinline__ void requantize8(const float (&s)[kEpt8], const Midpoints8 &mid, bool sorted,
                                             uint8_t (&q)[kEpt8], float &absmax) {
     float m = 0.0f;
     int nan = 0;
@@ -149,7 +149,7 @@ __device__ __forceinline__ void requantize8(const float (&s)[kEpt8], const float
 #pragma unroll
     for (int i = 0; i < kEpt8; ++i) {
         const uint32_t bin = blk.encode ? optim::requant8_bins<GpuMath>(s[i], blk.inv) : 0u;
-        q[i] = blk.encode ? (sorted ? fmt::lut8_entry_sorted(mid, bin) : fmt::lut8_entry_sweep(mid, bin)) : 0;
+        q[i] = blk.encode ? lookup8(mid, sorted, bin) : 0;
     }
 }
 
@@ -163,8 +163,8 @@ __global__ void __launch_bounds__(kThreads)
     constexpr bool kTwo = OPT == kAdam || OPT == kAdemamix;
     __shared__ float qmap1[fmt::kCode8Size];
     __shared__ float qmap2[fmt::kCode8Size];
-    __shared__ float mid1[fmt::kCode8Size];
-    __shared__ float mid2[fmt::kCode8Size];
+    __shared__ Midpoints8 mid1;
+    __shared__ Midpoints8 mid2;
     for (int i = static_cast<int>(threadIdx.x); i < fmt::kCode8Size; i += static_cast<int>(blockDim.x)) {
         qmap1[i] = qmap1_g[i];
         if (kTwo) qmap2[i] = qmap2_g[i];

@@ -4,8 +4,9 @@ Paths:
 
 * inference with the weight in the interleaved layout (a layer placed for CPU inference, see
   ``functional.interleave_4bit``), any number of rows: ``matmul_4bit_interleaved``, the fused
-  product on that layout (float32 products and sums, as ``gemv_4bit``);
-* inference on a few rows (up to ``GEMV_MAX_ROWS`` rows of ``A``, no gradient needed: decoding,
+  product on that layout (float32 products and sums, as ``gemv_4bit``, unless
+  :func:`set_cpu_precision` allows bf16 rounding);
+* inference on a few rows (up to :func:`gemv_max_rows` rows of ``A``, no gradient needed: decoding,
   small batches): ``gemv_4bit``, the fused dequantize-dot op that backends implement without
   materializing the weight (float32 products and sums, one rounding to ``A``'s dtype; bitsandbytes
   up to 0.45 did the same for one row; 0.50 dequantizes here too);
@@ -24,13 +25,23 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..core import formats, registry
+from ..core import checks, formats, registry
 from ..core.quant_state import QuantState
-from ..functional import block_absmax_of, deinterleave_4bit
+from ..functional import block_absmax_of, codebook_of, deinterleave_4bit
 
-#: Rows of ``A`` up to which inference uses the fused ``gemv_4bit`` (the CPU kernel reads the weight
-#: once per 8 rows; beyond that dequantizing once and running a GEMM is faster).
+#: Rows of ``A`` up to which inference on the CPU uses the fused ``gemv_4bit`` (the CPU kernel reads
+#: the weight once per 8 rows; beyond that dequantizing once and running a GEMM is faster).
 GEMV_MAX_ROWS = 8
+#: The same crossover on a GPU. The fused kernel reads 0.5 byte per weight per 8 rows; dequantize +
+#: cuBLAS moves ~4.5 (write and read a 16-bit weight) but multiplies on tensor cores. With the fused
+#: kernel's scalar float32 FMAs the two meet around 16 rows on an A100 and 32 on an H100 (bandwidth
+#: and FMA-rate estimates; ``python benchmarks/gpu.py`` measures both paths per row count).
+GPU_GEMV_MAX_ROWS = 16
+
+
+def gemv_max_rows(device: torch.device) -> int:
+    """Rows up to which inference on ``device`` takes the fused ``gemv_4bit`` path."""
+    return GPU_GEMV_MAX_ROWS if device.type == "cuda" else GEMV_MAX_ROWS
 
 #: How exact the products on the interleaved layout (CPU inference) are:
 #:   "auto": bfloat16 activations may have each weight (code * absmax) rounded once to bfloat16,
@@ -71,16 +82,12 @@ def dense_weight(B: torch.Tensor, quant_state: QuantState, dtype: torch.dtype) -
     )
 
 
-def _code(quant_state: QuantState, device: torch.device) -> torch.Tensor:
-    # a QuantState built by hand (dequantize_4bit(absmax=...)) may carry no codebook
-    if quant_state.code is None:
-        return formats.code_tensor(quant_state.quant_type, device)
-    return quant_state.code.to(device)
-
-
 def to_out(result: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
-    """``result``, or ``out`` filled with it (the ``out=`` argument of both products)."""
-    return result if out is None else out.copy_(result)
+    """``result``, or ``out`` filled with it (the ``out=`` argument of both products): exactly its
+    shape and dtype. The result is complete before ``out`` is written, so ``out`` may alias A."""
+    if out is None:
+        return result
+    return checks.out(out, "out", result.shape, result.dtype, result.device, {}).copy_(result)
 
 
 class MatMul4Bit(torch.autograd.Function):
@@ -118,7 +125,7 @@ def _interleaved_product(A, B, quant_state: QuantState, bias) -> torch.Tensor:
     where A and bias live, checked here. Traced code goes through the op as usual.
     """
     n_out, k_in = quant_state.shape
-    code = _code(quant_state, A.device)
+    code = codebook_of(quant_state, A.device)
     args = (A, B, [n_out, k_in], quant_state.absmax, code, quant_state.blocksize, bias, _exact(A.dtype))
     if torch.compiler.is_compiling():
         return torch.ops.lowbit.matmul_4bit_interleaved(*args)
@@ -141,15 +148,28 @@ def _check_arguments(A, B, quant_state, bias) -> None:
     for name, value in (("A", A), ("B", B)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"matmul_4bit: {name} must be a torch.Tensor, got {type(value).__name__}")
-    if not A.is_floating_point():
-        raise ValueError(f"matmul_4bit: A must be a floating-point tensor, got {A.dtype}")
+    if A.dtype not in formats.FLOAT_DTYPES:
+        raise ValueError(f"matmul_4bit: A must be float32, float16 or bfloat16, got {A.dtype}")
     if A.dim() == 0 or A.shape[-1] not in tuple(quant_state.shape):
         raise ValueError(
             f"matmul_4bit: A has shape {tuple(A.shape)}, but the weight is {list(quant_state.shape)} "
             f"(A's last dimension must be {quant_state.shape[1]})"
         )
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"matmul_4bit: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    check_bias_and_devices("matmul_4bit", A, B, bias)
+
+
+def check_bias_and_devices(op: str, A: torch.Tensor, B: torch.Tensor, bias) -> None:
+    """Both products: B and bias live on A's device; bias is a real floating-point tensor."""
+    if B.device != A.device:
+        raise ValueError(f"{op}: B is on {B.device}, expected {A.device} (the device of A)")
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{op}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if not bias.is_floating_point():
+        raise ValueError(f"{op}: bias must be a real floating-point tensor, got {bias.dtype}")
+    if bias.device != A.device:
+        raise ValueError(f"{op}: bias is on {bias.device}, expected {A.device} (the device of A)")
 
 
 def matmul_4bit(
@@ -187,14 +207,14 @@ def matmul_4bit(
         return to_out(MatMul4Bit.apply(A, B, None, bias, quant_state), out)
     if quant_state.interleaved and A.numel() > 0:
         return to_out(_interleaved_product(A.contiguous(), B, quant_state, bias), out)
-    if 0 < A.numel() <= GEMV_MAX_ROWS * k_in:  # a few tokens: fused dequantize-dot, no dense weight
+    if 0 < A.numel() <= gemv_max_rows(A.device) * k_in:  # a few tokens: fused dequantize-dot, no dense weight
         # bias joins the float32 sums before the one rounding to A's dtype
         result = torch.ops.lowbit.matmul_4bit(
             A.contiguous(),
             B,
             [n_out, k_in],
             block_absmax_of(quant_state),
-            _code(quant_state, A.device),
+            codebook_of(quant_state, A.device),
             quant_state.blocksize,
             bias,
         )

@@ -23,7 +23,8 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 import torch.nn.functional as F
 
-from .matmul_4bit import to_out
+from ..core import formats
+from .matmul_4bit import check_bias_and_devices, to_out
 
 
 @dataclasses.dataclass(eq=False)
@@ -150,9 +151,10 @@ def _check_arguments(A, B, state, threshold, bias) -> None:
     for name, value in (("A", A), ("B", B)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"matmul: {name} must be a torch.Tensor, got {type(value).__name__}")
-    if not A.is_floating_point() or A.dim() == 0:
+    if A.dtype not in formats.FLOAT_DTYPES or A.dim() == 0:
         raise ValueError(
-            f"matmul: A must be a floating-point tensor with at least 1 dimension, got {A.dtype} {tuple(A.shape)}"
+            f"matmul: A must be a float32, float16 or bfloat16 tensor with at least 1 dimension, "
+            f"got {A.dtype} {tuple(A.shape)}"
         )
     if B.dim() != 2 or B.shape[1] != A.shape[-1]:
         raise ValueError(
@@ -168,8 +170,7 @@ def _check_arguments(A, B, state, threshold, bias) -> None:
         or threshold < 0
     ):
         raise ValueError(f"matmul: threshold must be a finite number >= 0, got {threshold!r}")
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"matmul: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    check_bias_and_devices("matmul", A, B, bias)
 
 
 def matmul(

@@ -34,6 +34,8 @@ def backend_problem(library: GpuLibrary, rocm: bool) -> Optional[str]:
     torch_problem = cuda_device_problem(rocm)
     library_problem = library.load_error()
     if torch_problem is not None:
+        if not library.selected():  # torch's build calls for no library file: nothing to add
+            return torch_problem
         if library_problem is not None:
             return f"{torch_problem}; besides, {library_problem}"
         return f"{torch_problem} ({library.name} itself is built and loads)"

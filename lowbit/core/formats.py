@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 #: Blocksizes accepted by the 4-bit and 8-bit blockwise formats.
 BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -133,7 +134,8 @@ def code_tensor(quant_type: str, device: torch.device | str | None = None) -> to
 
 @functools.cache
 def _code_tensor(quant_type: str, device: torch.device) -> torch.Tensor:
-    return torch.tensor(CODES[quant_type], dtype=torch.float32, device=device)
+    with unset_fake_temporarily():  # a cached constant must hold real values, even if first built in a trace
+        return torch.tensor(CODES[quant_type], dtype=torch.float32, device=device)
 
 
 def sorted_midpoints(quant_type: str) -> torch.Tensor:
@@ -154,6 +156,14 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     0 and 1 are added and the result sorted. Computed in float32 exactly as bitsandbytes does so
     that the 256 values agree bit for bit (tests pin them).
     """
+    for name, value, low, high in (("total_bits", total_bits, 2, 8), ("max_exponent_bits", max_exponent_bits, 1, 7)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"create_dynamic_map: {name} must be an int in [{low}, {high}], got {value!r}")
+    if max_exponent_bits >= total_bits:
+        raise ValueError(
+            f"create_dynamic_map: max_exponent_bits={max_exponent_bits} leaves no bit of total_bits={total_bits} "
+            "for the fraction"
+        )
     values: list[float] = []
     non_sign_bits = total_bits - 1
     additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
@@ -186,7 +196,8 @@ def _scaled_means(n_boundaries: int, scale: float, signed: bool) -> list[float]:
 
 @functools.lru_cache(maxsize=4)
 def _dynamic_map_cached(signed: bool) -> torch.Tensor:
-    return create_dynamic_map(signed=signed)
+    with unset_fake_temporarily():  # see _code_tensor
+        return create_dynamic_map(signed=signed)
 
 
 def dynamic_map(signed: bool = True, device: torch.device | str | None = None) -> torch.Tensor:

@@ -43,7 +43,12 @@ def _define(
     check: Callable[..., None],
     after: Optional[Callable[..., None]] = None,
 ) -> None:
-    """Define ``lowbit::<schema>`` and route it through the registry."""
+    """Define ``lowbit::<schema>`` and route it through the registry.
+
+    ``check`` runs on every path, the fake (meta) kernel included: an argument on the meta device
+    next to real tensors selects the fake kernel, which must not hand back uninitialized memory
+    for a call the real kernel would refuse. ``after(result, *args)`` checks the result's values
+    (where :func:`checks.on_host` allows reading them)."""
     name = schema.split("(", 1)[0]
     _lib.define(schema)
     _DEFINED.append(name)
@@ -55,13 +60,52 @@ def _define(
             after(result, *args)
         return result
 
+    def checked_fake(*args: Any) -> Any:
+        check(*args)
+        return fake(*args)
+
     dispatch.__name__ = f"lowbit_{name.replace('.', '_')}"
     _lib.impl(name, dispatch, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"lowbit::{name}", fake, lib=_lib)
+    torch.library.register_fake(f"lowbit::{name}", checked_fake, lib=_lib)
 
 
 def _nothing(*_: Any) -> None:
     return None
+
+
+def _packed(value: object, name: str, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Packed 4-bit data: its bytes, in any of the quant_storage dtypes (never bool, complex...)."""
+    return checks.tensor(value, name, formats.QUANT_STORAGE_DTYPES, device=device)
+
+
+def _absmax(value: object, n: int, blocksize: int, device: torch.device, of: str) -> torch.Tensor:
+    """One float32 absmax per block of the ``n`` values described by ``of``, 1-D: every backend
+    indexes it as a flat array."""
+    value = checks.tensor(value, "absmax", (torch.float32,), device=device, ndim=1)
+    n_blocks = formats.num_blocks(n, blocksize)
+    if value.numel() != n_blocks:
+        raise ValueError(
+            f"absmax has {value.numel()} elements, expected {n_blocks}: one per block of {blocksize} "
+            f"of the {n} values of {of}"
+        )
+    return value
+
+
+def _stats(value: object, name: str, n: int, device: torch.device, of: str) -> torch.Tensor:
+    """float32 scales, one per row or column (``of`` says which)."""
+    value = checks.tensor(value, name, (torch.float32,), device=device)
+    if value.numel() != n:
+        raise ValueError(f"{name} has {value.numel()} elements, expected {n} (one per {of})")
+    return value
+
+
+#: dtypes a bias may have (it is added in float32, or in float64 when given as float64)
+_BIAS_DTYPES = (*formats.FLOAT_DTYPES, torch.float64)
+
+
+def _bias(value: object, n: int, device: torch.device) -> None:
+    if value is not None:
+        checks.tensor(value, "bias", _BIAS_DTYPES, numel=n, device=device, ndim=1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -93,12 +137,12 @@ _define(
     "quantize_4bit(Tensor A, int blocksize, str quant_type, ScalarType quant_storage) -> (Tensor, Tensor)",
     _fake_quantize_4bit,
     _check_quantize_4bit,
-    after=lambda result, *_: checks.finite_absmax(result[1]),
+    after=lambda result, *_: checks.finite_values(result[1], "A"),
 )
 
 
 def _check_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype, out=None) -> None:
-    A = checks.tensor(A, "A")
+    A = _packed(A, "A")
     checks.blocksize(blocksize)
     checks.quant_type(quant_type)
     n = math.prod(checks.shape(shape, "shape"))
@@ -107,15 +151,9 @@ def _check_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype, out=N
         raise ValueError(
             f"A holds {A.numel() * A.element_size()} bytes but shape {tuple(shape)} needs {(n + 1) // 2} packed bytes"
         )
-    checks.tensor(absmax, "absmax", (torch.float32,), numel=formats.num_blocks(n, blocksize), device=A.device)
+    _absmax(absmax, n, blocksize, A.device, f"shape {list(shape)}")
     if out is not None:
-        _check_out(out, tuple(shape), dtype, A.device)
-
-
-def _check_out(out, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
-    checks.tensor(out, "out", (dtype,), device=device)
-    if tuple(out.shape) != tuple(shape):
-        raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(shape)}")
+        checks.out(out, "out", shape, dtype, A.device, {"A": A, "absmax": absmax}, "the shape argument")
 
 
 def _fake_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):
@@ -136,23 +174,24 @@ _define(
 
 
 def _check_4bit_matmul(A, B, shapeB, absmax, code, blocksize, bias_or_out=None, *, is_out=False) -> None:
-    A = checks.tensor(A, "A", formats.FLOAT_DTYPES)
+    A = checks.tensor(A, "A", formats.FLOAT_DTYPES, min_ndim=1)
     shapeB = checks.shape(shapeB, "shapeB")
     if len(shapeB) != 2:
         raise ValueError(f"shapeB must be 2-D (out_features, in_features), got {shapeB}")
     if A.shape[-1] != shapeB[1]:
         raise ValueError(f"A has {A.shape[-1]} features in its last dimension but shapeB={shapeB} expects {shapeB[1]}")
-    B = checks.tensor(B, "B", device=A.device)
+    B = _packed(B, "B", A.device)
     n = shapeB[0] * shapeB[1]
     if B.numel() * B.element_size() != (n + 1) // 2:
         raise ValueError(f"B holds {B.numel() * B.element_size()} bytes but shapeB {shapeB} needs {(n + 1) // 2}")
     checks.blocksize(blocksize)
-    checks.tensor(absmax, "absmax", (torch.float32,), numel=formats.num_blocks(n, blocksize), device=A.device)
+    _absmax(absmax, n, blocksize, A.device, f"shapeB {list(shapeB)}")
     checks.code(code, "code", 16, A.device)
     if is_out:
-        _check_out(bias_or_out, (*A.shape[:-1], shapeB[0]), A.dtype, A.device)
-    elif bias_or_out is not None:
-        checks.tensor(bias_or_out, "bias", numel=shapeB[0], device=A.device)
+        inputs = {"A": A, "B": B, "absmax": absmax, "code": code}
+        checks.out(bias_or_out, "out", (*A.shape[:-1], shapeB[0]), A.dtype, A.device, inputs, "A's rows by shapeB[0]")
+    else:
+        _bias(bias_or_out, shapeB[0], A.device)
 
 
 def _fake_4bit_matmul(A, B, shapeB, absmax, code, blocksize, bias=None):
@@ -245,18 +284,18 @@ _define(
     "quantize_blockwise(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)",
     _fake_quantize_blockwise,
     _check_quantize_blockwise,
-    after=lambda result, *_: checks.finite_absmax(result[1]),
+    after=lambda result, *_: checks.finite_values(result[1], "A"),
 )
 
 
 def _check_dequantize_blockwise(A, absmax, code, blocksize, dtype, out=None) -> None:
     A = checks.tensor(A, "A", (torch.uint8,))
     checks.blocksize(blocksize)
-    checks.tensor(absmax, "absmax", (torch.float32,), numel=formats.num_blocks(A.numel(), blocksize), device=A.device)
+    _absmax(absmax, A.numel(), blocksize, A.device, "A")
     checks.code(code, "code", 256, A.device)
     checks.float_dtype(dtype, "dtype")
     if out is not None:
-        _check_out(out, tuple(A.shape), dtype, A.device)
+        checks.out(out, "out", A.shape, dtype, A.device, {"A": A, "absmax": absmax, "code": code}, "the shape of A")
 
 
 _define(
@@ -275,18 +314,10 @@ _define(
 # ----------------------------------------------------------------------------------------
 # LLM.int8
 # ----------------------------------------------------------------------------------------
-def _check_threshold(threshold) -> None:
-    if not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold < 0:
-        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
-
-
 def _check_int8_vectorwise_quant(A, threshold=0.0) -> None:
-    A = checks.tensor(A, "A", formats.FLOAT_DTYPES)
-    if A.dim() < 1:
-        raise ValueError("A must have at least one dimension")
-    _check_threshold(threshold)
-    if not bool(torch.isfinite(A).all()):
-        raise ValueError("A contains NaN or Inf values; they cannot be quantized")
+    A = checks.tensor(A, "A", formats.FLOAT_DTYPES, min_ndim=1)
+    checks.number(threshold, "threshold", 0.0)
+    checks.finite_values(A, "A")
 
 
 def _fake_int8_vectorwise_quant(A, threshold=0.0):
@@ -306,8 +337,8 @@ _define(
 
 
 def _check_int8_vectorwise_dequant(A, stats) -> None:
-    A = checks.tensor(A, "A", (torch.int8,))
-    checks.tensor(stats, "stats", (torch.float32,), numel=checks.rows(A), device=A.device)
+    A = checks.tensor(A, "A", (torch.int8,), min_ndim=1)
+    _stats(stats, "stats", checks.rows(A), A.device, f"row of A, shape {tuple(A.shape)}")
 
 
 _define(
@@ -315,10 +346,6 @@ _define(
     lambda A, stats: A.new_empty(A.shape, dtype=torch.float32),
     _check_int8_vectorwise_dequant,
 )
-
-
-def _check_int8_double_quant(A, threshold=0.0) -> None:
-    _check_int8_vectorwise_quant(A, threshold)
 
 
 def _fake_int8_double_quant(A, threshold=0.0):
@@ -336,17 +363,20 @@ def _fake_int8_double_quant(A, threshold=0.0):
 _define(
     "int8_double_quant(Tensor A, float threshold=0.0) -> (Tensor, Tensor, Tensor, Tensor, Tensor?)",
     _fake_int8_double_quant,
-    _check_int8_double_quant,
+    _check_int8_vectorwise_quant,
 )
 
 
-def _check_int8_linear_matmul(A, B, out=None) -> None:
-    A = checks.tensor(A, "A", (torch.int8,))
-    B = checks.tensor(B, "B", (torch.int8,), device=A.device)
+def _check_int8_linear_matmul(A, B, out=None, names=("A", "B")) -> None:
+    A = checks.tensor(A, names[0], (torch.int8,), min_ndim=1)
+    B = checks.tensor(B, names[1], (torch.int8,), device=A.device)
     if B.dim() != 2 or B.shape[1] != A.shape[-1]:
-        raise ValueError(f"B must be 2-D (out_features, {A.shape[-1]}), got shape {tuple(B.shape)}")
+        raise ValueError(
+            f"{names[1]} must be 2-D (out_features, {A.shape[-1]}) to match the last dimension of {names[0]} "
+            f"(shape {tuple(A.shape)}), got shape {tuple(B.shape)}"
+        )
     if out is not None:
-        _check_out(out, (*A.shape[:-1], B.shape[0]), torch.int32, A.device)
+        checks.out(out, "out", (*A.shape[:-1], B.shape[0]), torch.int32, A.device, {"A": A, "B": B}, "A's rows by B's rows")
 
 
 _define(
@@ -358,13 +388,12 @@ _define("int8_linear_matmul.out(Tensor A, Tensor B, Tensor(a!) out) -> ()", _not
 
 
 def _check_int8_mm_dequant(A, row_stats, col_stats, dtype=None, bias=None) -> None:
-    A = checks.tensor(A, "A", (torch.int32,))
-    checks.tensor(row_stats, "row_stats", (torch.float32,), numel=checks.rows(A), device=A.device)
-    checks.tensor(col_stats, "col_stats", (torch.float32,), numel=A.shape[-1], device=A.device)
+    A = checks.tensor(A, "A", (torch.int32,), min_ndim=1)
+    _stats(row_stats, "row_stats", checks.rows(A), A.device, f"row of A, shape {tuple(A.shape)}")
+    _stats(col_stats, "col_stats", A.shape[-1], A.device, f"column of A, shape {tuple(A.shape)}")
     if dtype is not None:
         checks.float_dtype(dtype, "dtype")
-    if bias is not None:
-        checks.tensor(bias, "bias", numel=A.shape[-1], device=A.device)
+    _bias(bias, A.shape[-1], A.device)
 
 
 _define(
@@ -375,14 +404,15 @@ _define(
 )
 
 
-def _check_int8_scaled_mm(A, B, row_stats, col_stats, bias=None, dtype=None) -> None:
-    _check_int8_linear_matmul(A, B)
-    checks.tensor(row_stats, "row_stats", (torch.float32,), numel=checks.rows(A), device=A.device)
-    checks.tensor(col_stats, "col_stats", (torch.float32,), numel=B.shape[0], device=A.device)
+def _check_int8_scaled_mm(
+    A, B, row_stats, col_stats, bias=None, dtype=None, names=("A", "B", "row_stats", "col_stats")
+) -> None:
+    _check_int8_linear_matmul(A, B, names=names[:2])
+    _stats(row_stats, names[2], checks.rows(A), A.device, f"row of {names[0]}, shape {tuple(A.shape)}")
+    _stats(col_stats, names[3], B.shape[0], A.device, f"row of {names[1]}, shape {tuple(B.shape)}")
     if dtype is not None:
         checks.float_dtype(dtype, "dtype")
-    if bias is not None:
-        checks.tensor(bias, "bias", numel=B.shape[0], device=A.device)
+    _bias(bias, B.shape[0], A.device)
 
 
 _define(
@@ -395,12 +425,21 @@ _define(
 )
 
 
+def _check_outlier_cols(outlier_cols: object, n_cols: int, device: torch.device) -> None:
+    cols = checks.tensor(outlier_cols, "outlier_cols", (torch.int64, torch.int32), nonempty=False, device=device, ndim=1)
+    # index values: checked where they are on the host (a negative index would wrap around)
+    if checks.on_host(cols) and cols.numel() and not bool(((cols >= 0) & (cols < n_cols)).all()):
+        raise ValueError(f"outlier_cols must hold column indices in [0, {n_cols}), got {cols.tolist()}")
+
+
 def _check_int8_mixed_scaled_mm(A, CA, CB, SCA, SCB, outlier_cols=None, bias=None) -> None:
-    A = checks.tensor(A, "A", formats.FLOAT_DTYPES)
-    checks.tensor(CA, "CA", (torch.int8,), numel=A.numel(), device=A.device)
-    _check_int8_scaled_mm(CA, CB, SCA, SCB, bias, A.dtype)
+    A = checks.tensor(A, "A", formats.FLOAT_DTYPES, min_ndim=1)
+    checks.tensor(CA, "CA", (torch.int8,), device=A.device)
+    if CA.shape != A.shape:
+        raise ValueError(f"CA must have A's shape {tuple(A.shape)}, got {tuple(CA.shape)}")
+    _check_int8_scaled_mm(CA, CB, SCA, SCB, bias, A.dtype, names=("CA", "CB", "SCA", "SCB"))
     if outlier_cols is not None:
-        checks.tensor(outlier_cols, "outlier_cols", (torch.int64, torch.int32), nonempty=False, device=A.device)
+        _check_outlier_cols(outlier_cols, A.shape[-1], A.device)
 
 
 def _fake_int8_mixed_scaled_mm(A, CA, CB, SCA, SCB, outlier_cols=None, bias=None):
@@ -427,15 +466,36 @@ def _check_optimizer_common(name, g, p, state1, state2, state1_dtype) -> None:
     checks.tensor(g, "g", (p.dtype,), numel=p.numel(), device=p.device)
     state_numel = 2 * p.numel() if name == "ademamix" else p.numel()
     checks.tensor(state1, "state1", (state1_dtype,), numel=state_numel, device=p.device)
+    buffers = {"g": g, "p": p, "state1": state1}
     if name in OPTIMIZERS_TWO_STATES:
         if state2 is None:
             raise ValueError(f"optimizer {name!r} needs state2")
-        checks.tensor(state2, "state2", (state1_dtype,), numel=p.numel(), device=p.device)
+        buffers["state2"] = checks.tensor(state2, "state2", (state1_dtype,), numel=p.numel(), device=p.device)
+    _check_disjoint(buffers)
+
+
+def _check_disjoint(buffers: dict[str, torch.Tensor]) -> None:
+    """Buffers an update writes must not share memory with each other (kernels read and write
+    them element by element, so an alias would read values already updated)."""
+    names = list(buffers)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if checks.overlaps(buffers[a], buffers[b]):
+                raise ValueError(f"{a} and {b} share memory; the optimizer update needs separate tensors")
 
 
 def _check_step(step) -> None:
-    if not isinstance(step, int) or step < 1:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step must be an int >= 1, got {step!r}")
+
+
+def _check_hyperparameters(beta1, beta2, beta3, alpha, eps, weight_decay, lr, gnorm_scale) -> None:
+    for name, value in (("beta1", beta1), ("beta2", beta2), ("beta3", beta3)):
+        checks.number(value, name, 0.0, 1.0)
+    for name, value in (
+        ("alpha", alpha), ("eps", eps), ("weight_decay", weight_decay), ("lr", lr), ("gnorm_scale", gnorm_scale)
+    ):  # fmt: skip
+        checks.number(value, name, 0.0)
 
 
 def _check_optimizer_update_32bit(
@@ -444,6 +504,9 @@ def _check_optimizer_update_32bit(
 ) -> None:  # fmt: skip
     _check_optimizer_common(name, g, p, state1, state2, torch.float32)
     _check_step(step)
+    _check_hyperparameters(beta1, beta2, beta3, alpha, eps, weight_decay, lr, gnorm_scale)
+    checks.number(max_unorm, "max_unorm", 0.0)
+    checks.number(param_norm, "param_norm", 0.0)
     if max_unorm > 0.0:
         checks.tensor(unorm_vec, "unorm_vec", (torch.float32,), numel=1, device=p.device)
 
@@ -464,13 +527,19 @@ def _check_optimizer_update_8bit_blockwise(
 ) -> None:  # fmt: skip
     _check_optimizer_common(name, g, p, state1, state2, torch.uint8)
     _check_step(step)
+    _check_hyperparameters(beta1, beta2, beta3, alpha, eps, weight_decay, lr, gnorm_scale)
     blocks = formats.num_blocks(p.numel(), OPTIMIZER_8BIT_BLOCKSIZE)
     copies = 2 if name == "ademamix" else 1
     checks.code(qmap1, "qmap1", 256, p.device)
+    buffers = {"p": p, "state1": state1, "absmax1": absmax1}
     checks.tensor(absmax1, "absmax1", (torch.float32,), numel=copies * blocks, device=p.device)
+    if absmax1.dim() != 1 and tuple(absmax1.shape) != (copies, blocks):  # one absmax per block, flat
+        raise ValueError(f"absmax1 must be 1-D or ({copies}, {blocks}), got shape {tuple(absmax1.shape)}")
     if name in OPTIMIZERS_TWO_STATES:
         checks.code(qmap2, "qmap2", 256, p.device)
-        checks.tensor(absmax2, "absmax2", (torch.float32,), numel=blocks, device=p.device)
+        checks.tensor(absmax2, "absmax2", (torch.float32,), numel=blocks, device=p.device, ndim=1)
+        buffers.update(state2=state2, absmax2=absmax2)
+    _check_disjoint(buffers)
 
 
 _define(

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
 
-from . import formats
+from . import checks, formats
 
 _PACKED_PREFIX = "quant_state.bitsandbytes__"
 _VALID_KEYS = frozenset(
@@ -38,10 +39,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _dtype_from_name(name: Any, key: str) -> torch.dtype:
+def _dtype_from_name(name: Any, key: str, allowed: tuple[torch.dtype, ...]) -> torch.dtype:
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"quant state: {key!r} must name a torch dtype, got {name!r}")
+    if dtype not in allowed:
+        names = ", ".join(repr(_dtype_name(d)) for d in allowed)
+        raise ValueError(f"quant state: {key!r} must be one of {names}, got {name!r}")
     return dtype
 
 
@@ -50,15 +52,17 @@ def pack_dict_to_tensor(source: dict[str, Any]) -> torch.Tensor:
     return torch.tensor(list(json.dumps(source).encode("utf-8")), dtype=torch.uint8)
 
 
-def unpack_tensor_to_dict(packed: torch.Tensor) -> dict[str, Any]:
+def unpack_tensor_to_dict(packed: torch.Tensor, key: str = _PACKED_PREFIX + "*") -> dict[str, Any]:
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1:
-        raise ValueError("quant state: the packed 'quant_state.bitsandbytes__*' entry must be a 1-D uint8 tensor")
+        raise ValueError(f"quant state: the packed {key!r} entry must be a 1-D uint8 tensor")
     try:
         unpacked = json.loads(bytes(packed.cpu().tolist()).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"quant state: the packed 'quant_state.bitsandbytes__*' entry is not valid JSON ({err})") from None
+        raise ValueError(f"quant state: the packed {key!r} entry is not valid JSON ({err})") from None
+    except RecursionError:
+        raise ValueError(f"quant state: the packed {key!r} entry nests JSON too deeply") from None
     if not isinstance(unpacked, dict):
-        raise ValueError("quant state: the packed 'quant_state.bitsandbytes__*' entry must hold a JSON object")
+        raise ValueError(f"quant state: the packed {key!r} entry must hold a JSON object")
     return unpacked
 
 
@@ -93,10 +97,11 @@ class QuantState:
         layout: str = formats.LAYOUT_STANDARD,
         absmax_codes: Optional[torch.Tensor] = None,
     ):
+        _check_fields(absmax, shape, code, blocksize, quant_type, dtype, offset, state2)
         if layout not in formats.LAYOUTS:
             raise ValueError(f"quant state: layout must be one of {formats.LAYOUTS}, got {layout!r}")
         self.absmax = absmax
-        self.shape = shape
+        self.shape = torch.Size(shape) if shape is not None else None
         self.code = code
         self.dtype = dtype
         self.blocksize = blocksize
@@ -168,9 +173,15 @@ class QuantState:
     def from_dict(cls, qs_dict: dict[str, Any], device: torch.device | str = "cpu") -> QuantState:
         """Rebuild a 4-bit state from ``as_dict`` output (packed or not, key prefixes allowed).
 
-        Every field is checked, so a truncated or corrupted checkpoint raises ``ValueError``
-        naming the bad entry instead of producing garbage at the first forward pass.
+        Every field is checked against the format (DESIGN.md §4), so a truncated or corrupted
+        checkpoint raises ``ValueError`` naming the bad entry instead of producing garbage at the
+        first forward pass. This runs at load time: values (finite absmax, the codebooks) are read.
         """
+        if not isinstance(qs_dict, Mapping):
+            raise TypeError(f"quant state: expected a dict of state entries, got {type(qs_dict).__name__}")
+        bad_keys = [k for k in qs_dict if not isinstance(k, str)]
+        if bad_keys:
+            raise ValueError(f"quant state: keys must be strings, got {bad_keys!r}")
         qs_dict = dict(qs_dict)
         packed_keys = [k for k, v in qs_dict.items() if "quant_state" in k and isinstance(v, torch.Tensor)]
         if "quant_type" not in qs_dict and not any(k.split(".")[-1] == "quant_type" for k in qs_dict):
@@ -182,9 +193,22 @@ class QuantState:
                     f"{cls.valid_qs_type_keys}, found {packed_keys}"
                 )
         if len(packed_keys) == 1:
-            qs_dict.update(unpack_tensor_to_dict(qs_dict.pop(packed_keys[0])))
+            key = packed_keys[0]
+            unpacked = unpack_tensor_to_dict(qs_dict.pop(key), key)
+            named, held = key.split(".")[-1].removeprefix("bitsandbytes__"), unpacked.get("quant_type")
+            if named in formats.QUANT_TYPES and held in formats.QUANT_TYPES and held != named:
+                raise ValueError(
+                    f"quant state: {key!r} holds the JSON of quant_type={held!r}, "
+                    f"but its key names {named!r}"
+                )
+            qs_dict.update(unpacked)
 
-        fields = {k.split(".")[-1]: v for k, v in qs_dict.items()}
+        fields: dict[str, Any] = {}
+        for key, value in qs_dict.items():
+            name = key.split(".")[-1]
+            if name in fields:
+                raise ValueError(f"quant state: more than one entry for {name!r} (key {key!r})")
+            fields[name] = value
         unknown = set(fields) - _VALID_KEYS
         if unknown:
             raise ValueError(f"quant state: unexpected keys {sorted(unknown)}")
@@ -193,28 +217,39 @@ class QuantState:
                 raise ValueError(f"quant state: missing {key!r}")
 
         quant_type = fields["quant_type"]
-        if quant_type not in formats.QUANT_TYPES:
+        if not isinstance(quant_type, str) or quant_type not in formats.QUANT_TYPES:
             raise ValueError(f"quant state: 'quant_type' must be one of {formats.QUANT_TYPES}, got {quant_type!r}")
         blocksize = _check_blocksize(fields["blocksize"], "blocksize")
-        dtype = _dtype_from_name(fields["dtype"], "dtype")
+        dtype = _dtype_from_name(fields["dtype"], "dtype", formats.FLOAT_DTYPES)
         shape = fields["shape"]
-        if shape is not None:
-            if not isinstance(shape, (list, tuple)) or not all(isinstance(s, int) and s >= 0 for s in shape):
-                raise ValueError(f"quant state: 'shape' must be a list of non-negative ints, got {shape!r}")
-            shape = torch.Size(shape)
+        if not isinstance(shape, (list, tuple, torch.Size)) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape
+        ) or not shape:
+            raise ValueError(f"quant state: 'shape' must be a non-empty list of positive ints, got {shape!r}")
+        shape = torch.Size(shape)
         code = _check_tensor(fields["quant_map"], "quant_map", torch.float32, 16)
-        n_blocks = formats.num_blocks(math.prod(shape), blocksize) if shape is not None else None
+        if not torch.equal(code.cpu(), formats.code_tensor(quant_type)):
+            raise ValueError(f"quant state: 'quant_map' is not the {quant_type} codebook (quant_type={quant_type!r})")
+        n_blocks = formats.num_blocks(math.prod(shape), blocksize)
 
         offset = state2 = None
-        if "nested_absmax" in fields:
-            for key in ("nested_blocksize", "nested_quant_map", "nested_dtype", "nested_offset"):
+        nested_keys = ("nested_absmax", "nested_blocksize", "nested_quant_map", "nested_dtype", "nested_offset")
+        if any(key in fields for key in nested_keys):
+            for key in nested_keys:
                 if key not in fields:
                     raise ValueError(f"quant state: nested state is missing {key!r}")
             absmax = _check_tensor(fields["absmax"], "absmax", torch.uint8, n_blocks)
             nested_blocksize = _check_blocksize(fields["nested_blocksize"], "nested_blocksize")
             nested_offset = fields["nested_offset"]
-            if not isinstance(nested_offset, (int, float)) or not math.isfinite(nested_offset):
+            if (
+                isinstance(nested_offset, bool)
+                or not isinstance(nested_offset, (int, float))
+                or not math.isfinite(nested_offset)
+            ):
                 raise ValueError(f"quant state: 'nested_offset' must be a finite number, got {nested_offset!r}")
+            nested_code = _check_tensor(fields["nested_quant_map"], "nested_quant_map", torch.float32, 256)
+            if not bool((nested_code[1:] >= nested_code[:-1]).all()):
+                raise ValueError("quant state: 'nested_quant_map' must be sorted in ascending order")
             state2 = cls(
                 absmax=_check_tensor(
                     fields["nested_absmax"],
@@ -223,8 +258,8 @@ class QuantState:
                     formats.num_blocks(absmax.numel(), nested_blocksize),
                 ).to(device),
                 blocksize=nested_blocksize,
-                code=_check_tensor(fields["nested_quant_map"], "nested_quant_map", torch.float32, 256).to(device),
-                dtype=_dtype_from_name(fields["nested_dtype"], "nested_dtype"),
+                code=nested_code.to(device),
+                dtype=_dtype_from_name(fields["nested_dtype"], "nested_dtype", (torch.float32,)),
             )
             offset = torch.tensor(float(nested_offset), device=device)
         else:
@@ -305,18 +340,49 @@ def _tensors_equal(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool
 
 
 def _check_blocksize(value: Any, key: str) -> int:
-    if not isinstance(value, int) or value not in formats.BLOCKSIZES:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in formats.BLOCKSIZES:
         raise ValueError(f"quant state: {key!r} must be one of {formats.BLOCKSIZES}, got {value!r}")
     return value
 
 
-def _check_tensor(value: Any, key: str, dtype: torch.dtype, numel: Optional[int]) -> torch.Tensor:
+def _check_tensor(value: Any, key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """A loaded tensor entry: its dtype, 1-D layout and size, and finite values."""
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"quant state: {key!r} must be a tensor, got {type(value).__name__}")
     if value.dtype != dtype:
         raise ValueError(f"quant state: {key!r} must be {dtype}, got {value.dtype}")
-    if numel is not None and value.numel() != numel:
+    if value.numel() != numel:
         raise ValueError(f"quant state: {key!r} has {value.numel()} elements, expected {numel}")
+    if value.dim() != 1:
+        raise ValueError(f"quant state: {key!r} must be 1-D, got shape {tuple(value.shape)}")
+    if value.device.type == "meta":
+        raise ValueError(f"quant state: {key!r} is a meta tensor (no data to load)")
     if value.is_floating_point() and not bool(torch.isfinite(value).all()):
         raise ValueError(f"quant state: {key!r} contains NaN or Inf")
     return value
+
+
+def _check_fields(absmax, shape, code, blocksize, quant_type, dtype, offset, state2) -> None:
+    """What a QuantState is built from: types and metadata, and for a 4-bit state, that ``code`` is
+    the codebook of ``quant_type`` (read once per code tensor; gemv uses the code, dequantize the
+    quant type, and the two must agree)."""
+    if not isinstance(absmax, torch.Tensor):
+        raise TypeError(f"QuantState: absmax must be a torch.Tensor, got {type(absmax).__name__}")
+    if shape is not None:
+        checks.shape(shape, "QuantState: shape")
+    if blocksize is not None:
+        checks.blocksize(blocksize, "QuantState: blocksize")
+    if dtype is not None:
+        checks.float_dtype(dtype, "QuantState: dtype")
+    if offset is not None and not isinstance(offset, torch.Tensor):
+        raise TypeError(f"QuantState: offset must be a torch.Tensor or None, got {type(offset).__name__}")
+    if state2 is not None and not isinstance(state2, QuantState):
+        raise TypeError(f"QuantState: state2 must be a QuantState or None, got {type(state2).__name__}")
+    if (offset is None) != (state2 is None):
+        raise ValueError("QuantState: a nested (double-quantized) state needs both offset and state2")
+    if quant_type is not None:
+        checks.quant_type(quant_type, "QuantState: quant_type")
+        if code is not None:
+            checks.code_matches(code, quant_type, "QuantState: code")
+    elif code is not None:
+        checks.tensor(code, "QuantState: code", (torch.float32,), ndim=1)

@@ -7,11 +7,13 @@ A backend lives in ``lowbit/backends/<name>/`` and exposes two things (see
 * ``probe()``: ``None`` when the backend can run here, else the reason it cannot.
   An optional ``details()`` returns a dict that ``python -m lowbit`` prints.
 
-Selection (DESIGN.md §3): the backend for a device type is chosen on first use — for ``cpu``
-the native backend when its library loads, else ``reference``; for ``cuda`` the ``hip``
-backend on ROCm builds of torch, else ``cuda``; for ``xpu`` the ``xpu`` backend. An op the
-chosen backend lacks runs the reference kernel. ``LOWBIT_BACKEND`` forces one backend (the
-import fails with the reason if it cannot load) and :func:`use` overrides it in a block.
+Selection (DESIGN.md §3): the backend for a device type is chosen on first use, the first of
+:func:`auto_order` that can run, else ``reference``: for ``cpu`` the native backend when its
+library loads; for ``cuda`` the native ``hip`` backend on ROCm builds of torch, else ``cuda``, and
+the ``triton`` kernels when that library cannot load but Triton can; for ``xpu`` the ``xpu``
+backend (the Triton kernels). An op the chosen backend lacks runs the reference kernel.
+``LOWBIT_BACKEND`` forces one backend (the import fails with the reason if it cannot load) and
+:func:`use` overrides it in a block.
 """
 
 from __future__ import annotations
@@ -31,14 +33,17 @@ import torch
 
 logger = logging.getLogger("lowbit")
 
-BACKEND_NAMES: tuple[str, ...] = ("reference", "cpu", "cuda", "hip", "xpu")
-#: Device type each backend serves; the reference backend serves every device type.
-_DEVICE_TYPE: dict[str, Optional[str]] = {
-    "reference": None,
-    "cpu": "cpu",
-    "cuda": "cuda",
-    "hip": "cuda",  # ROCm builds of torch expose AMD GPUs as device type "cuda"
-    "xpu": "xpu",
+BACKEND_NAMES: tuple[str, ...] = ("reference", "cpu", "cuda", "hip", "xpu", "triton")
+#: Device types each backend serves; the reference backend (empty) serves every device type. A
+#: backend module may widen its set with a ``device_types()`` function: the triton backend adds
+#: ``cpu`` under Triton's interpreter (TRITON_INTERPRET=1), so that tests run its kernels here.
+_DEVICE_TYPES: dict[str, tuple[str, ...]] = {
+    "reference": (),
+    "cpu": ("cpu",),
+    "cuda": ("cuda",),
+    "hip": ("cuda",),  # ROCm builds of torch expose AMD GPUs as device type "cuda"
+    "xpu": ("xpu",),
+    "triton": ("cuda", "xpu"),  # NVIDIA and AMD GPUs (device type "cuda") and Intel GPUs
 }
 ENV_BACKEND = "LOWBIT_BACKEND"
 
@@ -79,11 +84,15 @@ class BackendStatus:
     """What :func:`available` reports for one backend."""
 
     name: str
-    device_type: str  # "any" for the reference backend
+    device_type: str  # the device types it serves, comma-separated; "any" for the reference backend
     available: bool
     reason: str  # why it is unavailable, or "" when available
     ops: list[str]
     details: dict[str, Any]
+    device_types: tuple[str, ...] = ()  # empty: every device type
+
+    def serves(self, device_type: str) -> bool:
+        return not self.device_types or device_type in self.device_types
 
 
 class _Backend:
@@ -97,6 +106,7 @@ class _Backend:
         self.reason = "not loaded yet"
         self.kernels = KernelTable(name)
         self.details: dict[str, Any] = {}
+        self.device_types = _DEVICE_TYPES[name]
 
     def load(self) -> _Backend:
         with self._lock:
@@ -107,6 +117,8 @@ class _Backend:
                 module = importlib.import_module(f"lowbit.backends.{self.name}")
                 reason = module.probe()
                 self.details = module.details() if hasattr(module, "details") else {}
+                if hasattr(module, "device_types"):
+                    self.device_types = module.device_types()
             except Exception as err:  # a broken backend must never break `import lowbit`
                 reason = f"loading lowbit.backends.{self.name} failed: {type(err).__name__}: {err}"
                 module = None
@@ -120,11 +132,12 @@ class _Backend:
         self.load()
         return BackendStatus(
             name=self.name,
-            device_type=_DEVICE_TYPE[self.name] or "any",
+            device_type=",".join(self.device_types) or "any",
             available=self.available,
             reason=self.reason,
             ops=self.kernels.names() if self.available else [],
             details=self.details,
+            device_types=self.device_types,
         )
 
 
@@ -172,20 +185,23 @@ def forced() -> Optional[str]:
 
 
 def _serves(name: str, device_type: str) -> bool:
-    served = _DEVICE_TYPE[name]
-    return served is None or served == device_type
+    served = _BACKENDS[name].device_types
+    return not served or device_type in served
+
+
+def auto_order(device_type: str) -> tuple[str, ...]:
+    """The backends tried for tensors of ``device_type``, best first (``reference`` comes last)."""
+    if device_type == "cpu":
+        return ("cpu",)
+    if device_type == "cuda":  # the native library when it loads, else the Triton kernels
+        return ("hip" if torch.version.hip else "cuda", "triton")
+    if device_type == "xpu":
+        return ("xpu",)
+    return ()
 
 
 def _auto_choice(device_type: str) -> str:
-    if device_type == "cpu":
-        preferred = "cpu"
-    elif device_type == "cuda":
-        preferred = "hip" if torch.version.hip else "cuda"
-    elif device_type == "xpu":
-        preferred = "xpu"
-    else:
-        return "reference"
-    return preferred if _BACKENDS[preferred].load().available else "reference"
+    return next((name for name in auto_order(device_type) if _BACKENDS[name].load().available), "reference")
 
 
 def active(device_type: str) -> str:

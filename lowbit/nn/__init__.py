@@ -3,6 +3,7 @@
 import torch
 
 from ..core.quant_state import QuantState
+from .checkpoint import CheckpointError, load_checkpoint
 from .embedding import Embedding, Embedding4bit, Embedding8bit, EmbeddingFP4, EmbeddingNF4, StableEmbedding
 from .int8params import Int8Params
 from .linear import Linear4bit, Linear8bitLt, LinearFP4, LinearNF4
@@ -13,6 +14,7 @@ from .params4bit import Params4bit
 torch.serialization.add_safe_globals([_rebuild_quantized_parameter, Params4bit, Int8Params, QuantState])
 
 __all__ = [
+    "CheckpointError",
     "Embedding",
     "Embedding4bit",
     "Embedding8bit",
@@ -25,4 +27,5 @@ __all__ = [
     "LinearNF4",
     "Params4bit",
     "StableEmbedding",
+    "load_checkpoint",
 ]

@@ -10,17 +10,31 @@ Loading does more than bitsandbytes does:
 * everything is validated before anything is assigned. A corrupted or mismatched entry is
   reported through ``load_state_dict``'s error list (a ``RuntimeError`` naming the key, as for
   any size mismatch in torch) and leaves that layer exactly as it was.
+
+``model.load_state_dict`` keeps torch's semantics for the model as a whole: layers are loaded one
+after the other, so a bad entry in a later layer leaves the earlier ones loaded (torch does the
+same). :func:`load_checkpoint` is the all-or-nothing variant: it validates every entry of every
+layer first and writes nothing unless all of them pass.
 """
 
 from __future__ import annotations
 
+import contextvars
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
 
+from ..core import checks
 from ..core.quant_state import QuantState
 from .int8params import Int8Params
 from .params4bit import Params4bit, check_packed_size
+
+#: Weights that :func:`load_checkpoint` validated up front, by (layer id, prefix), so that the
+#: load that follows installs them instead of validating (and quantizing) a second time.
+_PREPARED: contextvars.ContextVar[Optional[dict[tuple[int, str], tuple[Any, dict[str, Any]]]]] = (
+    contextvars.ContextVar("lowbit_prepared_weights", default=None)
+)
 
 
 class CheckpointError(ValueError):
@@ -222,6 +236,14 @@ class QuantizedWeightMixin:
         """The logical (unpacked) shape of the weight."""
         raise NotImplementedError
 
+    # -- input checks: before the first forward quantizes the weight, so a refused call changes nothing
+    def _check_input(self, input: object, integer: bool = False) -> torch.Tensor:
+        dtypes = (torch.int64, torch.int32) if integer else None
+        value = checks.tensor(input, "input", dtypes, nonempty=False, contiguous=False, device=self.weight.device)
+        if not integer and not value.is_floating_point():
+            raise ValueError(f"input must be a floating-point tensor, got {value.dtype}")
+        return value
+
     # -- lazy quantization ---------------------------------------------------------------------
     def quantized_weight(self):
         """The weight, quantized in place on its current device if no device move did it yet."""
@@ -239,9 +261,12 @@ class QuantizedWeightMixin:
                 destination[prefix + key] = value if keep_vars else value.detach()
 
     # -- loading -------------------------------------------------------------------------------
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
+    def _prepare_load(self, state_dict: dict[str, Any], prefix: str) -> tuple[Any, dict[str, Any]]:
+        """Validate this layer's entries of ``state_dict`` without changing the layer.
+
+        Returns the weight to install (None: nothing of the weight to load, or a float weight
+        that torch copies itself) and the entries left for torch's own loading. Raises
+        :class:`CheckpointError` naming the bad key."""
         fmt = _FORMATS[self.weight_class]
         weight_key = prefix + "weight"
         extra = {
@@ -254,36 +279,41 @@ class QuantizedWeightMixin:
         }
         if weight_key not in state_dict:
             if extra:
-                error_msgs.append(
+                raise CheckpointError(
                     f"{weight_key} is missing but the checkpoint holds its quantization entries "
                     f"{', '.join(prefix + k for k in sorted(extra))}"
                 )
-                return
-            # e.g. a checkpoint of adapters only: nothing of the weight to load
-            super()._load_from_state_dict(
-                rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-            )
-            return
+            return None, rest  # e.g. a checkpoint of adapters only: nothing of the weight to load
+        new_weight = fmt.load(self.weight, state_dict[weight_key], extra, self.weight_shape(), prefix)
+        self._check_other_tensors(rest, prefix)
+        return new_weight, rest
 
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        prepared = _PREPARED.get()
         try:
-            new_weight = fmt.load(self.weight, state_dict[weight_key], extra, self.weight_shape(), prefix)
-            self._check_other_tensors(rest, prefix)
+            if prepared is not None and (id(self), prefix) in prepared:
+                new_weight, rest = prepared[(id(self), prefix)]
+            else:
+                new_weight, rest = self._prepare_load(state_dict, prefix)
         except CheckpointError as err:
             error_msgs.append(str(err))
             return
-        if new_weight is None:  # float into float: torch's own copy
+        if new_weight is None:  # float into float (torch's own copy), or no weight at all
             super()._load_from_state_dict(
                 rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
             )
             return
-        del rest[weight_key]
+        weight_key = prefix + "weight"
+        rest = {k: v for k, v in rest.items() if k != weight_key}
         super()._load_from_state_dict(
             rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         if weight_key in missing_keys:
             missing_keys.remove(weight_key)
         self.weight = new_weight
-        fmt.attach(self, new_weight)
+        _FORMATS[self.weight_class].attach(self, new_weight)
 
     def _check_other_tensors(self, state_dict: dict[str, Any], prefix: str) -> None:
         """Shape checks torch would do for the remaining parameters, done up front so that an
@@ -305,3 +335,95 @@ class QuantizedWeightMixin:
         weight = self.__dict__.get("_parameters", {}).get("weight")
         if isinstance(weight, Params4bit):
             weight.module = self
+
+
+# ------------------------------------------------------------------------------------------
+# the whole model: all or nothing
+# ------------------------------------------------------------------------------------------
+def load_checkpoint(
+    model: torch.nn.Module, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+):
+    """``model.load_state_dict(state_dict, strict, assign)``, all or nothing.
+
+    Before anything is written, every lowbit layer validates its entries (packed data, quant
+    state, scales, shapes: a float weight for a quantized layer is quantized here) and every other
+    parameter and buffer is checked as torch would check it (present when ``strict``, a tensor of
+    the right shape); with ``strict`` unexpected keys are found too. Any failure raises torch's
+    ``RuntimeError("Error(s) in loading state_dict ...")`` listing every bad entry, and the model
+    is unchanged. Modules with their own loading code (``_load_from_state_dict`` overrides or
+    load hooks outside lowbit) are validated by that code as it runs. Returns what
+    ``load_state_dict`` returns (missing and unexpected keys).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+    errors: list[str] = []
+    missing: list[str] = []
+    unexpected: list[str] = []
+    prepared: dict[tuple[int, str], tuple[Any, dict[str, Any]]] = {}
+
+    def visit(module: torch.nn.Module, local: dict[str, Any], prefix: str) -> None:
+        # the same walk as torch's load_state_dict: every path to a module, each with its own keys
+        own = {**module._parameters, **{k: v for k, v in module._buffers.items()
+                                        if k not in module._non_persistent_buffers_set}}  # fmt: skip
+        if type(module).get_extra_state is not torch.nn.Module.get_extra_state:
+            own["_extra_state"] = None
+        names = set(own)
+        if isinstance(module, QuantizedWeightMixin):
+            try:
+                prepared[(id(module), prefix)] = module._prepare_load(local, prefix)
+            except CheckpointError as err:
+                errors.append(str(err))
+            fmt = _FORMATS[module.weight_class]
+            names |= {k[len(prefix) :].split(".", 1)[0] for k in local if fmt.owns(k[len(prefix) :])}
+            own = {k: v for k, v in own.items() if k != "weight"}  # validated by _prepare_load
+        for name, current in own.items():
+            key = prefix + name
+            if key not in local:
+                if current is not None or name == "_extra_state":
+                    missing.append(key)
+                continue
+            if current is None or name == "_extra_state":
+                continue
+            _check_plain_entry(key, local[key], current, assign, errors)
+        for key in local:
+            first = key[len(prefix) :].split(".", 1)[0]
+            if first not in names and first not in module._modules:
+                unexpected.append(key)
+        for name, child in module._modules.items():
+            if child is not None:
+                child_prefix = f"{prefix}{name}."
+                visit(child, {k: v for k, v in local.items() if k.startswith(child_prefix)}, child_prefix)
+
+    visit(model, dict(state_dict), "")
+    if strict:
+        if unexpected:
+            errors.insert(0, "Unexpected key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in unexpected)))
+        if missing:
+            errors.insert(0, "Missing key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in missing)))
+    if errors:
+        raise RuntimeError(
+            "Error(s) in loading state_dict for {} (nothing was loaded):\n\t{}".format(
+                type(model).__name__, "\n\t".join(errors)
+            )
+        )
+    token = _PREPARED.set(prepared)
+    try:
+        return model.load_state_dict(state_dict, strict=strict, assign=assign)
+    finally:
+        _PREPARED.reset(token)
+
+
+def _check_plain_entry(key: str, value: Any, current: torch.Tensor, assign: bool, errors: list[str]) -> None:
+    """What torch's ``_load_from_state_dict`` checks for one parameter or buffer."""
+    if not isinstance(value, torch.Tensor):
+        errors.append(f'While copying the parameter named "{key}", expected torch.Tensor, got {type(value).__name__}.')
+    elif isinstance(current, torch.nn.parameter.UninitializedParameter):
+        return  # a lazy module takes the checkpoint's shape
+    elif value.shape != current.shape:
+        errors.append(str(_size_mismatch(key, value.shape, current.shape)))
+    elif value.device.type == "meta" and not assign and current.device.type != "meta":
+        errors.append(f"{key} is a meta tensor (no data to copy); load it with assign=True")
+    elif value.is_complex() and not current.is_complex():
+        errors.append(f"{key} is complex ({value.dtype}) but the model's tensor is {current.dtype}")

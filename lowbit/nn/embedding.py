@@ -14,12 +14,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import checks
 from ..functional import block_absmax_of
 from .checkpoint import QuantizedWeightMixin
 from .int8params import Int8Params
 from .params4bit import Params4bit
 
 logger = logging.getLogger("lowbit")
+
+
+def _check_indices(module: QuantizedWeightMixin, input: object) -> None:
+    """Indices into a quantized table: integers on the table's device, each in [0, rows) (values
+    checked where they sit on the host; on a GPU torch's kernel asserts)."""
+    input = module._check_input(input, integer=True)
+    num_embeddings = module.num_embeddings
+    if checks.on_host(input) and input.numel():
+        low, high = (int(v) for v in input.aminmax())
+        if low < 0 or high >= num_embeddings:
+            raise ValueError(f"input holds indices in [{low}, {high}], but the table has {num_embeddings} rows")
 
 
 def _keep_32bit_optimizer_state(module: nn.Module) -> None:
@@ -125,8 +137,11 @@ class Embedding4bit(QuantizedWeightMixin, nn.Embedding):
         return (self.num_embeddings, self.embedding_dim)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        _check_indices(self, input)
         weight = self.quantized_weight()
         state = weight.quant_state
+        if input.numel() == 0:  # nothing to look up (torch's embedding accepts this too)
+            return torch.empty((*input.shape, self.embedding_dim), dtype=self.dtype, device=weight.device)
         absmax = block_absmax_of(state)
         if self.embedding_dim % state.blocksize == 0:
             # whole blocks per row: gather the packed rows and their absmax, dequantize just those
@@ -186,6 +201,7 @@ class Embedding8bit(QuantizedWeightMixin, nn.Embedding):
         return (self.num_embeddings, self.embedding_dim)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        _check_indices(self, input)
         weight = self.quantized_weight()
         rows = F.embedding(input, weight.data)
         scales = F.embedding(input, weight.SCB.view(self.num_embeddings, 1))

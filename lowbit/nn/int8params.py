@@ -48,6 +48,11 @@ class Int8Params(QuantizedParameter):
         self.SCB = SCB
         return self
 
+    def _casts_to_plain(self, dtype: torch.dtype) -> bool:
+        # Module casts (.half(), .to(float16)) never pass a dtype to integer data, so an explicit
+        # B.to(torch.int32) or CB.to(float16) is arithmetic on the int8 values (as in bitsandbytes).
+        return True
+
     def _move_state(self, device: torch.device, non_blocking: bool) -> None:
         self.CB = self.data
         if self.SCB is not None:

@@ -128,6 +128,7 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
         return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         weight = self._weight_for_forward()
         self._place_for_cpu_inference(x, weight)
         if not self.compute_type_is_set:
@@ -251,6 +252,7 @@ class Linear8bitLt(QuantizedWeightMixin, nn.Linear):
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         weight = self.quantized_weight()
         self.state.is_training = self.training
         if weight._is_quantized():

@@ -59,8 +59,14 @@ class QuantizedParameter(torch.nn.Parameter):
 
     # -- device moves -----------------------------------------------------------------------
     def to(self, *args, **kwargs):
+        copy_requested = bool(kwargs.pop("copy", False))  # torch's parser has no copy argument
         device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if copy_requested:
+            # a copy is a deep copy moved in place: the original keeps its data and state
+            return copy.deepcopy(self).to(device=device, dtype=dtype, non_blocking=non_blocking)
         if self._is_quantized():
+            if dtype is not None and dtype != self.dtype and self._casts_to_plain(dtype):
+                return torch.Tensor.to(self.data, device=device or self.device, dtype=dtype, non_blocking=non_blocking)
             if device is not None:
                 self.data = self.data.to(device, non_blocking=non_blocking)
                 self._move_state(device, non_blocking)
@@ -72,6 +78,12 @@ class QuantizedParameter(torch.nn.Parameter):
             self.data = moved  # in place too (see the module docstring)
             return self
         return self._with_data(moved)  # e.g. to "meta": a tensor of another kind, a new object
+
+    def _casts_to_plain(self, dtype: torch.dtype) -> bool:
+        """Whether ``.to(dtype)`` of the quantized data is a computation that wants the values
+        converted (a plain tensor, the weight untouched) rather than a module-wide cast that must
+        leave the packed bytes alone."""
+        return False
 
     def cpu(self):
         return self.to(device="cpu")

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import math
 
-from .optimizer import Optimizer2State, check_number, parse_betas
+from .optimizer import Optimizer2State
 
 
 class AdEMAMix(Optimizer2State):
     """AdEMAMix with 32-bit (``optim_bits=32``) or 8-bit blockwise (``optim_bits=8``) state."""
+
+    _n_betas = 3
 
     def __init__(
         self,
@@ -28,10 +30,6 @@ class AdEMAMix(Optimizer2State):
         percentile_clipping=100,
         block_wise=True,
     ):
-        betas = parse_betas(betas)
-        if len(betas) != 3:
-            raise ValueError(f"betas must be (beta1, beta2, beta3), got {betas!r}")
-        check_number("alpha", alpha)
         super().__init__(
             "ademamix", params, lr, betas, eps, weight_decay, optim_bits, None, min_8bit_size, is_paged=is_paged,
             alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3, percentile_clipping=percentile_clipping,

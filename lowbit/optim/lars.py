@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .optimizer import Optimizer1State, check_number, require_momentum, warn_ignored
+from ..core import checks
+from .optimizer import Optimizer1State, require_momentum, warn_ignored
 
 
 class LARS(Optimizer1State):
@@ -52,7 +53,7 @@ class PytorchLARS(torch.optim.Optimizer):
         self, params, lr=0.01, momentum=0, dampening=0, weight_decay=0, nesterov=False, max_unorm=0.02
     ):
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
-            check_number(name, value)
+            checks.number(value, name, 0.0)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov momentum requires momentum > 0 and dampening == 0")
         defaults = dict(

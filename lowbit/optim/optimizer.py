@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 import warnings
 from collections import defaultdict
 from itertools import chain
@@ -24,7 +23,7 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from ..core import formats, ops
+from ..core import checks, formats, ops
 from . import paged
 
 #: bitsandbytes' key (kept for checkpoint compatibility) under which ``state_dict`` nests the
@@ -121,14 +120,13 @@ class GlobalOptimManager:
 def parse_betas(betas) -> tuple[float, ...]:
     """bitsandbytes also accepts betas as a string, e.g. ``"(0.9, 0.999)"`` from a config file."""
     if isinstance(betas, str):
-        betas = [float(b) for b in betas.replace("(", "").replace(")", "").split(",") if b.strip()]
+        try:
+            betas = [float(b) for b in betas.replace("(", "").replace(")", "").split(",") if b.strip()]
+        except ValueError:
+            raise ValueError(f"betas must be numbers such as '(0.9, 0.999)', got {betas!r}") from None
+    if isinstance(betas, torch.Tensor) or not isinstance(betas, (tuple, list)):
+        raise TypeError(f"betas must be a tuple of numbers, got {type(betas).__name__} {betas!r}")
     return tuple(betas)
-
-
-def check_number(name: str, value, low: float = 0.0) -> None:
-    number = float(value)  # python numbers and 0-d tensors (a tensor lr)
-    if not (math.isfinite(number) and number >= low):
-        raise ValueError(f"{name} must be a finite number >= {low:g}, got {value!r}")
 
 
 class Optimizer8bit(torch.optim.Optimizer):
@@ -143,6 +141,8 @@ class Optimizer8bit(torch.optim.Optimizer):
     ``min_8bit_size`` elements always get 32-bit state.
     """
 
+    #: How many betas the family's update reads (AdEMAMix: 3).
+    _n_betas: ClassVar[int] = 2
     #: Set by a variant subclass (``AdamW8bit``...): the constructor arguments it fixes.
     _fixed: ClassVar[dict[str, Any]] = {}
     #: Fixed arguments that bitsandbytes nevertheless keeps in a family's variant signatures
@@ -210,14 +210,22 @@ class Optimizer8bit(torch.optim.Optimizer):
         self._check_group(group)
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        """A clear ValueError naming the argument, for every param group and every override."""
-        check_number("lr", group["lr"])
-        check_number("eps", group["eps"])
-        check_number("weight_decay", group["weight_decay"])
-        for i, beta in enumerate(group["betas"]):
+        """A clear error naming the argument, for every param group and every override."""
+        for key in ("lr", "eps", "weight_decay"):
+            checks.number(group[key], key, 0.0)
+        betas = group["betas"]
+        if len(betas) != self._n_betas:
+            names = ", ".join(self._beta_names or [f"beta{i + 1}" for i in range(self._n_betas)])
+            raise ValueError(f"betas must hold {self._n_betas} values ({names}), got {betas!r}")
+        for i, beta in enumerate(betas):
             name = self._beta_names[i] if i < len(self._beta_names) else f"betas[{i}]"
-            if not 0.0 <= float(beta) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {beta!r}")
+            checks.number(beta, name, 0.0, 1.0, high_open=True)
+        if "alpha" in group:
+            checks.number(group["alpha"], "alpha", 0.0)
+        for key in ("t_alpha", "t_beta3"):
+            value = group.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{key} must be None or an int >= 0 (a number of steps), got {value!r}")
 
     def _args_config(self) -> dict[str, Any]:
         args = self.args
@@ -235,6 +243,10 @@ class Optimizer8bit(torch.optim.Optimizer):
     def _check_bits_config(config: dict[str, Any]) -> None:
         if config["optim_bits"] not in (8, 32) or isinstance(config["optim_bits"], bool):
             raise ValueError(f"optim_bits must be 8 or 32, got {config['optim_bits']!r}")
+        size = config["min_8bit_size"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"min_8bit_size must be an int >= 0, got {size!r}")
+        checks.number(config["max_unorm"], "max_unorm", 0.0)
         pc = config["percentile_clipping"]
         if isinstance(pc, bool) or not isinstance(pc, int) or not 0 <= pc <= 100:
             raise ValueError(f"percentile_clipping must be an int in [0, 100] (100 = off), got {pc!r}")
@@ -368,11 +380,16 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     @torch.no_grad()
     def update_step(self, group: dict[str, Any], p: torch.Tensor, gindex: int, pindex: int) -> None:
-        p.data = p.data.contiguous()  # the ops take contiguous tensors only
-        p.grad = p.grad.contiguous()
-        grad, state = p.grad, self.state[p]
-        config = self.get_config(gindex, pindex, group)
+        state = self.state[p]
         state["step"] += 1
+        if p.numel() == 0:  # nothing to update (torch's optimizers accept empty parameters too)
+            return
+        if not p.is_contiguous():  # the ops take contiguous tensors only
+            p.data = p.data.contiguous()
+        if not p.grad.is_contiguous():
+            p.grad = p.grad.contiguous()
+        grad = p.grad
+        config = self.get_config(gindex, pindex, group)
         step = state["step"]
         beta1, beta2 = (float(b) for b in (tuple(config["betas"]) + (0.0, 0.0))[:2])
         beta3, alpha = self._schedule(config, step)
@@ -421,6 +438,77 @@ class Optimizer8bit(torch.optim.Optimizer):
         return loss
 
     # ------------------------------------------------------------------ checkpoints
+    def _check_saved_group(self, saved: Any, group: dict[str, Any], index: int) -> None:
+        """A saved param group holds every hyper-parameter the update reads, each valid. Keys only
+        AdEMAMix reads (``alpha``...), absent from older checkpoints, are taken from ``group``."""
+        where = f"state_dict['param_groups'][{index}]"
+        if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
+            raise ValueError(f"{where} must be a dict with a 'params' list")
+        required = {"lr", "betas", "eps", "weight_decay"}
+        if self.optimizer_name == "ademamix":
+            required |= {"alpha", "t_alpha", "t_beta3"}
+        missing = sorted(required - set(saved))
+        if missing:
+            raise ValueError(f"{where} lacks {missing}, which {type(self).__name__} reads")
+        for key, value in group.items():
+            if key != "params":
+                saved.setdefault(key, value)
+        try:
+            saved["betas"] = parse_betas(saved["betas"])
+            self._check_group(saved)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{where}: {err}") from None
+
+    def _check_saved_state(self, state: dict[str, Any], p: torch.Tensor, config: dict[str, Any], key) -> None:
+        """One parameter's saved state matches what :meth:`init_state` would create for ``p``."""
+        where = f"state_dict['state'][{key!r}]"
+        copies = 2 if self.optimizer_name == "ademamix" else 1
+        expected = {"step", "state1"} | ({"state2"} if self._two_states() else set())
+        step = state.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"{where}['step'] must be an int >= 0, got {step!r}")
+
+        def tensor(name: str, dtypes, shape: tuple[int, ...]) -> torch.Tensor:
+            if name not in state:
+                raise ValueError(
+                    f"{where} has no {name!r}, which {type(self).__name__} needs here "
+                    "(was it saved by another optimizer?)"
+                )
+            value = checks.tensor(state[name], f"{where}[{name!r}]", dtypes, nonempty=False)
+            if tuple(value.shape) != shape:
+                raise ValueError(f"{where}[{name!r}] has shape {tuple(value.shape)}, expected {shape}")
+            if value.device.type == "meta":
+                raise ValueError(f"{where}[{name!r}] is a meta tensor (no data to load)")
+            return value
+
+        state1_shape = (copies, *p.shape) if copies > 1 else tuple(p.shape)
+        state1 = tensor("state1", (torch.float32, torch.uint8), state1_shape)
+        if self._two_states():
+            tensor("state2", (state1.dtype,), tuple(p.shape))
+        if state1.dtype == torch.uint8:
+            blocks = formats.num_blocks(p.numel(), ops.OPTIMIZER_8BIT_BLOCKSIZE)
+            maps = [("qmap1", "absmax1", (copies, blocks) if copies > 1 else (blocks,))]
+            if self._two_states():
+                maps.append(("qmap2", "absmax2", (blocks,)))
+            for qmap, absmax, absmax_shape in maps:
+                checks.code(tensor(qmap, (torch.float32,), (256,)), f"{where}[{qmap!r}]", 256, state[qmap].device)
+                if not bool(torch.isfinite(tensor(absmax, (torch.float32,), absmax_shape)).all()):
+                    raise ValueError(f"{where}[{absmax!r}] contains NaN or Inf")
+                expected |= {qmap, absmax}
+        if config["percentile_clipping"] < 100:
+            tensor("gnorm_vec", (torch.float32,), (GNORM_HISTORY,))
+            expected.add("gnorm_vec")
+        if state1.dtype == torch.float32 and config["max_unorm"] > 0.0:
+            tensor("unorm_vec", (torch.float32,), (1,))
+            expected.add("unorm_vec")
+        unexpected = sorted(set(state) - expected - {"gnorm_vec", "unorm_vec"})
+        if unexpected:
+            bits = "8-bit" if state1.dtype == torch.uint8 else "32-bit"
+            raise ValueError(
+                f"{where} holds {unexpected}, which {type(self).__name__} with {bits} state does not have "
+                "(was it saved by another optimizer?)"
+            )
+
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict, with each parameter's quantization tensors nested under
         ``FSDP_QUANT_STATE_KEY`` exactly as bitsandbytes does (checkpoints load in either)."""
@@ -444,12 +532,19 @@ class Optimizer8bit(torch.optim.Optimizer):
         float32; torch would cast it to float16 and lose the bits that make a resumed run equal an
         uninterrupted one) and are copied, so the loaded state never aliases ``state_dict``.
         ``move_to_device`` moves them to their parameter's device."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         state_dict = state_dict.copy()
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = hook(self, state_dict) or state_dict
+        for key, kind in (("state", dict), ("param_groups", list)):
+            if not isinstance(state_dict.get(key), kind):
+                raise ValueError(f"state_dict[{key!r}] must be a {kind.__name__}, got {state_dict.get(key)!r:.80}")
         groups, saved_groups = self.param_groups, copy.deepcopy(state_dict["param_groups"])
         if len(groups) != len(saved_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
+        for index, (group, saved) in enumerate(zip(groups, saved_groups)):
+            self._check_saved_group(saved, group, index)
         if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
             raise ValueError(
                 "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
@@ -470,14 +565,32 @@ class Optimizer8bit(torch.optim.Optimizer):
                 return type(value)(restore(param, v) for v in value)
             return value
 
-        state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
+        # Everything is validated before anything is assigned: a bad entry raises and leaves the
+        # optimizer as it was (it would otherwise fail only at the next step, half-updated).
+        position = {
+            id(p): (gindex, pindex) for gindex, g in enumerate(groups) for pindex, p in enumerate(g["params"])
+        }
+        loaded: dict[Any, dict[str, Any]] = {}
         for key, value in state_dict["state"].items():
             if key not in id_map:  # state of no current parameter: kept as is (as torch does)
-                state[key] = value
                 continue
+            if not isinstance(value, dict):
+                raise ValueError(f"state_dict['state'][{key!r}] must be a dict, got {type(value).__name__}")
             param_state = dict(value)
-            param_state.update(param_state.pop(FSDP_QUANT_STATE_KEY, {}))
-            state[id_map[key]] = restore(id_map[key], param_state)
+            quant = param_state.pop(FSDP_QUANT_STATE_KEY, {})
+            if not isinstance(quant, dict):
+                raise ValueError(f"state_dict['state'][{key!r}][{FSDP_QUANT_STATE_KEY!r}] must be a dict")
+            param_state.update(quant)
+            p = id_map[key]
+            gindex, pindex = position[id(p)]
+            self._check_saved_state(param_state, p, self.get_config(gindex, pindex, saved_groups[gindex]), key)
+            loaded[key] = param_state
+
+        state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
+        for key, value in state_dict["state"].items():
+            state[id_map[key] if key in id_map else key] = (
+                restore(id_map[key], loaded[key]) if key in id_map else value
+            )
 
         for group, saved in zip(groups, saved_groups):
             saved["params"] = group["params"]

@@ -11,8 +11,15 @@
 #include <stdio.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <mutex>
+#include <random>
 #include <vector>
+
+/* Bounds of the lowbit_emu_shared section (every __shared__ variable of this library), defined
+ * by the linker; weak: a library without shared variables has no such section. */
+extern "C" char __start_lowbit_emu_shared[] __attribute__((weak, visibility("hidden")));
+extern "C" char __stop_lowbit_emu_shared[] __attribute__((weak, visibility("hidden")));
 
 namespace lowbit {
 namespace emu {
@@ -51,6 +58,9 @@ unsigned g_block_arrived = 0;
 int g_and_accumulator = 1;
 int g_and_result = 1;
 int g_launch_error = 0;
+bool g_index_order = false; /* LOWBIT_EMU_SCHEDULE=index: the old schedule, no poison */
+std::vector<unsigned> g_order;
+constexpr unsigned char kPoison = 0xFF;
 
 [[noreturn]] void fail(const char *message) {
     fprintf(stderr, "lowbit GPU emulation: %s (block %u, thread %u)\n", message, g_block_idx.x,
@@ -80,7 +90,29 @@ void resume(Fiber &f) {
     _longjmp(f.resume, 1);
 }
 
+/* The order fibers run in during phase `phase` of the current CTA: by index, reversed or
+ * shuffled, varied across phases and CTAs (deterministic: seeded by both numbers). */
+void order_for_phase(unsigned threads, unsigned phase) {
+    g_order.resize(threads);
+    for (unsigned t = 0; t < threads; ++t) g_order[t] = t;
+    if (g_index_order) return;
+    switch ((g_block_idx.x + phase) % 3) {
+    case 0: break;
+    case 1: std::reverse(g_order.begin(), g_order.end()); break;
+    default: {
+        std::mt19937 rng(g_block_idx.x * 7919u + phase);
+        std::shuffle(g_order.begin(), g_order.end(), rng);
+    }
+    }
+}
+
+void poison_shared() {
+    if (g_index_order || __start_lowbit_emu_shared == nullptr) return;
+    memset(__start_lowbit_emu_shared, kPoison, static_cast<size_t>(__stop_lowbit_emu_shared - __start_lowbit_emu_shared));
+}
+
 void run_block(unsigned threads) {
+    poison_shared();
     g_fibers.resize(threads);
     g_warps.assign((threads + kWarp - 1) / kWarp, Warp{});
     g_block_arrived = 0;
@@ -98,10 +130,12 @@ void run_block(unsigned threads) {
         f.started = false;
         f.tid = t;
     }
-    for (;;) {
+    for (unsigned phase = 0;; ++phase) {
         bool ran = false;
         unsigned alive = 0;
-        for (Fiber &f : g_fibers) {
+        order_for_phase(threads, phase);
+        for (unsigned t : g_order) {
+            Fiber &f = g_fibers[t];
             if (f.state == State::kRunnable) {
                 resume(f);
                 ran = true;
@@ -153,10 +187,17 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()> &body) {
         g_launch_error = cudaErrorInvalidConfiguration;
         return;
     }
+    const char *schedule = getenv("LOWBIT_EMU_SCHEDULE");
+    g_index_order = schedule != nullptr && strcmp(schedule, "index") == 0;
+    /* LOWBIT_EMU_LAST_CTAS=k runs only the grid's last k CTAs: the tests of the kernels' 64-bit
+     * index math launch over more than 2^31 elements (sparse buffers) and check only the end. */
+    const char *last = getenv("LOWBIT_EMU_LAST_CTAS");
+    const unsigned long keep = last != nullptr ? strtoul(last, nullptr, 10) : 0;
+    const unsigned first = (keep > 0 && keep < grid.x) ? grid.x - static_cast<unsigned>(keep) : 0;
     g_body = &body;
     g_grid_dim = grid;
     g_block_dim = block;
-    for (unsigned b = 0; b < grid.x; ++b) {
+    for (unsigned b = first; b < grid.x; ++b) {
         g_block_idx = dim3(b, 0, 0);
         run_block(block.x);
     }

@@ -5,7 +5,19 @@
  * Model: a launch runs its CTAs one after another; the threads of a CTA are fibers (ucontext)
  * on the calling thread, switched only at __syncthreads / __syncthreads_and / __shfl_xor_sync.
  * So:
- *  - __shared__ is `static` (one CTA at a time: statics are that CTA's shared memory);
+ *  - __shared__ is `static`, placed in one ELF section (lowbit_emu_shared): one CTA at a time,
+ *    statics are that CTA's shared memory. The scheduler fills the whole section with a poison
+ *    byte pattern (0xFF: floats read NaN, integers -1) before every CTA, so a kernel that reads
+ *    shared memory it did not write in this CTA -- a previous CTA's data on a CPU, garbage on a
+ *    GPU -- computes with poison instead of passing by luck;
+ *  - between two synchronization points the fibers of a CTA run one after another, and the order
+ *    changes from one such phase to the next (by index, reversed, shuffled: chosen from the CTA
+ *    and phase numbers, so runs are reproducible). A missing __syncthreads lets a reader run
+ *    before the writer in some phase of some CTA: with the poison above it reads garbage, as it
+ *    could on a GPU. LOWBIT_EMU_SCHEDULE=index restores the plain index order and no poison (to
+ *    show that a test catches a planted race only because of these two); LOWBIT_EMU_LAST_CTAS=k
+ *    runs only the last k CTAs of each launch (tests of the 64-bit index math at the end of
+ *    launches over more than 2^31 elements);
  *  - threadIdx/blockIdx/blockDim/gridDim are globals the scheduler sets before resuming a fiber;
  *  - a shuffle is a warp-wide exchange: all 32 lanes of the warp must take part (the emulator
  *    aborts with a message if a lane has exited or the warp is incomplete -- undefined behaviour
@@ -33,7 +45,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+#define __shared__ static __attribute__((section("lowbit_emu_shared")))
 
 namespace lowbit {
 namespace emu {
@@ -84,6 +96,9 @@ struct uint4 {
 };
 struct uint2 {
     unsigned x, y;
+};
+struct alignas(16) float4 {
+    float x, y, z, w;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 
@@ -137,6 +152,7 @@ inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes *a, const void *) {
     a->maxThreadsPerBlock = 1024;
     return cudaSuccess;
 }
+/* One multiprocessor: launchers that size grids by the SM count take their small-grid paths. */
 inline cudaError_t cudaDeviceGetAttribute(int *value, cudaDeviceAttr, int) { *value = 1; return cudaSuccess; }
 inline cudaError_t cudaMallocManaged(void **p, size_t bytes, unsigned) {
     *p = malloc(bytes);

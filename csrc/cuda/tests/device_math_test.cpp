@@ -3,7 +3,8 @@
  * The GPU kernels quantize 8-bit blockwise without the CPU's 65536-entry table: they compute the
  * entry of each bin from the code's midpoints (lowbit_device.h). This checks, for every one of
  * the 65536 bins, that both ways of computing an entry agree with fmt::build_lut8 (the CPU's
- * table): the O(255) sweep form for sorted and unsorted codes, the 8-step search for sorted ones.
+ * table): the O(255) sweep form for sorted and unsorted codes, the 8-step tree search for sorted
+ * ones (and that the tree holds every midpoint exactly once).
  * Codes: the signed and unsigned dynamic maps (given on the command line as 512 floats by
  * tests/test_gpu_backends.py, so they are exactly lowbit's), a linear code, codes with repeated
  * values, random unsorted codes, a code holding NaN. Also checks torch_sign.
@@ -25,17 +26,24 @@ static int check_code(const char *name, const float *code) {
     std::vector<float> mid(256);
     std::vector<uint8_t> lut(kLut8Size);
     build_lut8(code, mid.data(), lut.data());
-    mid[255] = INFINITY;
     const bool sorted = midpoints8_sorted(mid.data());
+    std::vector<float> tree(256, NAN);
+    std::vector<int> seen(255, 0);
+    for (int i = 1; i < 256; ++i) {
+        tree[i] = mid[lut8_tree_source(i)];
+        ++seen[lut8_tree_source(i)];
+    }
     int bad = 0;
+    for (int c = 0; c < 255; ++c)
+        if (seen[c] != 1 && bad++ < 5) fprintf(stderr, "%s: midpoint %d is in the tree %d times\n", name, c, seen[c]);
     for (uint32_t j = 0; j < static_cast<uint32_t>(kLut8Size); ++j) {
         const uint8_t sweep = lut8_entry_sweep(mid.data(), j);
         if (sweep != lut[j] && bad++ < 5)
             fprintf(stderr, "%s: bin %u sweep entry %d, table %d\n", name, j, sweep, lut[j]);
         if (sorted) {
-            const uint8_t fast = lut8_entry_sorted(mid.data(), j);
+            const uint8_t fast = lut8_entry_tree(tree.data(), j);
             if (fast != lut[j] && bad++ < 5)
-                fprintf(stderr, "%s: bin %u sorted entry %d, table %d\n", name, j, fast, lut[j]);
+                fprintf(stderr, "%s: bin %u tree entry %d, table %d\n", name, j, fast, lut[j]);
         }
     }
     printf("%-22s sorted=%d %s\n", name, sorted ? 1 : 0, bad ? "FAIL" : "ok");

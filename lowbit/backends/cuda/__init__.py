@@ -1,7 +1,7 @@
 """The CUDA backend (NVIDIA, compute capability 7.0+): kernels in csrc/cuda through the C ABI of
 csrc/cuda/lowbit_cuda_capi.h, loaded with ctypes (``native.py``).
 
-Available when torch has CUDA, a GPU is visible, ``liblowbit_cuda.so`` loads with the right ABI
+Available when torch has CUDA, a GPU is visible, ``liblowbit_cuda<major>.so`` (the one for torch.version.cuda) loads with the right ABI
 and holds code the current GPU can run; otherwise :func:`probe` says which of these fails (and,
 when torch itself is the blocker, also what state the library is in), so that
 ``python -m lowbit`` and ``LOWBIT_BACKEND=cuda`` are precise. Ops it lacks run the reference

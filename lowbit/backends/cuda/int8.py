@@ -109,13 +109,4 @@ def install(kernels: KernelTable, gpu: GpuLibrary) -> None:
     def int8_scaled_mm(A, B, row_stats, col_stats, bias=None, dtype=None):
         return int8_mm_dequant(int8_linear_matmul(A, B), row_stats, col_stats, dtype or torch.float16, bias)
 
-    @kernels.register("int8_mixed_scaled_mm")
-    def int8_mixed_scaled_mm(A, CA, CB, SCA, SCB, outlier_cols=None, bias=None):
-        out = int8_scaled_mm(CA, CB, SCA, SCB, bias, A.dtype)
-        A2d = A.reshape(-1, A.shape[-1])
-        if outlier_cols is None or outlier_cols.numel() == 0:
-            return out, A2d.new_empty((A2d.shape[0], 0))
-        sub_a = A2d[:, outlier_cols].contiguous()
-        sub_b = int8_vectorwise_dequant(CB[:, outlier_cols].contiguous(), SCB).to(A.dtype)
-        out2d = out.reshape(-1, out.shape[-1]).addmm(sub_a, sub_b.t())
-        return out2d.reshape(out.shape), sub_a
+    kernels.register("int8_mixed_scaled_mm")(reference.mixed_scaled_mm(int8_scaled_mm, int8_vectorwise_dequant))

@@ -1,8 +1,10 @@
 """Loading ``liblowbit_cuda.so`` / ``liblowbit_hip.so`` and calling it: the only place that touches
 ctypes for GPUs (the CUDA and the HIP backend share it; ``GpuLibrary("hip")`` is the HIP one).
 
-The library is found as the CPU one is (``lowbit/backends/cpu/native.py``): ``LOWBIT_CUDA_LIBRARY``
-/ ``LOWBIT_HIP_LIBRARY`` first, then ``lowbit/_native/`` beside this package, then the installed
+Which file: ``liblowbit_cuda<major>.so`` for the CUDA major torch is built with, or
+``liblowbit_hip.so`` (``runtime.py`` says why, and binds it to the runtime torch loaded). It is
+found as the CPU one is (``lowbit/backends/cpu/native.py``): ``LOWBIT_CUDA_LIBRARY`` /
+``LOWBIT_HIP_LIBRARY`` first, then ``lowbit/_native/`` beside this package, then the installed
 ``lowbit`` distribution. It is loaded lazily, the first time a backend is probed, and every
 reason it cannot serve a device is put into words: not built (and how to build it), failed to
 load, a symbol missing, another ABI version, no code for this GPU's architecture, a runtime that
@@ -24,21 +26,27 @@ from typing import Any, Optional
 import torch
 
 from ...core import formats
+from . import runtime
 
 ABI_VERSION = 1  # must equal LOWBIT_CUDA_ABI_VERSION in csrc/cuda/lowbit_cuda_capi.h
 
-LIBRARY_NAMES = {"cuda": "liblowbit_cuda.so", "hip": "liblowbit_hip.so"}
+# every file name a GPU library of this platform may have (the variants of runtime.py)
+LIBRARY_NAMES = {
+    "cuda": tuple(runtime.cuda_library_name(major) for major in runtime.CUDA_MAJORS),
+    "hip": (runtime.HIP_LIBRARY,),
+}
 ENV_LIBRARY = {"cuda": "LOWBIT_CUDA_LIBRARY", "hip": "LOWBIT_HIP_LIBRARY"}
 BUILD_HINTS = {
     "cuda": (
         "build it from a lowbit checkout with `cmake -S csrc/cuda -B build/cuda && cmake --build build/cuda && "
-        "cmake --install build/cuda --prefix .` (CUDA toolkit with nvcc; `python3 -m nox -s build_cuda` builds and "
-        "checks every architecture), or set LOWBIT_CUDA_LIBRARY to a built liblowbit_cuda.so"
+        "cmake --install build/cuda --prefix .` (nvcc 13 builds liblowbit_cuda13.so; `python3 -m nox -s build_cuda` "
+        "builds and checks it, `python3 -m nox -s build_cuda12` liblowbit_cuda12.so with clang and CUDA 12.8 wheels), "
+        "or set LOWBIT_CUDA_LIBRARY to a built library"
     ),
     "hip": (
         "build it from a lowbit checkout with `HIP_PLATFORM=amd cmake -S csrc/cuda -B build/hip "
         "-DLOWBIT_GPU_TOOLCHAIN=hip && cmake --build build/hip && cmake --install build/hip --prefix .` "
-        "(ROCm with hipcc; `python3 -m nox -s build_hip`), or set LOWBIT_HIP_LIBRARY to a built liblowbit_hip.so"
+        "(ROCm 6 or 7 with hipcc), or set LOWBIT_HIP_LIBRARY to a built liblowbit_hip.so"
     ),
 }
 
@@ -126,7 +134,7 @@ def cuda_arch_problem(targets: str, capability: tuple[int, int]) -> Optional[str
     return (
         f"the library was built without code for this GPU (compute capability {major}.{minor}, sm_{major}{minor}); "
         f"it holds {targets or 'no device code'}: rebuild with -DLOWBIT_GPU_ARCHS including {major}{minor}"
-        + (" (sm_70 needs the clang toolchain: `python3 -m nox -s build_cuda_sm70`)" if major * 10 + minor < 75 else "")
+        + (" (sm_70 needs liblowbit_cuda12.so: `python3 -m nox -s build_cuda12`)" if major * 10 + minor < 75 else "")
     )
 
 
@@ -150,7 +158,6 @@ class GpuLibrary:
 
     def __init__(self, platform: str, path: Optional[Path] = None):
         self.platform = platform
-        self.name = LIBRARY_NAMES.get(platform, f"liblowbit_{platform}.so")
         self._path = path
         self._lock = threading.Lock()
         self._loaded = False
@@ -159,12 +166,36 @@ class GpuLibrary:
         self._device_problems: dict[int, Optional[str]] = {}
 
     # ---- finding and loading ----------------------------------------------------------------
-    def library_path(self) -> Path:
+    def variant(self) -> runtime.Variant:
+        """The library file torch's build calls for here, its runtime and why (runtime.py)."""
+        if self.platform == "hip":
+            return runtime.hip_variant(torch.version.hip)
+        if self.platform == "cuda":
+            return runtime.cuda_variant(torch.version.cuda)
+        return runtime.Variant(f"liblowbit_{self.platform}.so", None, "pinned library")
+
+    @property
+    def name(self) -> str:
+        """The file name looked for: the pinned or LOWBIT_*_LIBRARY file, else the variant's."""
+        override = self._override()
+        if override is not None:
+            return override.name
+        return self.variant().library or LIBRARY_NAMES.get(self.platform, (f"liblowbit_{self.platform}.so",))[-1]
+
+    def selected(self) -> bool:
+        """Whether a library file applies here: a pinned or LOWBIT_*_LIBRARY one, or torch's variant."""
+        return self._override() is not None or self.variant().library is not None
+
+    def _override(self) -> Optional[Path]:
         if self._path is not None:
             return Path(self._path)
         override = os.environ.get(ENV_LIBRARY.get(self.platform, ""))
-        if override:
-            return Path(override)
+        return Path(override) if override else None
+
+    def library_path(self) -> Path:
+        override = self._override()
+        if override is not None:
+            return override
         beside_package = Path(__file__).resolve().parents[2] / "_native" / self.name
         if beside_package.is_file():
             return beside_package
@@ -182,18 +213,19 @@ class GpuLibrary:
             return self._lib, self._error
 
     def _open(self) -> tuple[Optional[ctypes.CDLL], Optional[str]]:
+        variant = self.variant()
+        if not self.selected():
+            return None, f"no {self.platform} library variant for this torch: {variant.reason}"
         path = self.library_path()
         if not path.is_file():
             hint = BUILD_HINTS.get(self.platform, "build it with csrc/cuda/CMakeLists.txt")
             return None, f"native library {self.name} is not built (looked for {path}); {hint}"
+        # bind to the runtime torch uses; a library that needs none (a stub, the emulation) loads regardless
+        runtime_problem = runtime.preload_runtime(self.platform, variant)
         try:
             lib = ctypes.CDLL(str(path))
         except OSError as err:
-            hint = ""
-            if "libcudart.so" in str(err):
-                hint = " (a clang-built library links the CUDA 12 runtime: install torch's nvidia-cuda-runtime-cu12)"
-            elif "libamdhip64.so" in str(err):
-                hint = " (the library links the HIP runtime of the ROCm it was built with; rebuild against this ROCm)"
+            hint = f" ({runtime_problem})" if runtime_problem else ""
             return None, f"native library at {path} failed to load: {err}{hint}"
         try:
             for name, (argtypes, restype) in SIGNATURES.items():
@@ -223,7 +255,8 @@ class GpuLibrary:
 
     def details(self) -> dict[str, Any]:
         library, error = self._load()
-        info: dict[str, Any] = {"library": str(self.library_path())}
+        library_file = str(self.library_path()) if self.selected() else "none"
+        info: dict[str, Any] = {"library": library_file, "variant": self.variant().reason}
         if library is not None:
             info["targets"] = library.lowbit_cuda_targets().decode()
             info["build"] = library.lowbit_cuda_build_info().decode()

@@ -77,14 +77,22 @@ def int8_scaled_mm(A, B, row_stats, col_stats, bias=None, dtype=None):
     return int8_mm_dequant(int8_linear_matmul(A, B), row_stats, col_stats, dtype or torch.float16, bias)
 
 
-@kernels.register("int8_mixed_scaled_mm")
-def int8_mixed_scaled_mm(A, CA, CB, SCA, SCB, outlier_cols=None, bias=None):
-    """LLM.int8 forward: int8 product of the regular columns + 16-bit product of the outlier columns."""
-    out = int8_scaled_mm(CA, CB, SCA, SCB, bias, A.dtype)
-    A2d = A.reshape(-1, A.shape[-1])
-    if outlier_cols is None or outlier_cols.numel() == 0:
-        return out, A2d.new_empty((A2d.shape[0], 0))
-    sub_a = A2d[:, outlier_cols].contiguous()
-    sub_b = int8_vectorwise_dequant(CB[:, outlier_cols].contiguous(), SCB).to(A.dtype)
-    out2d = out.reshape(-1, out.shape[-1]).addmm(sub_a, sub_b.t())
-    return out2d.reshape(out.shape), sub_a
+def mixed_scaled_mm(scaled_mm, vectorwise_dequant):
+    """int8_mixed_scaled_mm built on a backend's ``int8_scaled_mm`` and ``int8_vectorwise_dequant``
+    kernels (the outlier product is a torch addmm on any device)."""
+
+    def int8_mixed_scaled_mm(A, CA, CB, SCA, SCB, outlier_cols=None, bias=None):
+        """LLM.int8 forward: int8 product of the regular columns + 16-bit product of the outlier columns."""
+        out = scaled_mm(CA, CB, SCA, SCB, bias, A.dtype)
+        A2d = A.reshape(-1, A.shape[-1])
+        if outlier_cols is None or outlier_cols.numel() == 0:
+            return out, A2d.new_empty((A2d.shape[0], 0))
+        sub_a = A2d[:, outlier_cols].contiguous()
+        sub_b = vectorwise_dequant(CB[:, outlier_cols].contiguous(), SCB).to(A.dtype)
+        out2d = out.reshape(-1, out.shape[-1]).addmm(sub_a, sub_b.t())
+        return out2d.reshape(out.shape), sub_a
+
+    return int8_mixed_scaled_mm
+
+
+int8_mixed_scaled_mm = kernels.register("int8_mixed_scaled_mm")(mixed_scaled_mm(int8_scaled_mm, int8_vectorwise_dequant))

@@ -8,12 +8,16 @@ from . import kernels
 from .quantize_4bit import decode_4bit
 
 
-def _product(A, B, shapeB, absmax, code, blocksize, bias=None) -> torch.Tensor:
-    weight = decode_4bit(B, absmax, code, blocksize, shapeB[0] * shapeB[1]).view(shapeB)
+def product(A: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """``A @ weight.T`` (+ bias) in float32, returned in A's dtype, for a decoded float32 weight."""
     out = A.float() @ weight.t()
     if bias is not None:
         out = out + bias.float()
     return out.to(A.dtype)
+
+
+def _product(A, B, shapeB, absmax, code, blocksize, bias=None) -> torch.Tensor:
+    return product(A, decode_4bit(B, absmax, code, blocksize, shapeB[0] * shapeB[1]).view(shapeB), bias)
 
 
 @kernels.register("gemv_4bit")
