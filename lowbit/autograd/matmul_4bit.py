@@ -120,19 +120,17 @@ def _interleaved_product(A, B, quant_state: QuantState, bias) -> torch.Tensor:
     Decoding a token runs one such product per layer, a few microseconds of kernel each on small
     models, so in eager mode the backend's kernel is called directly: the op's own checks would
     cost more than the product (B is the parameter subclass, whose every attribute read passes
-    through __torch_function__). Everything they check holds by construction -- B and the state
-    came out of ``interleave_4bit`` together, A and bias passed ``_check_arguments`` -- except
-    where A and bias live, checked here. Traced code goes through the op as usual.
+    through __torch_function__). What they check holds by construction -- B and the state (its code
+    checked when it was built) came out of ``interleave_4bit`` together, A and bias passed
+    ``_check_arguments`` -- but the bias's size, checked here. Traced code goes through the op.
     """
     n_out, k_in = quant_state.shape
-    code = codebook_of(quant_state, A.device)
+    code = formats.code_tensor(quant_state.quant_type, A.device) if quant_state.code is None else quant_state.code
     args = (A, B, [n_out, k_in], quant_state.absmax, code, quant_state.blocksize, bias, _exact(A.dtype))
     if torch.compiler.is_compiling():
         return torch.ops.lowbit.matmul_4bit_interleaved(*args)
-    if A.device != quant_state.absmax.device:
-        raise ValueError(f"matmul_4bit: A is on {A.device}, the weight on {quant_state.absmax.device}")
-    if bias is not None and (bias.numel() != n_out or bias.device != A.device or not bias.is_contiguous()):
-        raise ValueError(f"matmul_4bit: bias must be a contiguous tensor of {n_out} values on {A.device}")
+    if bias is not None and (bias.numel() != n_out or not bias.is_contiguous()):
+        raise ValueError(f"matmul_4bit: bias must be a contiguous tensor of {n_out} values")
     return registry.kernel_for("matmul_4bit_interleaved", A.device.type)(*args)
 
 
