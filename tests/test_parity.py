@@ -104,13 +104,13 @@ def _interleaved_weights() -> Iterator[tuple]:
         yield (qt, bs, (N, K), dtype, B, absmax, *reference.get("interleave_4bit")(B, absmax, [N, K], bs))
 
 
-def _cases_interleave_4bit() -> Iterator[tuple]:
+def _cases_interleave_4bit(sizes: Sizes) -> Iterator[tuple]:  # small shapes for every backend
     for _, bs, shape, dtype, B, absmax, _, _ in _interleaved_weights():
         if dtype == torch.float32:
             yield (B.reshape(-1).view(torch.float16).unsqueeze(1), absmax, list(shape), bs)  # any storage dtype
 
 
-def _cases_deinterleave_4bit() -> Iterator[tuple]:
+def _cases_deinterleave_4bit(sizes: Sizes) -> Iterator[tuple]:  # small shapes for every backend
     for _, bs, shape, dtype, _, _, Bi, absmax_i in _interleaved_weights():
         if dtype == torch.float32:
             yield (Bi, absmax_i, list(shape), bs)
@@ -159,7 +159,7 @@ def _cases_matmul_4bit(sizes: Sizes) -> Iterator[tuple]:
     return _product_cases(sizes, [(1,), (8,), (2, 3), (17,), (4, 33)], with_bias=True)
 
 
-def _cases_matmul_4bit_interleaved() -> Iterator[tuple]:
+def _cases_matmul_4bit_interleaved(sizes: Sizes) -> Iterator[tuple]:  # small shapes for every backend
     """Every pass size of rows of A (1..8, then several passes) with and without bias, both
     precisions."""
     g = torch.Generator().manual_seed(3)
