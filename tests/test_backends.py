@@ -7,13 +7,16 @@ tests run Python in a subprocess."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import lowbit
+from lowbit.backends import native_library
 from lowbit.backends.cpu import native
 from lowbit.core import registry
 from support import NATIVE_CPU_BACKENDS
@@ -71,6 +74,73 @@ def test_broken_native_library_warns_and_falls_back(tmp_path):
     result = run_python(PROBE, LOWBIT_CPU_LIBRARY=str(broken))
     assert result.returncode == 0, result.stderr
     assert "ACTIVE reference" in result.stdout and "failed to load" in result.stderr
+
+
+def _library_copy(tmp_path, edit) -> str:
+    """A copy of the built CPU library with ``edit(bytearray)`` applied."""
+    data = bytearray(native.library_path().read_bytes())
+    edited = tmp_path / "liblowbit_cpu.so"
+    edited.write_bytes(bytes(edit(data)))
+    return str(edited)
+
+
+def _set(data: bytearray, offset: int, value: int, size: int) -> bytearray:
+    data[offset : offset + size] = value.to_bytes(size, sys.byteorder)
+    return data
+
+
+# Bad libraries and what the loader says about each (ELF64 header offsets: e_type 16, e_machine 18,
+# e_shnum 60; readelf -h). Each must warn + fall back (auto) or raise BackendError (forced), never
+# kill the process: dlopen of a truncated file dies of SIGBUS.
+BAD_LIBRARIES = {
+    "truncated_64k": (lambda d: d[:65536], "it is truncated: the section headers end at byte"),
+    # no section table (as after sstrip): the loadable segments themselves run past the end
+    "truncated_segments": (lambda d: _set(d, 60, 0, 2)[:65536], "it is truncated: loadable segment"),
+    "header_only": (lambda d: d[:40], "it is truncated: 40 bytes, shorter than an ELF header"),
+    "empty": (lambda d: b"", "it is empty"),
+    "text": (lambda d: b"#!/bin/sh\necho not a library\n", "it is not an ELF shared library (it starts with b'#!/bin/sh"),
+    "foreign_arch": (lambda d: _set(d, 18, 183, 2), "it is built for AArch64, this machine is"),
+    "32_bit": (lambda d: _set(d, 4, 1, 1), "it is a 32-bit ELF file"),
+    "executable": (lambda d: _set(d, 16, 2, 2), "it is not a shared library (ELF type 2"),
+}
+
+
+ELF_X86_64_LINUX = pytest.mark.skipif(
+    not NATIVE_CPU_BACKENDS or not sys.platform.startswith("linux") or os.uname().machine != "x86_64",
+    reason="needs the built native library (ELF offsets of x86-64 Linux) to corrupt",
+)
+
+
+@ELF_X86_64_LINUX
+@pytest.mark.parametrize("case", BAD_LIBRARIES)
+def test_bad_native_library_is_refused_before_dlopen(tmp_path, case):
+    edit, reason = BAD_LIBRARIES[case]
+    with pytest.raises(OSError, match=re.escape(reason)):
+        native_library.load(Path(_library_copy(tmp_path, edit)))
+
+
+@ELF_X86_64_LINUX
+def test_truncated_native_library_never_kills_the_import(tmp_path):
+    library = _library_copy(tmp_path, lambda d: d[:65536])
+    reason = f"native library at {library} failed to load: it is truncated"
+    auto = run_python(PROBE, LOWBIT_CPU_LIBRARY=library)
+    assert auto.returncode == 0, auto.stderr
+    assert "ACTIVE reference" in auto.stdout and auto.stderr.count("LowbitWarning") == 1 and reason in auto.stderr
+    forced = run_python(PROBE, LOWBIT_BACKEND="cpu", LOWBIT_CPU_LIBRARY=library)
+    assert forced.returncode == 1, forced.stderr  # an exception, not a signal (a negative returncode)
+    assert f"BackendError: LOWBIT_BACKEND='cpu' was requested but the cpu backend cannot run: {reason}" in forced.stderr
+
+
+def test_directory_as_native_library_is_reported(tmp_path):
+    result = run_python(PROBE, LOWBIT_CPU_LIBRARY=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "ACTIVE reference" in result.stdout
+    assert f"native library at {tmp_path} failed to load: it is not a regular file" in result.stderr
+
+
+@pytest.mark.skipif(not NATIVE_CPU_BACKENDS, reason="native CPU library not built")
+def test_built_library_passes_the_elf_check():
+    assert native_library.elf_problem(native.library_path()) is None
 
 
 def test_forced_cpu_without_library_is_an_error(tmp_path):
@@ -138,9 +208,9 @@ def test_cli_report_and_self_test():
 
 
 def test_cli_demo_runs():
-    result = run_python("import sys; from lowbit.__main__ import main; sys.exit(main(['demo']))")
+    result = run_python("import sys; from lowbit.__main__ import main; sys.exit(main(['demo', '--no-model']))")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "nf4 + dq" in result.stdout and "saved" in result.stdout
+    assert "nf4 + dq" in result.stdout and "saved" in result.stdout and "self-test:" in result.stdout
 
 
 @pytest.mark.skipif(
@@ -151,7 +221,7 @@ def test_native_library_was_built_and_loads():
     assert status.available, status.reason
 
 
-# ---- the automatic choice per device type (DESIGN.md §3), through the registry's seams ----------
+# ---- the automatic choice per device type (docs/design.md §3), through the registry's seams ----------
 @pytest.fixture
 def choose_afresh(monkeypatch):
     """Set backends' availability as if probed here, and forget earlier automatic choices."""
@@ -300,3 +370,20 @@ def test_ipex_for_another_torch_is_not_loaded_and_the_report_says_why(tmp_path):
     minor = ".".join(torch.__version__.split(".")[:2])
     assert f"IPEX: not used: intel_extension_for_pytorch 2.8.0 is built for torch 2.8, this torch is {torch.__version__}" in result.stdout
     assert "loaded False" in result.stdout and minor != "2.8"
+
+
+@pytest.mark.skipif(not NATIVE_CPU_BACKENDS, reason="native CPU library not built")
+def test_native_refusal_is_a_value_error_naming_the_argument():
+    """The C ABI checks every size against the buffers the caller declared (a too-large n into
+    lowbit_dequantize_4bit used to overflow the heap); native.check turns a refusal into a ValueError
+    carrying the library's words."""
+    packed, absmax, code = torch.zeros(32, dtype=torch.uint8), torch.ones(1), torch.zeros(16)
+    out = torch.empty(64)
+    status = native.lib().lowbit_dequantize_4bit(
+        0, *native.buf(packed), *native.buf(absmax), 64, *native.buf(code), native.ptr(out), 1 << 20, 1
+    )
+    with pytest.raises(ValueError, match=re.escape("lowbit_dequantize_4bit: A_len = 32, but (n + 1) / 2 = 524288")):
+        native.check(status, "lowbit_dequantize_4bit")
+    assert native.lib().lowbit_dequantize_4bit(
+        0, *native.buf(packed), *native.buf(absmax), 64, *native.buf(code), native.ptr(out), 64, 1
+    ) == 0

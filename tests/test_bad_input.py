@@ -106,6 +106,24 @@ def test_rejected_call_leaves_inputs_untouched():
     assert torch.equal(A.nan_to_num(), before.nan_to_num())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_int8_quant_finiteness_check_is_exact(dtype):
+    """The check sums A first: values whose sum overflows are still accepted, and a NaN or an
+    Inf anywhere (an Inf and a -Inf cancel to NaN in the sum) is still refused."""
+    big = torch.full((4, 64), torch.finfo(dtype).max, dtype=dtype)
+    q, row_stats, _ = F.int8_vectorwise_quant(big)
+    assert torch.equal(q, torch.full_like(q, 127)) and torch.isfinite(row_stats).all()
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        A = torch.ones(4, 64, dtype=dtype)
+        A[3, 17] = bad
+        with pytest.raises(ValueError, match="A contains NaN or Inf"):
+            F.int8_vectorwise_quant(A)
+    A = torch.ones(4, 64, dtype=dtype)
+    A[0, 0], A[2, 5] = float("inf"), -float("inf")
+    with pytest.raises(ValueError, match="A contains NaN or Inf"):
+        F.int8_double_quant(A)
+
+
 # ---- the classes of issue 14, one example each (tests/test_bad_input_properties.py generates them) ----
 import copy  # noqa: E402
 import json  # noqa: E402
@@ -310,3 +328,16 @@ def test_valid_inputs_issue_14_found_rejected():
     table = lnn.EmbeddingNF4(10, 64).to("cpu")
     assert table(torch.empty(0, dtype=torch.long)).shape == (0, 64)
     assert table(torch.empty(3, 0, dtype=torch.long)).shape == (3, 0, 64)
+
+
+def test_int8_linear_matmul_refuses_a_k_its_int32_accumulator_cannot_hold():
+    """K = 2^17 of (-128)(-128) sums to 2^31, which wraps to -2^31 in int32: every backend refuses
+    K > formats.INT8_MATMUL_MAX_K (shape check, no data read), also through int8_scaled_mm."""
+    K = formats.INT8_MATMUL_MAX_K + 1
+    A = torch.full((1, K), -128, dtype=torch.int8)
+    with pytest.raises(ValueError, match=rf"A's last dimension \(K = {K}\) exceeds {K - 1}"):
+        F.int8_linear_matmul(A, A)
+    with pytest.raises(ValueError, match=rf"K = {K}"):
+        torch.ops.lowbit.int8_scaled_mm(A, A, torch.ones(1), torch.ones(1))
+    largest = A[:, 1:].contiguous()
+    assert F.int8_linear_matmul(largest, largest).item() == (K - 1) * 128 * 128  # exact up to the limit

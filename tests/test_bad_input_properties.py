@@ -13,7 +13,7 @@ machine runs. Asserted for each:
   ``torch.ops`` argument parsing for a value of the wrong Python type) whose message names the
   argument or key;
 * a refused call leaves every input unchanged: tensors, modules, optimizer states;
-* all backends agree: the same refusal, or results equal (bit for bit where DESIGN.md promises
+* all backends agree: the same refusal, or results equal (bit for bit where docs/design.md promises
   it, within accumulation-order tolerance for float matmuls and optimizer parameters);
 * what issue 14 requires to be refused is refused (mixed devices, overlapping or mistyped out=,
   2-D absmax, packed data as bool/complex/float8, NaN in a code or in quantized input on the host,
@@ -597,6 +597,8 @@ def corrupted_op_calls(draw) -> Case:
     kind = draw(st.sampled_from(kinds))
     position = draw(st.sampled_from(sorted(roles)))
     arg, arg_name = roles[position], schema[position]
+    if args[position].numel() == 0:  # an empty outlier_cols: there is no element to corrupt
+        assume(kind not in ("zero_d", "values"))
     names: tuple[str, ...] = (arg_name,)
     must_reject, must_accept, base, check = False, False, None, None
 

@@ -68,7 +68,7 @@ def test_order_sorts_the_code(quant_type):
 
 
 def test_fp4_threshold_values():
-    # DESIGN.md §4: |x| > 0.8333333 -> 011, > 0.5833333 -> 010, ... , > 0.0026042 -> 001
+    # docs/design.md §4: |x| > 0.8333333 -> 011, > 0.5833333 -> 010, ... , > 0.0026042 -> 001
     positive = formats.sorted_midpoints("fp4")[7:].tolist()
     assert positive == pytest.approx([0.0, 0.0026042, 0.0859375, 0.2083333, 0.2916667, 0.4166667, 0.5833333, 0.8333333], abs=1e-6)
 
@@ -114,3 +114,16 @@ def test_native_optimizer_ids_match_the_c_enum():
     primary = {name: formats.NATIVE_OPTIMIZER_IDS[name] for name in c_ids}
     assert primary == c_ids
     assert set(formats.NATIVE_OPTIMIZER_IDS.values()) == set(c_ids.values())
+
+
+def test_int8_matmul_max_k_matches_the_c_constant():
+    """formats.INT8_MATMUL_MAX_K is kInt8MatmulMaxK of csrc/common/lowbit_int8.h, and is the largest
+    K for which K products of (-128)(-128) still fit int32."""
+    import re
+
+    header = Path(__file__).resolve().parents[1] / "csrc" / "common" / "lowbit_int8.h"
+    if not header.is_file():
+        pytest.skip("needs the source checkout (csrc/)")
+    shift, minus = re.search(r"kInt8MatmulMaxK = \(int64_t\{1\} << (\d+)\) - (\d+);", header.read_text()).groups()
+    assert formats.INT8_MATMUL_MAX_K == (1 << int(shift)) - int(minus)
+    assert formats.INT8_MATMUL_MAX_K * 128 * 128 <= 2**31 - 1 < (formats.INT8_MATMUL_MAX_K + 1) * 128 * 128

@@ -10,7 +10,7 @@ Three layers, so that most of this runs on machines without a GPU:
    ``build/gpu/*/`` from the ``build_*`` nox sessions): every symbol binds, the ABI matches, the
    targets the library reports are the device code it embeds, the C ABI rejects bad arguments.
    Skipped with the reason when none is built.
-3. Parity of every op with the reference (DESIGN.md §5: quantize/dequantize bit-exact, int8 ops
+3. Parity of every op with the reference (docs/design.md §5: quantize/dequantize bit-exact, int8 ops
    exact, float products within the accumulation-order bound stated in ``_product_close``,
    optimizers 1e-6 relative / >= 99.9% identical 8-bit codes), run on
    * the host emulation of the kernels (csrc/cuda/emu: the same .cu files compiled as C++, CTAs
@@ -93,7 +93,7 @@ def _stub_library(omit: str = "") -> Path:
         "#include <stdint.h>",
         "#include <stdlib.h>",
         "static const char *env(const char *k, const char *d) { const char *v = getenv(k); return v ? v : d; }",
-        'int32_t lowbit_cuda_abi_version(void) { return atoi(env("LOWBIT_STUB_ABI", "1")); }',
+        f'int32_t lowbit_cuda_abi_version(void) {{ return atoi(env("LOWBIT_STUB_ABI", "{native.ABI_VERSION}")); }}',
         'const char *lowbit_cuda_build_info(void) { return "stub for tests/test_gpu_backends.py"; }',
         'const char *lowbit_cuda_platform(void) { return env("LOWBIT_STUB_PLATFORM", "cuda"); }',
         'const char *lowbit_cuda_targets(void) { return env("LOWBIT_STUB_TARGETS", "sm_80 compute_80"); }',
@@ -179,6 +179,15 @@ def test_library_that_fails_to_load(cuda_torch, tmp_path):
     broken.write_bytes(b"\x7fELF not a shared library")
     reason = gpu_probe.backend_problem(native.GpuLibrary("cuda", broken), rocm=False)
     assert reason.startswith(f"native library at {broken} failed to load: ")
+
+
+def test_truncated_library_is_refused_before_dlopen(cuda_torch, tmp_path):
+    """dlopen of a truncated file dies of SIGBUS: the shared loader (lowbit/backends/native_library.py)
+    checks the ELF headers first."""
+    truncated = tmp_path / "liblowbit_cuda.so"
+    truncated.write_bytes(_stub_library().read_bytes()[:4096])
+    reason = gpu_probe.backend_problem(native.GpuLibrary("cuda", truncated), rocm=False)
+    assert reason.startswith(f"native library at {truncated} failed to load: it is truncated: ")
 
 
 def test_library_missing_a_symbol(cuda_torch):
@@ -476,14 +485,40 @@ def test_built_library_binds_and_describes_itself(platform_name, path):
     if shutil.which("readelf"):
         assert gpu_build.runtime_problems(path, *gpu_build.dynamic_section(path)) == []
     # the C ABI's own argument checks (no device needed: they run before any runtime call)
-    assert lib.lowbit_cuda_quantize_4bit(0, None, 10, 64, 1, None, None, 0, None) == 1
-    assert "null pointer" in lib.lowbit_cuda_last_error().decode()
-    assert lib.lowbit_cuda_quantize_4bit(0, None, 10, 48, 1, None, None, 0, None) == 1
-    assert lib.lowbit_cuda_quantize_4bit(0, None, 0, 64, 1, None, None, 0, None) == 0  # empty: nothing to do
+    _check_c_abi_refusals(lib)
     assert lib.lowbit_cuda_gemv_4bit_max_rows() == matmul_4bit.MAX_ROWS
     if not torch.cuda.is_available():
         assert lib.lowbit_cuda_device_check(0) != 0
         assert lib.lowbit_cuda_last_error().decode(), "a failed device check must say why"
+
+
+def _check_c_abi_refusals(lib) -> None:
+    """The C ABI's own argument checks (csrc/common/lowbit_capi_checks.h; they run before any runtime
+    call, so no device is needed): declared lengths must agree with the shape, with the reason in
+    lowbit_cuda_last_error()."""
+    assert lib.lowbit_cuda_quantize_4bit(0, None, 10, 64, 1, None, 5, None, 1, 0, None) == 1
+    assert lib.lowbit_cuda_last_error().decode() == "lowbit_cuda_quantize_4bit: A is a null pointer"
+    assert lib.lowbit_cuda_quantize_4bit(0, None, 10, 48, 1, None, 5, None, 1, 0, None) == 1
+    assert "blocksize = 48" in lib.lowbit_cuda_last_error().decode()
+    assert lib.lowbit_cuda_quantize_4bit(0, None, 0, 64, 1, None, 0, None, 0, 0, None) == 0  # empty: nothing to do
+    # a too-large n against the packed bytes and absmax the caller has
+    packed, absmax, out = torch.zeros(32, dtype=torch.uint8), torch.ones(1), torch.empty(64)
+    assert lib.lowbit_cuda_dequantize_4bit(0, *native.buf(packed), *native.buf(absmax), 64, 1, native.ptr(out), 1 << 20, 0, None) == 1
+    assert lib.lowbit_cuda_last_error().decode() == "lowbit_cuda_dequantize_4bit: A_len = 32, but (n + 1) / 2 = 524288"
+    assert lib.lowbit_cuda_gemv_4bit(0, None, 9, None, 0, 1, 8, None, 0, None, 16, 64, None, 0, 0, None, 0, None) == 1
+    assert "rows = 9 must be in [0, 8]" in lib.lowbit_cuda_last_error().decode()
+    state = torch.zeros(8, dtype=torch.uint8)
+    args = native.args_struct(0.9, 0.999, 0.0, 0.0, 1e-8, 0.0, 1e-3, 1.0, 1)
+    assert lib.lowbit_cuda_optimizer_update_8bit_blockwise(
+        0, 0, None, None, 8, *native.buf(state), *native.buf(state), ctypes.byref(args), None, 256, None, 255,
+        None, 1, None, 1, 0, None,
+    ) == 1  # fmt: skip
+    assert lib.lowbit_cuda_last_error().decode().endswith("qmap2_len = 255, but the size of an 8-bit code = 256")
+
+
+def test_emulated_c_abi_refuses_inconsistent_sizes():
+    """The GPU library's C ABI checks, on its host emulation (the same capi.cu)."""
+    _check_c_abi_refusals(EmulatedLibrary(_emulation_library()).lib())
 
 
 # ---- 3. parity ----------------------------------------------------------------------------------------
@@ -971,6 +1006,9 @@ def test_optimizer_8bit_blockwise(target, name):
     for dtype in (torch.float32, torch.bfloat16):
         for step, weight_decay in ((1, 0.0), (5, 0.01)):
             grad, p, q1, q2, qmap1, qmap2, a1, a2 = _optim_tensors(name, n, dtype, step, eight_bit=True)
+            # the non-finite policy (csrc/common/lowbit_optim.h): these elements keep their p and state
+            for index, value in ((5, float("nan")), (300, float("inf")), (700, float("-inf")), (1000, 1e30)):
+                grad[index] = value
             want = [t.clone() if t is not None else None for t in (p, q1, q2, a1, a2)]
             got = [target.to(t.clone()) if t is not None else None for t in (p, q1, q2, a1, a2)]
             reference(name, grad.clone(), want[0], want[1], want[2], beta1, beta2, beta3, alpha, eps, step, lr,
@@ -978,6 +1016,7 @@ def test_optimizer_8bit_blockwise(target, name):
             op(name, target.to(grad), got[0], got[1], got[2], beta1, beta2, beta3, alpha, eps, step, lr,
                target.to(qmap1), target.to(qmap2), got[3], got[4], weight_decay, gnorm_scale)  # fmt: skip
             context = f"{name} {dtype} step={step} wd={weight_decay}"
+            assert torch.isfinite(got[0].cpu()).all() and torch.equal(got[0].cpu()[[5, 300, 700]], p[[5, 300, 700]]), context
             _close_param(got[0], want[0], "p " + context)
             for index, label in ((1, "state1"), (2, "state2")):
                 if want[index] is not None:

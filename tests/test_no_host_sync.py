@@ -1,4 +1,4 @@
-"""No host read-back in hot paths (DESIGN.md: each read-back is a GPU sync), proven without a GPU.
+"""No host read-back in hot paths (docs/design.md: each read-back is a GPU sync), proven without a GPU.
 
 * Under ``FakeTensorMode`` tensors have metadata and no values: any ``.item()``, ``bool(t)`` or
   ``.tolist()`` raises. The functional API, the layers' forward and backward passes and the 8-bit

@@ -1,4 +1,4 @@
-"""What each op computes, checked on the reference backend against its definition (DESIGN.md §4-5).
+"""What each op computes, checked on the reference backend against its definition (docs/design.md §4-5).
 
 Parity of the other backends with these results is in test_parity.py; agreement with
 bitsandbytes itself is in compat/.

@@ -32,6 +32,10 @@
 namespace lowbit {
 namespace fmt {
 
+/* Largest K of int8_linear_matmul (formats.INT8_MATMUL_MAX_K): the int32 sum of K int8 products is
+ * exact while K * 2^14 < 2^31; beyond, (-128)(-128) summed 2^17 times wraps to -2^31. */
+constexpr int64_t kInt8MatmulMaxK = (int64_t{1} << 17) - 1;
+
 /* Whether an element with |x| == abs_x (as float) is an outlier at the (dtype-rounded) threshold. */
 LOWBIT_HD static inline bool int8_is_outlier(float abs_x, float threshold) {
     return threshold > 0.0f && abs_x >= threshold;

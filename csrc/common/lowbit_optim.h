@@ -17,7 +17,16 @@
  * register (csrc/cpu/optimizers.cpp), so the CPU's vector bodies, its scalar tails and the GPU
  * all run the same sequence of operations. M provides: set1, add, mul, div, fma (one rounding),
  * sqrt (correctly rounded), sign (torch.sign: +1, -1, 0 for +-0 and NaN), clamp_unit (clamp to
- * [-1, 1], NaN -> -1) and truncate (float -> integer bin, toward zero).
+ * [-1, 1], NaN -> -1), truncate (float -> integer bin, toward zero), and for the non-finite
+ * policy a lane mask type M::B with finite (not NaN or +-Inf), both (and) and select (m ? a : b).
+ *
+ * Non-finite values (README, "Overflow and non-finite values"): in an 8-bit step an element whose
+ * new parameter or any new state value is not finite -- a NaN or +-Inf gradient, or a finite one
+ * whose square overflows float32 -- keeps its previous parameter and states (update8), so the
+ * block's new absmax, and with it every other element of the block, stays finite. bitsandbytes'
+ * CUDA kernels skip NaN/Inf gradient elements of the two-state 8-bit optimizers (zeroing their
+ * state); this covers every 8-bit optimizer and overflow, and keeps the element's momentum. The
+ * 32-bit steps, like torch.optim and bitsandbytes, let a non-finite value reach its own element only.
  *
  * Operation order: the reference is a chain of torch ops on float32 tensors. What each of them
  * computes on the CPU (torch 2.x with AVX2/AVX-512 kernels, checked element by element against
@@ -190,13 +199,11 @@ LOWBIT_HD static inline typename M::F update32(const Params &P, bool weight_deca
 
 /* ---- 8-bit blockwise state ------------------------------------------------------------------ */
 
-/* One element of an 8-bit step on dequantized state; the reference's
- * optimizer_update_8bit_blockwise (momentum, rmsprop and adagrad add weight decay even when it
- * is 0, as the reference does: that turns -0 gradients into +0 and Inf parameters into NaN). */
+/* The new values of one element of an 8-bit step, before the non-finite policy (update8). */
 template <class M, int OPT>
-LOWBIT_HD static inline void update8(const Params &P, bool weight_decay, bool first_step,
-                                     typename M::F g, typename M::F &p, typename M::F &s1, typename M::F &s1b,
-                                     typename M::F &s2) {
+LOWBIT_HD static inline void update8_values(const Params &P, bool weight_decay, bool first_step,
+                                            typename M::F g, typename M::F &p, typename M::F &s1,
+                                            typename M::F &s1b, typename M::F &s2) {
     g = M::mul(g, K(gnorm_scale));
     if constexpr (OPT == kAdam) {
         s1 = M::fma(g, K(one_minus_beta1), M::mul(s1, K(beta1)));
@@ -233,6 +240,25 @@ LOWBIT_HD static inline void update8(const Params &P, bool weight_decay, bool fi
     }
 }
 
+/* One element of an 8-bit step on dequantized state; the reference's
+ * optimizer_update_8bit_blockwise (momentum, rmsprop and adagrad add weight decay even when it
+ * is 0, as the reference does: that turns -0 gradients into +0 and Inf parameters into NaN).
+ * An element whose new p, s1, s1b (ademamix) or s2 is not finite keeps its old values. */
+template <class M, int OPT>
+LOWBIT_HD static inline void update8(const Params &P, bool weight_decay, bool first_step,
+                                     typename M::F g, typename M::F &p, typename M::F &s1, typename M::F &s1b,
+                                     typename M::F &s2) {
+    const typename M::F p0 = p, s10 = s1, s1b0 = s1b, s20 = s2;
+    update8_values<M, OPT>(P, weight_decay, first_step, g, p, s1, s1b, s2);
+    typename M::B keep = M::both(M::finite(p), M::finite(s1));
+    if constexpr (OPT == kAdemamix) keep = M::both(keep, M::finite(s1b));
+    if constexpr (OPT == kAdam || OPT == kAdemamix) keep = M::both(keep, M::finite(s2));
+    p = M::select(keep, p, p0);
+    s1 = M::select(keep, s1, s10);
+    s1b = M::select(keep, s1b, s1b0);
+    s2 = M::select(keep, s2, s20);
+}
+
 /* Dequantized state value: code[q] * absmax of its block (one rounding). */
 LOWBIT_HD static inline float dequant8(const float *code, uint8_t q, float absmax) { return code[q] * absmax; }
 
@@ -267,6 +293,7 @@ template <class Sqrt>
 struct FloatMathT {
     using F = float;
     using I = uint32_t;
+    using B = bool;
     LOWBIT_HD static F set1(float x) { return x; }
     LOWBIT_HD static F add(F a, F b) { return a + b; }
     LOWBIT_HD static F mul(F a, F b) { return a * b; }
@@ -276,6 +303,9 @@ struct FloatMathT {
     LOWBIT_HD static F sign(F a) { return fmt::torch_sign(a); }
     LOWBIT_HD static F clamp_unit(F t) { return fmt::clamp_unit(t); }
     LOWBIT_HD static I truncate(F u) { return static_cast<uint32_t>(u); }
+    LOWBIT_HD static B finite(F a) { return fabsf(a) <= 3.40282346638528859812e38f; }
+    LOWBIT_HD static B both(B a, B b) { return a && b; }
+    LOWBIT_HD static F select(B m, F a, F b) { return m ? a : b; }
 };
 
 /* IEEE sqrtf: correctly rounded on every host compiler lowbit supports. */

@@ -21,9 +21,9 @@
  *                  (exactly representable: |.| <= 2^14 K) is subtracted per row of A. Every
  *                  product u*a lies in [-32640, 32385] and vpdpbusd adds them with wrap-around
  *                  (no saturation, unlike vpdpbusds), so the int32 result is the true sum mod
- *                  2^32 -- exact whenever the true product fits int32 (always for K <= 2^17,
- *                  since |a*b| <= 2^14), and otherwise the same wrapped value as the reference's
- *                  int32 matmul. -128 * -128 is no special case.
+ *                  2^32 -- exact whenever the true product fits int32, which the C ABI
+ *                  guarantees by refusing K > kInt8MatmulMaxK = 2^17 - 1 (|a*b| <= 2^14).
+ *                  -128 * -128 is no special case.
  *                  MR = 6: 24 accumulators + 4 B + 1 A + the 0x80 constant = 30 zmm registers.
  *   avx512 (no VNNI), avx2
  *                  sign-extend bytes to int16 (vpmovsxbw) and vpmaddwd: each int32 lane gets
@@ -246,7 +246,9 @@ inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kMinElement
 constexpr int kNr = 4;            /* rows of B per tile */
 constexpr int64_t kKc = 4096;     /* K block */
 constexpr int64_t kMc = 96;       /* rows of A per M block (a multiple of every MR) */
+#if defined(LOWBIT_SIMD_AVX512)
 constexpr int64_t kPrefetch = 1024; /* bytes ahead in each row of B (prefetches past a row's end are harmless) */
+#endif
 /* Tiles of B per thread at least this many multiply-adds (a thread wake-up costs ~5-10 us). */
 constexpr int64_t kMinMacsPerThread = int64_t{1} << 21;
 

@@ -81,6 +81,21 @@ struct VecMath {
     /* fmt::clamp_unit: Vec::max/min return their second operand when either is NaN, so NaN -> -1 */
     static F clamp_unit(F t) { return Vec::min(Vec::max(t, Vec::set1(-1.0f)), Vec::set1(1.0f)); }
     static I truncate(F u) { return Vec::truncate(u); }
+    /* lane masks of the non-finite policy: |x| < Inf (false for NaN: ordered compare) */
+#if defined(LOWBIT_SIMD_AVX512)
+    using B = __mmask16;
+    static B finite(F a) { return _mm512_cmp_ps_mask(_mm512_abs_ps(a), _mm512_set1_ps(INFINITY), _CMP_LT_OQ); }
+    static B both(B a, B b) { return static_cast<B>(a & b); }
+    static F select(B m, F a, F b) { return _mm512_mask_blend_ps(m, b, a); }
+#else
+    using B = __m256;
+    static B finite(F a) {
+        const __m256 abs = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a);
+        return _mm256_cmp_ps(abs, _mm256_set1_ps(INFINITY), _CMP_LT_OQ);
+    }
+    static B both(B a, B b) { return _mm256_and_ps(a, b); }
+    static F select(B m, F a, F b) { return _mm256_blendv_ps(b, a, m); }
+#endif
 };
 constexpr int kW = Vec::W;
 #endif

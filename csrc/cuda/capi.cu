@@ -1,12 +1,13 @@
 /* capi.cu -- the extern "C" entry points of lowbit_cuda_capi.h: argument checks (second line of
- * defence), device switching, error reporting, build information. Kernels live in the other .cu
- * files (kernels.cuh lists them). */
+ * defence, shared with the CPU library: csrc/common/lowbit_capi_checks.h), device switching, error
+ * reporting, build information. Kernels live in the other .cu files (kernels.cuh lists them). */
 #include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 
 #include "kernels.cuh"
+#include "lowbit_capi_checks.h"
 #include "lowbit_cuda_capi.h"
 #include "paged.cuh"
 
@@ -32,6 +33,12 @@ void set_error(const char *fmt, ...) {
 
 int32_t argument_error(const char *fn, const char *what) {
     set_error("%s: invalid argument: %s", fn, what);
+    return LOWBIT_CUDA_ERR_ARGUMENT;
+}
+
+/* Stores a refusal of the shared checks ("<fn>: <what>") and returns the ARGUMENT status. */
+int32_t refuse(const capi::ArgCheck &check) {
+    set_error("%s", check.message());
     return LOWBIT_CUDA_ERR_ARGUMENT;
 }
 
@@ -68,8 +75,7 @@ class DeviceGuard {
 };
 
 cudaStream_t as_stream(void *stream) { return static_cast<cudaStream_t>(stream); }
-bool valid_dtype(int32_t dtype) { return dtype >= kFloat32 && dtype <= kBFloat16; }
-bool valid_quant_type(int32_t qt) { return qt == fmt::kFP4 || qt == fmt::kNF4; }
+static_assert(kFloat32 == 0 && kBFloat16 == 2, "dtype numbering of capi::check_dtype");
 
 /* Runs `launch` with `device` current; maps every failure to a status and message. */
 template <class Fn>
@@ -95,6 +101,9 @@ __global__ void k_probe(int *unused) {
 } // namespace lowbit
 
 using namespace lowbit::gpu;
+using namespace lowbit::capi;
+namespace fmt = lowbit::fmt;
+namespace optim = lowbit::optim;
 
 extern "C" {
 
@@ -133,55 +142,69 @@ int32_t lowbit_cuda_device_check(int32_t device) {
 
 /* ---- 4-bit -------------------------------------------------------------------------------------- */
 int32_t lowbit_cuda_quantize_4bit(int32_t dtype, const void *A, int64_t n, int64_t blocksize,
-                                  int32_t quant_type, uint8_t *out, float *absmax, int32_t device,
-                                  void *stream) {
+                                  int32_t quant_type, uint8_t *out, int64_t out_len, float *absmax,
+                                  int64_t absmax_len, int32_t device, void *stream) {
     const char *fn = "lowbit_cuda_quantize_4bit";
-    if (!valid_dtype(dtype) || !valid_quant_type(quant_type) || !lowbit::fmt::is_supported_blocksize(blocksize) || n < 0)
-        return argument_error(fn, "dtype, quant_type, blocksize or n out of range");
+    ArgCheck c(fn);
+    if (check_quant_type(check_blockwise(c, dtype, n, blocksize), quant_type).failed()) return refuse(c);
+    c.length("out_len", out_len, packed4_len(n), "(n + 1) / 2")
+        .length("absmax_len", absmax_len, lowbit::capi::num_blocks(n, blocksize), "ceil(n / blocksize)");
+    if (c.failed()) return refuse(c);
     if (n == 0) return LOWBIT_CUDA_OK;
-    if (A == nullptr || out == nullptr || absmax == nullptr) return argument_error(fn, "null pointer");
+    if (c.pointer("A", A).pointer("out", out).pointer("absmax", absmax).failed()) return refuse(c);
     return on_device(fn, device, [&] {
         return quantize_4bit(dtype, A, n, blocksize, quant_type, out, absmax, as_stream(stream));
     });
 }
 
-int32_t lowbit_cuda_dequantize_4bit(int32_t dtype, const uint8_t *A, const float *absmax, int64_t n,
-                                    int64_t blocksize, int32_t quant_type, void *out, int32_t device,
-                                    void *stream) {
+int32_t lowbit_cuda_dequantize_4bit(int32_t dtype, const uint8_t *A, int64_t A_len, const float *absmax,
+                                    int64_t absmax_len, int64_t blocksize, int32_t quant_type, void *out,
+                                    int64_t n, int32_t device, void *stream) {
     const char *fn = "lowbit_cuda_dequantize_4bit";
-    if (!valid_dtype(dtype) || !valid_quant_type(quant_type) || !lowbit::fmt::is_supported_blocksize(blocksize) || n < 0)
-        return argument_error(fn, "dtype, quant_type, blocksize or n out of range");
+    ArgCheck c(fn);
+    if (check_quant_type(check_blockwise(c, dtype, n, blocksize), quant_type).failed()) return refuse(c);
+    c.length("A_len", A_len, packed4_len(n), "(n + 1) / 2")
+        .length("absmax_len", absmax_len, lowbit::capi::num_blocks(n, blocksize), "ceil(n / blocksize)");
+    if (c.failed()) return refuse(c);
     if (n == 0) return LOWBIT_CUDA_OK;
-    if (A == nullptr || out == nullptr || absmax == nullptr) return argument_error(fn, "null pointer");
+    if (c.pointer("A", A).pointer("absmax", absmax).pointer("out", out).failed()) return refuse(c);
     return on_device(fn, device, [&] {
         return dequantize_4bit(dtype, A, absmax, n, blocksize, quant_type, out, as_stream(stream));
     });
 }
 
 /* ---- 8-bit blockwise ---------------------------------------------------------------------------- */
-int32_t lowbit_cuda_quantize_blockwise(int32_t dtype, const float *code, const void *A, int64_t n,
-                                       int64_t blocksize, uint8_t *out, float *absmax, int32_t device,
-                                       void *stream) {
+int32_t lowbit_cuda_quantize_blockwise(int32_t dtype, const float *code, int64_t code_len, const void *A, int64_t n,
+                                       int64_t blocksize, uint8_t *out, int64_t out_len, float *absmax,
+                                       int64_t absmax_len, int32_t device, void *stream) {
     const char *fn = "lowbit_cuda_quantize_blockwise";
-    if (!valid_dtype(dtype) || !lowbit::fmt::is_supported_blocksize(blocksize) || n < 0)
-        return argument_error(fn, "dtype, blocksize or n out of range");
+    ArgCheck c(fn);
+    if (check_blockwise(c, dtype, n, blocksize).failed()) return refuse(c);
+    c.length("code_len", code_len, fmt::kCode8Size, "the size of an 8-bit code")
+        .length("out_len", out_len, n, "n")
+        .length("absmax_len", absmax_len, lowbit::capi::num_blocks(n, blocksize), "ceil(n / blocksize)");
+    if (c.failed()) return refuse(c);
     if (n == 0) return LOWBIT_CUDA_OK;
-    if (code == nullptr || A == nullptr || out == nullptr || absmax == nullptr)
-        return argument_error(fn, "null pointer");
+    if (c.pointer("code", code).pointer("A", A).pointer("out", out).pointer("absmax", absmax).failed())
+        return refuse(c);
     return on_device(fn, device, [&] {
         return quantize_blockwise(dtype, code, A, n, blocksize, out, absmax, as_stream(stream));
     });
 }
 
-int32_t lowbit_cuda_dequantize_blockwise(int32_t dtype, const float *code, const uint8_t *A,
-                                         const float *absmax, int64_t n, int64_t blocksize, void *out,
-                                         int32_t device, void *stream) {
+int32_t lowbit_cuda_dequantize_blockwise(int32_t dtype, const float *code, int64_t code_len, const uint8_t *A,
+                                         int64_t A_len, const float *absmax, int64_t absmax_len, int64_t blocksize,
+                                         void *out, int64_t n, int32_t device, void *stream) {
     const char *fn = "lowbit_cuda_dequantize_blockwise";
-    if (!valid_dtype(dtype) || !lowbit::fmt::is_supported_blocksize(blocksize) || n < 0)
-        return argument_error(fn, "dtype, blocksize or n out of range");
+    ArgCheck c(fn);
+    if (check_blockwise(c, dtype, n, blocksize).failed()) return refuse(c);
+    c.length("code_len", code_len, fmt::kCode8Size, "the size of an 8-bit code")
+        .length("A_len", A_len, n, "n")
+        .length("absmax_len", absmax_len, lowbit::capi::num_blocks(n, blocksize), "ceil(n / blocksize)");
+    if (c.failed()) return refuse(c);
     if (n == 0) return LOWBIT_CUDA_OK;
-    if (code == nullptr || A == nullptr || out == nullptr || absmax == nullptr)
-        return argument_error(fn, "null pointer");
+    if (c.pointer("code", code).pointer("A", A).pointer("absmax", absmax).pointer("out", out).failed())
+        return refuse(c);
     return on_device(fn, device, [&] {
         return dequantize_blockwise(dtype, code, A, absmax, n, blocksize, out, as_stream(stream));
     });
@@ -190,19 +213,27 @@ int32_t lowbit_cuda_dequantize_blockwise(int32_t dtype, const float *code, const
 /* ---- gemv --------------------------------------------------------------------------------------- */
 int32_t lowbit_cuda_gemv_4bit_max_rows(void) { return kGemvMaxRows; }
 
-int32_t lowbit_cuda_gemv_4bit(int32_t dtype, const void *A, int64_t rows, const uint8_t *B, int64_t N,
-                              int64_t K, const float *absmax, const float *code, int64_t blocksize,
-                              const void *bias, int32_t bias_dtype, void *out, int32_t device,
-                              void *stream) {
+int32_t lowbit_cuda_gemv_4bit(int32_t dtype, const void *A, int64_t rows, const uint8_t *B, int64_t B_len,
+                              int64_t N, int64_t K, const float *absmax, int64_t absmax_len, const float *code,
+                              int64_t code_len, int64_t blocksize, const void *bias, int64_t bias_len,
+                              int32_t bias_dtype, void *out, int32_t device, void *stream) {
     const char *fn = "lowbit_cuda_gemv_4bit";
-    if (!valid_dtype(dtype) || !lowbit::fmt::is_supported_blocksize(blocksize) || N < 0 || K < 0)
-        return argument_error(fn, "dtype, blocksize, N or K out of range");
-    if (rows < 0 || rows > kGemvMaxRows) return argument_error(fn, "rows must be in [0, 8]");
-    if (bias != nullptr && !valid_dtype(bias_dtype)) return argument_error(fn, "bias_dtype out of range");
+    ArgCheck c(fn);
+    check_blocksize(check_dtype(c, "dtype", dtype), blocksize)
+        .expect(rows >= 0 && rows <= kGemvMaxRows, "rows = %lld must be in [0, %d]", static_cast<long long>(rows),
+                kGemvMaxRows)
+        .count("N", N).count("K", K)
+        .expect(K >= 1, "K = %lld must be >= 1", static_cast<long long>(K));
+    if (bias != nullptr) check_dtype(c, "bias_dtype", bias_dtype);
+    if (c.failed() || c.product("N", N, "K", K).failed()) return refuse(c);
+    c.length("B_len", B_len, packed4_len(N * K), "(N * K + 1) / 2")
+        .length("absmax_len", absmax_len, lowbit::capi::num_blocks(N * K, blocksize), "ceil(N * K / blocksize)")
+        .length("code_len", code_len, fmt::kCode4Size, "the size of a 4-bit code");
+    check_optional(c, "bias_len", bias, bias_len, N, "N", "0 for a null bias");
+    if (c.failed()) return refuse(c);
     if (rows == 0 || N == 0) return LOWBIT_CUDA_OK;
-    if (K == 0) return argument_error(fn, "K == 0");
-    if (A == nullptr || B == nullptr || absmax == nullptr || code == nullptr || out == nullptr)
-        return argument_error(fn, "null pointer");
+    if (c.pointer("A", A).pointer("B", B).pointer("absmax", absmax).pointer("code", code).pointer("out", out).failed())
+        return refuse(c);
     return on_device(fn, device, [&] {
         return gemv_4bit(dtype, A, rows, B, N, K, absmax, code, blocksize, bias, bias_dtype, out,
                          as_stream(stream));
@@ -211,41 +242,52 @@ int32_t lowbit_cuda_gemv_4bit(int32_t dtype, const void *A, int64_t rows, const 
 
 /* ---- int8 --------------------------------------------------------------------------------------- */
 int32_t lowbit_cuda_int8_vectorwise_quant(int32_t dtype, const void *A, int64_t rows, int64_t cols,
-                                          float threshold, int8_t *out, float *row_stats,
-                                          uint8_t *outlier_flags, int32_t device, void *stream) {
+                                          float threshold, int8_t *out, float *row_stats, int64_t row_stats_len,
+                                          uint8_t *outlier_flags, int64_t outlier_flags_len, int32_t device,
+                                          void *stream) {
     const char *fn = "lowbit_cuda_int8_vectorwise_quant";
-    if (!valid_dtype(dtype) || rows < 0 || cols < 0 || !(threshold >= 0.0f))
-        return argument_error(fn, "dtype, rows, cols or threshold out of range");
+    ArgCheck c(fn);
+    check_dtype(c, "dtype", dtype);
+    if (check_threshold(check_matrix(c, rows, cols), threshold).failed()) return refuse(c);
+    c.length("row_stats_len", row_stats_len, rows, "rows");
+    check_optional(c, "outlier_flags_len", outlier_flags, outlier_flags_len, cols, "cols", "0 for a null outlier_flags");
+    if (c.failed()) return refuse(c);
     if (rows == 0 || cols == 0) return LOWBIT_CUDA_OK;
-    if (A == nullptr || out == nullptr || row_stats == nullptr) return argument_error(fn, "null pointer");
+    if (c.pointer("A", A).pointer("out", out).pointer("row_stats", row_stats).failed()) return refuse(c);
     return on_device(fn, device, [&] {
         return int8_vectorwise_quant(dtype, A, rows, cols, threshold, out, row_stats, outlier_flags,
                                      as_stream(stream));
     });
 }
 
-int32_t lowbit_cuda_int8_vectorwise_dequant(const int8_t *A, const float *stats, int64_t rows,
-                                            int64_t cols, float scale, float *out, int32_t device,
-                                            void *stream) {
+int32_t lowbit_cuda_int8_vectorwise_dequant(const int8_t *A, const float *stats, int64_t stats_len, int64_t rows,
+                                            int64_t cols, float scale, float *out, int32_t device, void *stream) {
     const char *fn = "lowbit_cuda_int8_vectorwise_dequant";
-    if (rows < 0 || cols < 0) return argument_error(fn, "rows or cols < 0");
+    ArgCheck c(fn);
+    if (check_matrix(c, rows, cols).failed() || c.length("stats_len", stats_len, rows, "rows").failed())
+        return refuse(c);
     if (rows == 0 || cols == 0) return LOWBIT_CUDA_OK;
-    if (A == nullptr || stats == nullptr || out == nullptr) return argument_error(fn, "null pointer");
+    if (c.pointer("A", A).pointer("stats", stats).pointer("out", out).failed()) return refuse(c);
     return on_device(fn, device, [&] {
         return int8_vectorwise_dequant(A, stats, rows, cols, scale, out, as_stream(stream));
     });
 }
 
-int32_t lowbit_cuda_int8_mm_dequant(const int32_t *A, const float *row_stats, const float *col_stats,
-                                    int64_t rows, int64_t cols, float scale, const void *bias,
-                                    int32_t bias_dtype, int32_t out_dtype, void *out, int32_t device,
-                                    void *stream) {
+int32_t lowbit_cuda_int8_mm_dequant(const int32_t *A, const float *row_stats, int64_t row_stats_len,
+                                    const float *col_stats, int64_t col_stats_len, int64_t rows, int64_t cols,
+                                    float scale, const void *bias, int64_t bias_len, int32_t bias_dtype,
+                                    int32_t out_dtype, void *out, int32_t device, void *stream) {
     const char *fn = "lowbit_cuda_int8_mm_dequant";
-    if (rows < 0 || cols < 0 || !valid_dtype(out_dtype) || (bias != nullptr && !valid_dtype(bias_dtype)))
-        return argument_error(fn, "rows, cols or a dtype out of range");
+    ArgCheck c(fn);
+    check_dtype(c, "out_dtype", out_dtype);
+    if (bias != nullptr) check_dtype(c, "bias_dtype", bias_dtype);
+    if (check_matrix(c, rows, cols).failed()) return refuse(c);
+    c.length("row_stats_len", row_stats_len, rows, "rows").length("col_stats_len", col_stats_len, cols, "cols");
+    check_optional(c, "bias_len", bias, bias_len, cols, "cols", "0 for a null bias");
+    if (c.failed()) return refuse(c);
     if (rows == 0 || cols == 0) return LOWBIT_CUDA_OK;
-    if (A == nullptr || row_stats == nullptr || col_stats == nullptr || out == nullptr)
-        return argument_error(fn, "null pointer");
+    if (c.pointer("A", A).pointer("row_stats", row_stats).pointer("col_stats", col_stats).pointer("out", out).failed())
+        return refuse(c);
     return on_device(fn, device, [&] {
         return int8_mm_dequant(A, row_stats, col_stats, rows, cols, scale, bias, bias_dtype, out_dtype,
                                out, as_stream(stream));
@@ -253,44 +295,51 @@ int32_t lowbit_cuda_int8_mm_dequant(const int32_t *A, const float *row_stats, co
 }
 
 /* ---- optimizers --------------------------------------------------------------------------------- */
-int32_t lowbit_cuda_optimizer_update_32bit(int32_t optimizer, int32_t dtype, const void *g, void *p,
-                                           float *state1, float *state2, int64_t n,
-                                           const lowbit_cuda_optim_args *args, float *unorm_vec,
-                                           double *scratch, int32_t device, void *stream) {
+int32_t lowbit_cuda_optimizer_update_32bit(int32_t optimizer, int32_t dtype, const void *g, void *p, int64_t n,
+                                           float *state1, int64_t state1_len, float *state2, int64_t state2_len,
+                                           const lowbit_cuda_optim_args *args, float *unorm_vec, double *scratch,
+                                           int32_t device, void *stream) {
     const char *fn = "lowbit_cuda_optimizer_update_32bit";
-    if (optimizer < kAdam || optimizer > kAdemamix || !valid_dtype(dtype) || n < 0 || args == nullptr || args->step < 1)
-        return argument_error(fn, "optimizer, dtype, n, args or step out of range");
+    ArgCheck c(fn);
+    if (check_optimizer_call(c, optimizer, dtype, n, args).failed() ||
+        check_optimizer_32bit_lengths(c, optimizer, n, state1_len, state2_len).failed())
+        return refuse(c);
     if (n == 0) return LOWBIT_CUDA_OK;
-    const bool two = optimizer == kAdam || optimizer == kAdemamix;
-    if (g == nullptr || p == nullptr || state1 == nullptr || (two && state2 == nullptr))
-        return argument_error(fn, "null pointer");
+    const bool two = optim::has_state2(optimizer);
     const OptimParams params = make_params(optimizer, *args);
-    if (params.trust_ratio && (unorm_vec == nullptr || scratch == nullptr))
-        return argument_error(fn, "max_unorm > 0 needs unorm_vec and scratch");
+    c.pointer("g", g).pointer("p", p).pointer("state1", state1);
+    if (two) c.pointer("state2", state2);
+    if (params.trust_ratio) c.pointer("unorm_vec (max_unorm > 0)", unorm_vec).pointer("scratch (max_unorm > 0)", scratch);
+    if (c.failed()) return refuse(c);
     return on_device(fn, device, [&] {
-        return optimizer_32bit(optimizer, dtype, g, p, state1, state2, n, params, unorm_vec, scratch,
+        return optimizer_32bit(optimizer, dtype, g, p, state1, two ? state2 : nullptr, n, params, unorm_vec, scratch,
                                as_stream(stream));
     });
 }
 
-int32_t lowbit_cuda_optimizer_update_8bit_blockwise(int32_t optimizer, int32_t dtype, const void *g,
-                                                    void *p, uint8_t *state1, uint8_t *state2,
-                                                    int64_t n, const lowbit_cuda_optim_args *args,
-                                                    const float *qmap1, const float *qmap2,
-                                                    float *absmax1, float *absmax2, int32_t device,
+int32_t lowbit_cuda_optimizer_update_8bit_blockwise(int32_t optimizer, int32_t dtype, const void *g, void *p,
+                                                    int64_t n, uint8_t *state1, int64_t state1_len, uint8_t *state2,
+                                                    int64_t state2_len, const lowbit_cuda_optim_args *args,
+                                                    const float *qmap1, int64_t qmap1_len, const float *qmap2,
+                                                    int64_t qmap2_len, float *absmax1, int64_t absmax1_len,
+                                                    float *absmax2, int64_t absmax2_len, int32_t device,
                                                     void *stream) {
     const char *fn = "lowbit_cuda_optimizer_update_8bit_blockwise";
-    if (optimizer < kAdam || optimizer > kAdemamix || !valid_dtype(dtype) || n < 0 || args == nullptr || args->step < 1)
-        return argument_error(fn, "optimizer, dtype, n, args or step out of range");
+    ArgCheck c(fn);
+    if (check_optimizer_call(c, optimizer, dtype, n, args).failed() ||
+        check_optimizer_8bit_lengths(c, optimizer, n, state1_len, state2_len, qmap1_len, qmap2_len, absmax1_len,
+                                     absmax2_len)
+            .failed())
+        return refuse(c);
     if (n == 0) return LOWBIT_CUDA_OK;
-    const bool two = optimizer == kAdam || optimizer == kAdemamix;
-    if (g == nullptr || p == nullptr || state1 == nullptr || qmap1 == nullptr || absmax1 == nullptr ||
-        (two && (state2 == nullptr || qmap2 == nullptr || absmax2 == nullptr)))
-        return argument_error(fn, "null pointer");
+    const bool two = optim::has_state2(optimizer);
+    c.pointer("g", g).pointer("p", p).pointer("state1", state1).pointer("qmap1", qmap1).pointer("absmax1", absmax1);
+    if (two) c.pointer("state2", state2).pointer("qmap2", qmap2).pointer("absmax2", absmax2);
+    if (c.failed()) return refuse(c);
     const OptimParams params = make_params(optimizer, *args);
     return on_device(fn, device, [&] {
-        return optimizer_8bit_blockwise(optimizer, dtype, g, p, state1, state2, n, params, qmap1, qmap2,
-                                        absmax1, absmax2, as_stream(stream));
+        return optimizer_8bit_blockwise(optimizer, dtype, g, p, state1, two ? state2 : nullptr, n, params, qmap1,
+                                        two ? qmap2 : nullptr, absmax1, two ? absmax2 : nullptr, as_stream(stream));
     });
 }
 

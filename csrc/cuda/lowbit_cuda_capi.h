@@ -9,14 +9,18 @@
  *
  * Every entry point returns a lowbit_cuda_status. On failure lowbit_cuda_last_error() returns a
  * readable message for the calling thread (argument, runtime error name and text). Arguments are
- * validated in Python first; the checks here are a second line of defence.
+ * validated in Python first; the checks here (csrc/common/lowbit_capi_checks.h, shared with the CPU
+ * library) protect any caller: every buffer's element count is declared once -- by the shape
+ * arguments for an op's operands and results, by its own `<name>_len` for every other buffer
+ * (packed data, absmax, codes, statistics, bias, optimizer state) -- and must agree exactly with
+ * what the shape implies, so no argument values make a kernel index past a declared buffer.
  * Kernels are asynchronous: a LOWBIT_CUDA_OK return means "launched"; an error in a kernel shows
  * up at the next synchronizing call, as for any CUDA work.
  *
  * Conventions of the data entry points (layouts as in csrc/capi/lowbit_capi.h):
  *  - dtype: lowbit_dtype of lowbit_capi.h (0 float32, 1 float16, 2 bfloat16);
  *  - quant_type: 0 FP4, 1 NF4; blocksize: 32..4096, a power of two;
- *  - n == 0 (or rows == 0) returns OK without touching any pointer.
+ *  - sizes are in [0, 2^59]; n == 0 (or rows == 0) returns OK without touching any pointer.
  */
 #ifndef LOWBIT_CUDA_CAPI_H
 #define LOWBIT_CUDA_CAPI_H
@@ -34,7 +38,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature below changes; Python refuses a library with another value. */
-#define LOWBIT_CUDA_ABI_VERSION 1
+#define LOWBIT_CUDA_ABI_VERSION 2
 
 typedef enum lowbit_cuda_status {
     LOWBIT_CUDA_OK = 0,
@@ -79,72 +83,87 @@ LOWBIT_CUDA_API const char *lowbit_cuda_last_error(void);
  * library's runtime or the device's architecture was not compiled in. */
 LOWBIT_CUDA_API int32_t lowbit_cuda_device_check(int32_t device);
 
-/* ---- 4-bit blockwise ---------------------------------------------------------------------------- */
+/* ---- 4-bit blockwise ----------------------------------------------------------------------------
+ * quantize: the n values at A -> out (out_len = (n+1)/2 bytes), absmax (absmax_len = ceil(n/blocksize));
+ * dequantize: A (A_len = (n+1)/2 bytes), absmax -> the n values at out. */
 LOWBIT_CUDA_API int32_t lowbit_cuda_quantize_4bit(int32_t dtype, const void *A, int64_t n,
                                                   int64_t blocksize, int32_t quant_type,
-                                                  uint8_t *out, float *absmax, int32_t device,
-                                                  void *stream);
-LOWBIT_CUDA_API int32_t lowbit_cuda_dequantize_4bit(int32_t dtype, const uint8_t *A,
-                                                    const float *absmax, int64_t n,
-                                                    int64_t blocksize, int32_t quant_type,
-                                                    void *out, int32_t device, void *stream);
+                                                  uint8_t *out, int64_t out_len, float *absmax,
+                                                  int64_t absmax_len, int32_t device, void *stream);
+LOWBIT_CUDA_API int32_t lowbit_cuda_dequantize_4bit(int32_t dtype, const uint8_t *A, int64_t A_len,
+                                                    const float *absmax, int64_t absmax_len,
+                                                    int64_t blocksize, int32_t quant_type, void *out,
+                                                    int64_t n, int32_t device, void *stream);
 
-/* ---- 8-bit blockwise (code: 256 floats on the device) ------------------------------------------ */
-LOWBIT_CUDA_API int32_t lowbit_cuda_quantize_blockwise(int32_t dtype, const float *code,
+/* ---- 8-bit blockwise (code: code_len = 256 floats on the device) ----------------------------------
+ * quantize: the n values at A -> out (out_len = n bytes), absmax (absmax_len = ceil(n/blocksize));
+ * dequantize: A (A_len = n bytes), absmax -> the n values at out. */
+LOWBIT_CUDA_API int32_t lowbit_cuda_quantize_blockwise(int32_t dtype, const float *code, int64_t code_len,
                                                        const void *A, int64_t n, int64_t blocksize,
-                                                       uint8_t *out, float *absmax, int32_t device,
-                                                       void *stream);
-LOWBIT_CUDA_API int32_t lowbit_cuda_dequantize_blockwise(int32_t dtype, const float *code,
-                                                         const uint8_t *A, const float *absmax,
-                                                         int64_t n, int64_t blocksize, void *out,
-                                                         int32_t device, void *stream);
+                                                       uint8_t *out, int64_t out_len, float *absmax,
+                                                       int64_t absmax_len, int32_t device, void *stream);
+LOWBIT_CUDA_API int32_t lowbit_cuda_dequantize_blockwise(int32_t dtype, const float *code, int64_t code_len,
+                                                         const uint8_t *A, int64_t A_len, const float *absmax,
+                                                         int64_t absmax_len, int64_t blocksize, void *out,
+                                                         int64_t n, int32_t device, void *stream);
 
 /* ---- 4-bit matrix-vector product ------------------------------------------------------------------
  * out[m, n] = sum_k A[m, k] * W[n, k] (+ bias[n]) for m < rows (1..8), W the packed (N, K) weight
- * with `absmax` and a 16-entry float code (device). A, out: dtype; bias: bias_dtype or NULL. */
+ * (B_len = (N*K+1)/2 bytes) with absmax (absmax_len = ceil(N*K/blocksize)) and a float code
+ * (code_len = 16) on the device. A (rows x K), out (rows x N): dtype; bias: bias_len = N values of
+ * bias_dtype, or NULL with length 0. */
 LOWBIT_CUDA_API int32_t lowbit_cuda_gemv_4bit(int32_t dtype, const void *A, int64_t rows,
-                                              const uint8_t *B, int64_t N, int64_t K,
-                                              const float *absmax, const float *code,
-                                              int64_t blocksize, const void *bias,
-                                              int32_t bias_dtype, void *out, int32_t device,
-                                              void *stream);
+                                              const uint8_t *B, int64_t B_len, int64_t N, int64_t K,
+                                              const float *absmax, int64_t absmax_len, const float *code,
+                                              int64_t code_len, int64_t blocksize, const void *bias,
+                                              int64_t bias_len, int32_t bias_dtype, void *out,
+                                              int32_t device, void *stream);
 /* Largest `rows` lowbit_cuda_gemv_4bit accepts. */
 LOWBIT_CUDA_API int32_t lowbit_cuda_gemv_4bit_max_rows(void);
 
 /* ---- LLM.int8 ------------------------------------------------------------------------------------
- * vectorwise quant of a (rows, cols) matrix; threshold > 0 marks |x| >= threshold as outliers.
- * outlier_flags (cols bytes, may be NULL): set to 1 for outlier columns, whose q are all zeroed;
- * with NULL only the outlier elements are zeroed (the column-wise half of double quant). */
+ * vectorwise quant of a (rows, cols) matrix (row_stats_len = rows); threshold >= 0 and finite,
+ * > 0 marks |x| >= threshold as outliers. outlier_flags (outlier_flags_len = cols bytes, or NULL
+ * with length 0): set to 1 for outlier columns, whose q are all zeroed; with NULL only the outlier
+ * elements are zeroed (the column-wise half of double quant). */
 LOWBIT_CUDA_API int32_t lowbit_cuda_int8_vectorwise_quant(int32_t dtype, const void *A,
                                                           int64_t rows, int64_t cols,
                                                           float threshold, int8_t *out,
-                                                          float *row_stats, uint8_t *outlier_flags,
+                                                          float *row_stats, int64_t row_stats_len,
+                                                          uint8_t *outlier_flags, int64_t outlier_flags_len,
                                                           int32_t device, void *stream);
-/* out (float32) = (float(A) * stats[row]) * scale. */
+/* out (float32) = (float(A) * stats[row]) * scale; stats_len = rows. */
 LOWBIT_CUDA_API int32_t lowbit_cuda_int8_vectorwise_dequant(const int8_t *A, const float *stats,
-                                                            int64_t rows, int64_t cols, float scale,
-                                                            float *out, int32_t device, void *stream);
-/* out (out_dtype) = ((float(A) * (row_stats[r] * col_stats[c])) * scale) [+ bias[c]]. */
+                                                            int64_t stats_len, int64_t rows, int64_t cols,
+                                                            float scale, float *out, int32_t device,
+                                                            void *stream);
+/* out (out_dtype) = ((float(A) * (row_stats[r] * col_stats[c])) * scale) [+ bias[c]];
+ * row_stats_len = rows, col_stats_len = cols, bias_len = cols (or NULL with length 0). */
 LOWBIT_CUDA_API int32_t lowbit_cuda_int8_mm_dequant(const int32_t *A, const float *row_stats,
-                                                    const float *col_stats, int64_t rows,
-                                                    int64_t cols, float scale, const void *bias,
-                                                    int32_t bias_dtype, int32_t out_dtype,
-                                                    void *out, int32_t device, void *stream);
+                                                    int64_t row_stats_len, const float *col_stats,
+                                                    int64_t col_stats_len, int64_t rows, int64_t cols,
+                                                    float scale, const void *bias, int64_t bias_len,
+                                                    int32_t bias_dtype, int32_t out_dtype, void *out,
+                                                    int32_t device, void *stream);
 
 /* ---- optimizers ----------------------------------------------------------------------------------
- * n parameters; g, p: dtype; ADEMAMIX's state1 holds 2n values (m1 then m2).
- * 32-bit: state1/state2 float32. With args->max_unorm > 0 (adam, momentum, rmsprop), unorm_vec
- * (1 float) receives the update norm and `scratch` (1 double of device memory) is used for it.
- * 8-bit blockwise: state bytes with 256-value blocks; absmax1 has ceil(n/256) floats (twice that
- * for ADEMAMIX), absmax2 ceil(n/256); qmap1/qmap2: 256-entry codes. */
+ * n parameters; g, p: dtype; ADEMAMIX's state1 holds 2n values (m1 then m2). The states an
+ * optimizer does not use (state2 etc. of one-state optimizers) are ignored, pointer and length.
+ * 32-bit: state1/state2 float32 (state1_len = n, 2n for ADEMAMIX; state2_len = n). With
+ * args->max_unorm > 0 (adam, momentum, rmsprop), unorm_vec (1 float) receives the update norm and
+ * `scratch` (1 double of device memory) is used for it.
+ * 8-bit blockwise: state bytes with 256-value blocks (state1_len = n, 2n for ADEMAMIX; state2_len
+ * = n); absmax1_len = ceil(n/256) (twice that for ADEMAMIX), absmax2_len = ceil(n/256); qmap1/qmap2:
+ * 256-entry codes. Non-finite values: csrc/common/lowbit_optim.h. */
 LOWBIT_CUDA_API int32_t lowbit_cuda_optimizer_update_32bit(
-    int32_t optimizer, int32_t dtype, const void *g, void *p, float *state1, float *state2,
-    int64_t n, const lowbit_cuda_optim_args *args, float *unorm_vec, double *scratch,
+    int32_t optimizer, int32_t dtype, const void *g, void *p, int64_t n, float *state1, int64_t state1_len,
+    float *state2, int64_t state2_len, const lowbit_cuda_optim_args *args, float *unorm_vec, double *scratch,
     int32_t device, void *stream);
 LOWBIT_CUDA_API int32_t lowbit_cuda_optimizer_update_8bit_blockwise(
-    int32_t optimizer, int32_t dtype, const void *g, void *p, uint8_t *state1, uint8_t *state2,
-    int64_t n, const lowbit_cuda_optim_args *args, const float *qmap1, const float *qmap2,
-    float *absmax1, float *absmax2, int32_t device, void *stream);
+    int32_t optimizer, int32_t dtype, const void *g, void *p, int64_t n, uint8_t *state1, int64_t state1_len,
+    uint8_t *state2, int64_t state2_len, const lowbit_cuda_optim_args *args, const float *qmap1,
+    int64_t qmap1_len, const float *qmap2, int64_t qmap2_len, float *absmax1, int64_t absmax1_len,
+    float *absmax2, int64_t absmax2_len, int32_t device, void *stream);
 
 /* ---- paged (managed) memory ---------------------------------------------------------------------- */
 /* *supported = 1 when `device` can access managed memory concurrently with the host (paging). */

@@ -7,7 +7,7 @@
  * and the lookup bin (requant8_bins). This file adds the parallel decomposition and the GPU's
  * lookup entries (lowbit_device.h) in place of the CPU's 64 KiB table. What can differ from the
  * reference: torch.sqrt (MKL, not correctly rounded; lb_sqrtf here is) and the LAMB/LARS update
- * norm's summation order (here in double). DESIGN.md §5 asks 1e-6 relative for 32-bit and
+ * norm's summation order (here in double). docs/design.md §5 asks 1e-6 relative for 32-bit and
  * >= 99.9% identical codes for 8-bit.
  *
  * 32-bit launch layout: grid-stride elementwise loop, 256 threads per CTA, one element per

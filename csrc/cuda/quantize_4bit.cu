@@ -2,7 +2,7 @@
  *
  * Semantics: csrc/cpu/quantize_4bit.cpp, bit for bit (lowbit's contract is the CPU's bytes; in
  * particular an all-zero block gives NF4 bytes 0x77 and FP4 bytes 0x00, where bitsandbytes' CUDA
- * kernels write 0 for both -- DESIGN.md §4):
+ * kernels write 0 for both -- docs/design.md §4):
  *   full block:  absmax = max|x|;  inv = 1 / max(absmax, 1e-38f);  s = clamp(x * inv, -1, 1)
  *   tail block:  am = max(max|x|, 1e-38f);  absmax = am;  s = clamp(x / am, -1, 1)
  *   nibble = fmt::encode_4bit_reg(s); odd n pads the last low nibble with the code of 0.0;

@@ -6,7 +6,8 @@
  *   - fp16/bf16 conversions against independent references (sampled; `--exhaustive` walks all
  *     2^32 floats);
  *   - the 8-bit lookup: sweep == counting definition;
- *   - the C ABI: argument validation, n == 0, known bytes for special blocks, NaN/Inf blocks,
+ *   - the C ABI: argument validation (sizes, declared buffer lengths, products, enums, pointers,
+ *     each refusal with its lowbit_last_error() message), n == 0, known bytes for special blocks, NaN/Inf blocks,
  *     results independent of the thread count and of the caller's FTZ/DAZ state;
  *   - CPU ISA selection (lowbit_cpu_isa*), and every ISA this CPU runs against the scalar build:
  *     identical bytes for quantize/dequantize on fuzzed inputs (thresholds, subnormals, NaN/Inf),
@@ -53,6 +54,14 @@ static long g_checks = 0;
                 printf("\n");                                                                  \
             }                                                                                  \
         }                                                                                      \
+    } while (0)
+
+/* `call` returns LOWBIT_ERR_ARGUMENT and lowbit_last_error() contains `words`. */
+#define REFUSED(call, words)                                                                   \
+    do {                                                                                       \
+        const int32_t status_ = (call);                                                        \
+        CHECK(status_ == LOWBIT_ERR_ARGUMENT && strstr(lowbit_last_error(), words) != nullptr,  \
+              "status %d, last error \"%s\", expected \"%s\"", status_, lowbit_last_error(), words); \
     } while (0)
 
 static uint32_t fbits(float f) { return fmt::float_bits(f); }
@@ -262,59 +271,78 @@ static void test_capi_arguments() {
     CHECK(lowbit_format_table(LOWBIT_TABLE_INTERLEAVE, t, 32, &count) == LOWBIT_OK && count == 2 &&
               t[0] == (float)fmt::kInterleaveRows && t[1] == (float)fmt::kInterleaveWordWeights,
           "interleave table");
-    CHECK(lowbit_format_table(8, t, 32, &count) == LOWBIT_ERR_ARGUMENT, "bad table");
     CHECK(lowbit_format_table(-1, t, 32, &count) == LOWBIT_ERR_ARGUMENT, "bad table");
     CHECK(lowbit_format_table(0, t, 32, nullptr) == LOWBIT_ERR_ARGUMENT, "null count");
     CHECK(lowbit_format_table(0, nullptr, 4, &count) == LOWBIT_ERR_ARGUMENT, "null out");
     CHECK(lowbit_format_table(0, t, -1, &count) == LOWBIT_ERR_ARGUMENT, "negative capacity");
 
+    CHECK(lowbit_format_table(8, t, 32, &count) == LOWBIT_ERR_ARGUMENT, "bad table");
+    CHECK(strcmp(lowbit_last_error(), "lowbit_format_table: table = 8 is not one of 0 .. 7 (lowbit_table)") == 0,
+          "last error names the argument: %s", lowbit_last_error());
+
     float x[64] = {}, am[2] = {};
     uint8_t q[64] = {};
     const std::vector<float> code = dynamic_like_code();
+    const float *c8 = code.data(), *c4 = fmt::kNF4Code;
     const int64_t bad_bs[] = {0, -64, 16, 48, 100, 8192, 1 << 20};
     for (int64_t bs : bad_bs) {
-        CHECK(lowbit_quantize_4bit(0, x, 64, bs, 1, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q4 bs");
-        CHECK(lowbit_dequantize_4bit(0, q, am, 64, bs, fmt::kNF4Code, x, 1) == LOWBIT_ERR_ARGUMENT, "dq4 bs");
-        CHECK(lowbit_quantize_blockwise(0, code.data(), x, 64, bs, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q8 bs");
-        CHECK(lowbit_dequantize_blockwise(0, code.data(), q, am, 64, bs, x, 1) == LOWBIT_ERR_ARGUMENT, "dq8 bs");
+        REFUSED(lowbit_quantize_4bit(0, x, 64, bs, 1, q, 32, am, 1, 1), "blocksize");
+        REFUSED(lowbit_dequantize_4bit(0, q, 32, am, 1, bs, c4, 16, x, 64, 1), "blocksize");
+        REFUSED(lowbit_quantize_blockwise(0, c8, 256, x, 64, bs, q, 64, am, 1, 1), "blocksize");
+        REFUSED(lowbit_dequantize_blockwise(0, c8, 256, q, 64, am, 1, bs, x, 64, 1), "blocksize");
     }
     for (int32_t dt : {-1, 3, 100}) {
-        CHECK(lowbit_quantize_4bit(dt, x, 64, 64, 1, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q4 dtype");
-        CHECK(lowbit_dequantize_4bit(dt, q, am, 64, 64, fmt::kNF4Code, x, 1) == LOWBIT_ERR_ARGUMENT, "dq4 dtype");
-        CHECK(lowbit_quantize_blockwise(dt, code.data(), x, 64, 64, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q8 dtype");
-        CHECK(lowbit_dequantize_blockwise(dt, code.data(), q, am, 64, 64, x, 1) == LOWBIT_ERR_ARGUMENT, "dq8 dtype");
+        REFUSED(lowbit_quantize_4bit(dt, x, 64, 64, 1, q, 32, am, 1, 1), "dtype = ");
+        REFUSED(lowbit_dequantize_4bit(dt, q, 32, am, 1, 64, c4, 16, x, 64, 1), "dtype = ");
+        REFUSED(lowbit_quantize_blockwise(dt, c8, 256, x, 64, 64, q, 64, am, 1, 1), "dtype = ");
+        REFUSED(lowbit_dequantize_blockwise(dt, c8, 256, q, 64, am, 1, 64, x, 64, 1), "dtype = ");
     }
     for (int32_t qt : {-1, 2}) {
-        CHECK(lowbit_quantize_4bit(0, x, 64, 64, qt, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q4 qt");
-        CHECK(lowbit_quantize_4bit(0, nullptr, 0, 64, qt, nullptr, nullptr, 1) == LOWBIT_ERR_ARGUMENT,
-              "q4 qt checked before n == 0");
+        REFUSED(lowbit_quantize_4bit(0, x, 64, 64, qt, q, 32, am, 1, 1), "quant_type");
+        REFUSED(lowbit_quantize_4bit(0, nullptr, 0, 64, qt, nullptr, 0, nullptr, 0, 1), "quant_type");  // before n == 0
     }
-    /* negative n */
-    CHECK(lowbit_quantize_4bit(0, x, -1, 64, 1, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q4 n<0");
-    CHECK(lowbit_dequantize_4bit(0, q, am, -1, 64, fmt::kNF4Code, x, 1) == LOWBIT_ERR_ARGUMENT, "dq4 n<0");
-    CHECK(lowbit_quantize_blockwise(0, code.data(), x, -5, 64, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q8 n<0");
-    CHECK(lowbit_dequantize_blockwise(0, code.data(), q, am, -5, 64, x, 1) == LOWBIT_ERR_ARGUMENT, "dq8 n<0");
+    /* sizes out of range: negative, or beyond 2^59 */
+    for (int64_t n : {int64_t{-1}, int64_t{-5}, (int64_t{1} << 59) + 1, INT64_MAX}) {
+        REFUSED(lowbit_quantize_4bit(0, x, n, 64, 1, q, 32, am, 1, 1), "n = ");
+        REFUSED(lowbit_dequantize_4bit(0, q, 32, am, 1, 64, c4, 16, x, n, 1), "n = ");
+        REFUSED(lowbit_quantize_blockwise(0, c8, 256, x, n, 64, q, 64, am, 1, 1), "n = ");
+        REFUSED(lowbit_dequantize_blockwise(0, c8, 256, q, 64, am, 1, 64, x, n, 1), "n = ");
+    }
+    /* declared lengths must agree with n and blocksize: a too-large n no longer overflows the heap */
+    REFUSED(lowbit_dequantize_4bit(0, q, 32, am, 1, 64, c4, 16, x, 1 << 20, 1), "A_len = 32, but (n + 1) / 2 = 524288");
+    REFUSED(lowbit_dequantize_4bit(0, q, 32, am, 2, 64, c4, 16, x, 64, 1), "absmax_len = 2, but ceil(n / blocksize) = 1");
+    REFUSED(lowbit_dequantize_4bit(0, q, 32, am, 1, 64, c4, 5, x, 64, 1), "code_len = 5");
+    REFUSED(lowbit_dequantize_4bit(0, q, 32, am, 1, 32, c4, 16, x, 64, 1), "absmax_len = 1, but ceil(n / blocksize) = 2");
+    REFUSED(lowbit_quantize_4bit(0, x, 64, 64, 1, q, 31, am, 1, 1), "out_len = 31, but (n + 1) / 2 = 32");
+    REFUSED(lowbit_quantize_4bit(0, x, 63, 64, 1, q, 32, am, 0, 1), "absmax_len = 0");
+    REFUSED(lowbit_quantize_blockwise(0, c8, 255, x, 64, 64, q, 64, am, 1, 1), "code_len = 255");
+    REFUSED(lowbit_quantize_blockwise(0, c8, 256, x, 64, 64, q, 63, am, 1, 1), "out_len = 63, but n = 64");
+    REFUSED(lowbit_quantize_blockwise(0, c8, 256, x, 64, 64, q, 64, am, -1, 1), "absmax_len = -1");
+    REFUSED(lowbit_dequantize_blockwise(0, c8, 256, q, 64, am, 1, 64, x, 65, 1), "A_len = 64, but n = 65");
+    REFUSED(lowbit_dequantize_blockwise(0, c8, 256, q, 64, am, 2, 64, x, 64, 1), "absmax_len = 2");
+    REFUSED(lowbit_dequantize_4bit(0, nullptr, 1, nullptr, 0, 64, nullptr, 16, nullptr, 0, 1), "A_len = 1");  // also for n == 0
     /* n == 0: no-op, null pointers fine */
-    CHECK(lowbit_quantize_4bit(0, nullptr, 0, 64, 1, nullptr, nullptr, 4) == LOWBIT_OK, "q4 n=0");
-    CHECK(lowbit_dequantize_4bit(2, nullptr, nullptr, 0, 64, nullptr, nullptr, 4) == LOWBIT_OK, "dq4 n=0");
-    CHECK(lowbit_quantize_blockwise(1, nullptr, nullptr, 0, 64, nullptr, nullptr, 4) == LOWBIT_OK, "q8 n=0");
-    CHECK(lowbit_dequantize_blockwise(0, nullptr, nullptr, nullptr, 0, 64, nullptr, 4) == LOWBIT_OK, "dq8 n=0");
+    CHECK(lowbit_quantize_4bit(0, nullptr, 0, 64, 1, nullptr, 0, nullptr, 0, 4) == LOWBIT_OK, "q4 n=0");
+    CHECK(lowbit_dequantize_4bit(2, nullptr, 0, nullptr, 0, 64, nullptr, 16, nullptr, 0, 4) == LOWBIT_OK, "dq4 n=0");
+    CHECK(lowbit_quantize_blockwise(1, nullptr, 256, nullptr, 0, 64, nullptr, 0, nullptr, 0, 4) == LOWBIT_OK, "q8 n=0");
+    CHECK(lowbit_dequantize_blockwise(0, nullptr, 256, nullptr, 0, nullptr, 0, 64, nullptr, 0, 4) == LOWBIT_OK, "dq8 n=0");
     /* null pointers with n > 0 */
-    CHECK(lowbit_quantize_4bit(0, nullptr, 64, 64, 1, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q4 null A");
-    CHECK(lowbit_quantize_4bit(0, x, 64, 64, 1, nullptr, am, 1) == LOWBIT_ERR_ARGUMENT, "q4 null out");
-    CHECK(lowbit_quantize_4bit(0, x, 64, 64, 1, q, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "q4 null absmax");
-    CHECK(lowbit_dequantize_4bit(0, nullptr, am, 64, 64, fmt::kNF4Code, x, 1) == LOWBIT_ERR_ARGUMENT, "dq4 null A");
-    CHECK(lowbit_dequantize_4bit(0, q, nullptr, 64, 64, fmt::kNF4Code, x, 1) == LOWBIT_ERR_ARGUMENT, "dq4 null absmax");
-    CHECK(lowbit_dequantize_4bit(0, q, am, 64, 64, nullptr, x, 1) == LOWBIT_ERR_ARGUMENT, "dq4 null code");
-    CHECK(lowbit_dequantize_4bit(0, q, am, 64, 64, fmt::kNF4Code, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "dq4 null out");
-    CHECK(lowbit_quantize_blockwise(0, nullptr, x, 64, 64, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q8 null code");
-    CHECK(lowbit_quantize_blockwise(0, code.data(), nullptr, 64, 64, q, am, 1) == LOWBIT_ERR_ARGUMENT, "q8 null A");
-    CHECK(lowbit_quantize_blockwise(0, code.data(), x, 64, 64, nullptr, am, 1) == LOWBIT_ERR_ARGUMENT, "q8 null out");
-    CHECK(lowbit_quantize_blockwise(0, code.data(), x, 64, 64, q, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "q8 null absmax");
-    CHECK(lowbit_dequantize_blockwise(0, nullptr, q, am, 64, 64, x, 1) == LOWBIT_ERR_ARGUMENT, "dq8 null code");
-    CHECK(lowbit_dequantize_blockwise(0, code.data(), nullptr, am, 64, 64, x, 1) == LOWBIT_ERR_ARGUMENT, "dq8 null A");
-    CHECK(lowbit_dequantize_blockwise(0, code.data(), q, nullptr, 64, 64, x, 1) == LOWBIT_ERR_ARGUMENT, "dq8 null absmax");
-    CHECK(lowbit_dequantize_blockwise(0, code.data(), q, am, 64, 64, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "dq8 null out");
+    REFUSED(lowbit_quantize_4bit(0, nullptr, 64, 64, 1, q, 32, am, 1, 1), "A is a null pointer");
+    REFUSED(lowbit_quantize_4bit(0, x, 64, 64, 1, nullptr, 32, am, 1, 1), "out is a null pointer");
+    REFUSED(lowbit_quantize_4bit(0, x, 64, 64, 1, q, 32, nullptr, 1, 1), "absmax is a null pointer");
+    REFUSED(lowbit_dequantize_4bit(0, nullptr, 32, am, 1, 64, c4, 16, x, 64, 1), "A is a null pointer");
+    REFUSED(lowbit_dequantize_4bit(0, q, 32, nullptr, 1, 64, c4, 16, x, 64, 1), "absmax is a null pointer");
+    REFUSED(lowbit_dequantize_4bit(0, q, 32, am, 1, 64, nullptr, 16, x, 64, 1), "code is a null pointer");
+    REFUSED(lowbit_dequantize_4bit(0, q, 32, am, 1, 64, c4, 16, nullptr, 64, 1), "out is a null pointer");
+    REFUSED(lowbit_quantize_blockwise(0, nullptr, 256, x, 64, 64, q, 64, am, 1, 1), "code is a null pointer");
+    REFUSED(lowbit_quantize_blockwise(0, c8, 256, nullptr, 64, 64, q, 64, am, 1, 1), "A is a null pointer");
+    REFUSED(lowbit_quantize_blockwise(0, c8, 256, x, 64, 64, nullptr, 64, am, 1, 1), "out is a null pointer");
+    REFUSED(lowbit_quantize_blockwise(0, c8, 256, x, 64, 64, q, 64, nullptr, 1, 1), "absmax is a null pointer");
+    REFUSED(lowbit_dequantize_blockwise(0, nullptr, 256, q, 64, am, 1, 64, x, 64, 1), "code is a null pointer");
+    REFUSED(lowbit_dequantize_blockwise(0, c8, 256, nullptr, 64, am, 1, 64, x, 64, 1), "A is a null pointer");
+    REFUSED(lowbit_dequantize_blockwise(0, c8, 256, q, 64, nullptr, 1, 64, x, 64, 1), "absmax is a null pointer");
+    REFUSED(lowbit_dequantize_blockwise(0, c8, 256, q, 64, am, 1, 64, nullptr, 64, 1), "out is a null pointer");
+    CHECK(lowbit_quantize_4bit(0, x, 64, 64, 1, q, 32, am, 1, 1) == LOWBIT_OK, "a valid call after refusals");
 }
 
 /* Special blocks with known bytes. */
@@ -323,12 +351,12 @@ static void test_capi_special_blocks() {
     std::vector<float> x(67, 0.0f);
     std::vector<uint8_t> q(34, 0xAB);
     float am[2] = {-1.0f, -1.0f};
-    CHECK(lowbit_quantize_4bit(0, x.data(), 67, 64, LOWBIT_NF4, q.data(), am, 1) == LOWBIT_OK, "q4");
+    CHECK(lowbit_quantize_4bit(0, x.data(), 67, 64, LOWBIT_NF4, q.data(), 34, am, 2, 1) == LOWBIT_OK, "q4");
     bool all77 = true;
     for (int i = 0; i < 34; ++i) all77 &= q[i] == 0x77;
     CHECK(all77, "NF4 zeros -> 0x77 (padding nibble too)");
     CHECK(fbits(am[0]) == 0 && am[1] == fmt::kAbsmaxFloor4, "absmax 0 and floored tail %g", am[1]);
-    CHECK(lowbit_quantize_4bit(0, x.data(), 67, 64, LOWBIT_FP4, q.data(), am, 1) == LOWBIT_OK, "q4");
+    CHECK(lowbit_quantize_4bit(0, x.data(), 67, 64, LOWBIT_FP4, q.data(), 34, am, 2, 1) == LOWBIT_OK, "q4");
     bool all0 = true;
     for (int i = 0; i < 34; ++i) all0 &= q[i] == 0x00;
     CHECK(all0, "FP4 zeros -> 0x00");
@@ -341,9 +369,9 @@ static void test_capi_special_blocks() {
     std::vector<uint8_t> q4((y.size() + 1) / 2, 0xAB), q8(y.size(), 0xAB);
     float a4[4], a8[4];
     const std::vector<float> code = dynamic_like_code();
-    CHECK(lowbit_quantize_4bit(0, y.data(), (int64_t)y.size(), 64, LOWBIT_NF4, q4.data(), a4, 1) ==
+    CHECK(lowbit_quantize_4bit(0, y.data(), (int64_t)y.size(), 64, LOWBIT_NF4, q4.data(), (int64_t)q4.size(), a4, 4, 1) ==
               LOWBIT_OK, "q4 nan");
-    CHECK(lowbit_quantize_blockwise(0, code.data(), y.data(), (int64_t)y.size(), 64, q8.data(), a8, 1) ==
+    CHECK(lowbit_quantize_blockwise(0, code.data(), 256, y.data(), (int64_t)y.size(), 64, q8.data(), (int64_t)q8.size(), a8, 4, 1) ==
               LOWBIT_OK, "q8 nan");
     CHECK(isnan(a4[0]) && isinf(a4[1]) && a4[1] > 0 && a4[2] == 0.5f && isnan(a4[3]), "4bit absmax");
     CHECK(isnan(a8[0]) && isinf(a8[1]) && a8[1] > 0 && a8[2] == 0.5f && isnan(a8[3]), "8bit absmax");
@@ -358,7 +386,7 @@ static void test_capi_special_blocks() {
     /* 8-bit: zero block -> bytes 0, absmax 0 */
     std::vector<uint8_t> z(64, 0xAB);
     float za = -1.0f;
-    CHECK(lowbit_quantize_blockwise(0, code.data(), x.data(), 64, 64, z.data(), &za, 1) == LOWBIT_OK, "q8 zero");
+    CHECK(lowbit_quantize_blockwise(0, code.data(), 256, x.data(), 64, 64, z.data(), 64, &za, 1, 1) == LOWBIT_OK, "q8 zero");
     bool zz = za == 0.0f;
     for (uint8_t v : z) zz &= v == 0;
     CHECK(zz, "8-bit zero block");
@@ -388,11 +416,11 @@ static void test_capi_threads_and_fpenv() {
                 std::vector<uint8_t> q1((n + 1) / 2), q2((n + 1) / 2);
                 std::vector<float> a1(nb), a2(nb);
                 std::vector<float> d1(n), d2(n);
-                CHECK(lowbit_quantize_4bit(dt, inputs[dt], n, bs, qt, q1.data(), a1.data(), 1) == 0, "q4");
-                CHECK(lowbit_quantize_4bit(dt, inputs[dt], n, bs, qt, q2.data(), a2.data(), 7) == 0, "q4 mt");
+                CHECK(lowbit_quantize_4bit(dt, inputs[dt], n, bs, qt, q1.data(), (n + 1) / 2, a1.data(), nb, 1) == 0, "q4");
+                CHECK(lowbit_quantize_4bit(dt, inputs[dt], n, bs, qt, q2.data(), (n + 1) / 2, a2.data(), nb, 7) == 0, "q4 mt");
                 CHECK(q1 == q2 && memcmp(a1.data(), a2.data(), nb * 4) == 0, "4bit threads dt=%d qt=%d bs=%lld", dt, qt, (long long)bs);
-                CHECK(lowbit_dequantize_4bit(0, q1.data(), a1.data(), n, bs, code4(qt), d1.data(), 1) == 0, "dq4");
-                CHECK(lowbit_dequantize_4bit(0, q1.data(), a1.data(), n, bs, code4(qt), d2.data(), 5) == 0, "dq4 mt");
+                CHECK(lowbit_dequantize_4bit(0, q1.data(), (n + 1) / 2, a1.data(), nb, bs, code4(qt), 16, d1.data(), n, 1) == 0, "dq4");
+                CHECK(lowbit_dequantize_4bit(0, q1.data(), (n + 1) / 2, a1.data(), nb, bs, code4(qt), 16, d2.data(), n, 5) == 0, "dq4 mt");
                 CHECK(memcmp(d1.data(), d2.data(), n * 4) == 0, "dq4 threads");
                 /* round trip error bound: |x - dq| <= absmax * (largest half gap). Not for
                  * blocks with absmax below the 1e-38 floor: a full block then scales by the
@@ -407,11 +435,11 @@ static void test_capi_threads_and_fpenv() {
             }
             std::vector<uint8_t> q1(n), q2(n);
             std::vector<float> a1(nb), a2(nb), d1(n), d2(n);
-            CHECK(lowbit_quantize_blockwise(dt, code.data(), inputs[dt], n, bs, q1.data(), a1.data(), 1) == 0, "q8");
-            CHECK(lowbit_quantize_blockwise(dt, code.data(), inputs[dt], n, bs, q2.data(), a2.data(), 16) == 0, "q8 mt");
+            CHECK(lowbit_quantize_blockwise(dt, code.data(), 256, inputs[dt], n, bs, q1.data(), n, a1.data(), nb, 1) == 0, "q8");
+            CHECK(lowbit_quantize_blockwise(dt, code.data(), 256, inputs[dt], n, bs, q2.data(), n, a2.data(), nb, 16) == 0, "q8 mt");
             CHECK(q1 == q2 && memcmp(a1.data(), a2.data(), nb * 4) == 0, "8bit threads dt=%d", dt);
-            CHECK(lowbit_dequantize_blockwise(0, code.data(), q1.data(), a1.data(), n, bs, d1.data(), 1) == 0, "dq8");
-            CHECK(lowbit_dequantize_blockwise(0, code.data(), q1.data(), a1.data(), n, bs, d2.data(), 3) == 0, "dq8 mt");
+            CHECK(lowbit_dequantize_blockwise(0, code.data(), 256, q1.data(), n, a1.data(), nb, bs, d1.data(), n, 1) == 0, "dq8");
+            CHECK(lowbit_dequantize_blockwise(0, code.data(), 256, q1.data(), n, a1.data(), nb, bs, d2.data(), n, 3) == 0, "dq8 mt");
             CHECK(memcmp(d1.data(), d2.data(), n * 4) == 0, "dq8 threads");
         }
     }
@@ -422,10 +450,10 @@ static void test_capi_threads_and_fpenv() {
     z[64] = 3e-39f; /* subnormal tail */
     uint8_t ref[34], got[34];
     float ra[2], ga[2];
-    CHECK(lowbit_quantize_4bit(0, z.data(), 67, 64, LOWBIT_NF4, ref, ra, 1) == 0, "q4 ref");
+    CHECK(lowbit_quantize_4bit(0, z.data(), 67, 64, LOWBIT_NF4, ref, 34, ra, 2, 1) == 0, "q4 ref");
     const unsigned int csr = _mm_getcsr();
     _mm_setcsr(csr | (1u << 15) | (1u << 6));
-    const int st = lowbit_quantize_4bit(0, z.data(), 67, 64, LOWBIT_NF4, got, ga, 1);
+    const int st = lowbit_quantize_4bit(0, z.data(), 67, 64, LOWBIT_NF4, got, 34, ga, 2, 1);
     const unsigned int after = _mm_getcsr();
     _mm_setcsr(csr);
     CHECK(st == 0 && memcmp(ref, got, 34) == 0 && memcmp(ra, ga, 8) == 0, "FTZ/DAZ caller");
@@ -458,10 +486,10 @@ static void test_capi_fuzz() {
         std::vector<uint8_t> q4((size_t)(n / 2 + n % 2)), q8((size_t)n), out((size_t)n * esize);
         std::vector<float> am((size_t)nb);
         const void *A = n ? in.data() : nullptr;
-        CHECK(lowbit_quantize_4bit(dt, A, n, bs, qt, q4.data(), am.data(), threads) == 0, "fuzz q4");
-        CHECK(lowbit_dequantize_4bit(dt, q4.data(), am.data(), n, bs, code4(qt), out.data(), threads) == 0, "fuzz dq4");
-        CHECK(lowbit_quantize_blockwise(dt, code.data(), A, n, bs, q8.data(), am.data(), threads) == 0, "fuzz q8");
-        CHECK(lowbit_dequantize_blockwise(dt, code.data(), q8.data(), am.data(), n, bs, out.data(), threads) == 0, "fuzz dq8");
+        CHECK(lowbit_quantize_4bit(dt, A, n, bs, qt, q4.data(), (int64_t)q4.size(), am.data(), nb, threads) == 0, "fuzz q4");
+        CHECK(lowbit_dequantize_4bit(dt, q4.data(), (int64_t)q4.size(), am.data(), nb, bs, code4(qt), 16, out.data(), n, threads) == 0, "fuzz dq4");
+        CHECK(lowbit_quantize_blockwise(dt, code.data(), 256, A, n, bs, q8.data(), n, am.data(), nb, threads) == 0, "fuzz q8");
+        CHECK(lowbit_dequantize_blockwise(dt, code.data(), 256, q8.data(), n, am.data(), nb, bs, out.data(), n, threads) == 0, "fuzz dq8");
     }
 }
 
@@ -511,14 +539,14 @@ static std::vector<uint8_t> blockwise_outputs(int dt, const void *A, int64_t n, 
     const size_t esize = dt == 0 ? 4 : 2;
     std::vector<uint8_t> q4((size_t)(n + 1) / 2), q8((size_t)n), d4((size_t)n * esize), d8((size_t)n * esize);
     std::vector<float> a4((size_t)nb), a8((size_t)nb);
-    CHECK(lowbit_quantize_4bit(dt, A, n, bs, qt, q4.data(), a4.data(), threads) == 0, "q4");
-    CHECK(lowbit_quantize_blockwise(dt, code8, A, n, bs, q8.data(), a8.data(), threads) == 0, "q8");
+    CHECK(lowbit_quantize_4bit(dt, A, n, bs, qt, q4.data(), (int64_t)q4.size(), a4.data(), nb, threads) == 0, "q4");
+    CHECK(lowbit_quantize_blockwise(dt, code8, 256, A, n, bs, q8.data(), n, a8.data(), nb, threads) == 0, "q8");
     /* dequantize what a caller could (Python rejects non-finite absmax) */
     std::vector<float> f4(a4), f8(a8);
     for (auto *v : {&f4, &f8})
         for (float &a : *v) a = std::isfinite(a) ? a : 1.0f;
-    CHECK(lowbit_dequantize_4bit(dt, q4.data(), f4.data(), n, bs, code4, d4.data(), threads) == 0, "dq4");
-    CHECK(lowbit_dequantize_blockwise(dt, code8, q8.data(), f8.data(), n, bs, d8.data(), threads) == 0, "dq8");
+    CHECK(lowbit_dequantize_4bit(dt, q4.data(), (int64_t)q4.size(), f4.data(), nb, bs, code4, 16, d4.data(), n, threads) == 0, "dq4");
+    CHECK(lowbit_dequantize_blockwise(dt, code8, 256, q8.data(), n, f8.data(), nb, bs, d8.data(), n, threads) == 0, "dq8");
     std::vector<uint8_t> all;
     for (const auto *v : {&q4, &q8, &d4, &d8}) all.insert(all.end(), v->begin(), v->end());
     const auto *p4 = reinterpret_cast<const uint8_t *>(a4.data());
@@ -593,8 +621,8 @@ static void test_isa_narrowing(bool exhaustive) {
         long bad = 0;
         for (uint64_t u = 0; u <= 0xFFFFFFFFull; u += 256 * step) {
             for (int i = 0; i < 256; ++i) code[i] = fmt::bits_float((uint32_t)std::min<uint64_t>(u + i * step, 0xFFFFFFFFull));
-            CHECK(lowbit_dequantize_blockwise(1, code.data(), q.data(), &one, 256, 256, half.data(), 1) == 0, "dq fp16");
-            CHECK(lowbit_dequantize_blockwise(2, code.data(), q.data(), &one, 256, 256, bf16.data(), 1) == 0, "dq bf16");
+            CHECK(lowbit_dequantize_blockwise(1, code.data(), 256, q.data(), 256, &one, 1, 256, half.data(), 256, 1) == 0, "dq fp16");
+            CHECK(lowbit_dequantize_blockwise(2, code.data(), 256, q.data(), 256, &one, 1, 256, bf16.data(), 256, 1) == 0, "dq bf16");
             for (int i = 0; i < 256; ++i) {
                 const float v = code[i] * one;
                 bad += half[i] != fmt::float_to_half_bits(v);
@@ -613,21 +641,27 @@ static void test_gemv_arguments() {
     float a[8] = {}, am[1] = {1.0f}, out[8] = {};
     uint8_t b[4] = {};
     const float *c = fmt::kNF4Code;
-    CHECK(lowbit_gemv_4bit(3, a, 1, 8, b, am, c, 1, 64, 0, out, 1) == LOWBIT_ERR_ARGUMENT, "A dtype");
-    CHECK(lowbit_gemv_4bit(0, a, 1, 8, b, am, c, 1, 64, -1, out, 1) == LOWBIT_ERR_ARGUMENT, "out dtype");
-    CHECK(lowbit_gemv_4bit(0, a, 1, 8, b, am, c, 1, 48, 0, out, 1) == LOWBIT_ERR_ARGUMENT, "blocksize");
-    CHECK(lowbit_gemv_4bit(0, a, -1, 8, b, am, c, 1, 64, 0, out, 1) == LOWBIT_ERR_ARGUMENT, "M < 0");
-    CHECK(lowbit_gemv_4bit(0, a, 1, 8, b, am, c, -1, 64, 0, out, 1) == LOWBIT_ERR_ARGUMENT, "N < 0");
-    CHECK(lowbit_gemv_4bit(0, a, 1, 0, b, am, c, 1, 64, 0, out, 1) == LOWBIT_ERR_ARGUMENT, "K < 1");
-    CHECK(lowbit_gemv_4bit(0, a, 1, int64_t{1} << 40, b, am, c, int64_t{1} << 40, 64, 0, out, 1) ==
-              LOWBIT_ERR_ARGUMENT, "N*K overflow");
-    CHECK(lowbit_gemv_4bit(0, nullptr, 0, 8, nullptr, nullptr, nullptr, 5, 64, 0, nullptr, 1) == LOWBIT_OK, "M == 0");
-    CHECK(lowbit_gemv_4bit(0, nullptr, 3, 8, nullptr, nullptr, nullptr, 0, 64, 0, nullptr, 1) == LOWBIT_OK, "N == 0");
-    CHECK(lowbit_gemv_4bit(0, nullptr, 1, 8, b, am, c, 1, 64, 0, out, 1) == LOWBIT_ERR_ARGUMENT, "null A");
-    CHECK(lowbit_gemv_4bit(0, a, 1, 8, nullptr, am, c, 1, 64, 0, out, 1) == LOWBIT_ERR_ARGUMENT, "null B");
-    CHECK(lowbit_gemv_4bit(0, a, 1, 8, b, nullptr, c, 1, 64, 0, out, 1) == LOWBIT_ERR_ARGUMENT, "null absmax");
-    CHECK(lowbit_gemv_4bit(0, a, 1, 8, b, am, nullptr, 1, 64, 0, out, 1) == LOWBIT_ERR_ARGUMENT, "null code");
-    CHECK(lowbit_gemv_4bit(0, a, 1, 8, b, am, c, 1, 64, 0, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "null out");
+    REFUSED(lowbit_gemv_4bit(3, a, 1, 8, b, 4, am, 1, c, 16, 1, 64, 0, out, 1), "a_dtype = 3");
+    REFUSED(lowbit_gemv_4bit(0, a, 1, 8, b, 4, am, 1, c, 16, 1, 64, -1, out, 1), "out_dtype = -1");
+    REFUSED(lowbit_gemv_4bit(0, a, 1, 8, b, 4, am, 1, c, 16, 1, 48, 0, out, 1), "blocksize = 48");
+    REFUSED(lowbit_gemv_4bit(0, a, -1, 8, b, 4, am, 1, c, 16, 1, 64, 0, out, 1), "M = -1");
+    REFUSED(lowbit_gemv_4bit(0, a, 1, 8, b, 4, am, 1, c, 16, -1, 64, 0, out, 1), "N = -1");
+    REFUSED(lowbit_gemv_4bit(0, a, 1, 0, b, 4, am, 1, c, 16, 1, 64, 0, out, 1), "K = 0 must be >= 1");
+    REFUSED(lowbit_gemv_4bit(0, a, 1, int64_t{1} << 40, b, 4, am, 1, c, 16, int64_t{1} << 40, 64, 0, out, 1),
+            "N * K = 1099511627776 * 1099511627776 is too large");
+    REFUSED(lowbit_gemv_4bit(0, a, 1, 8, b, 4, am, 1, c, 16, 2, 64, 0, out, 1), "B_len = 4, but (N * K + 1) / 2 = 8");
+    REFUSED(lowbit_gemv_4bit(0, a, 1, 8, b, 4, am, 2, c, 16, 1, 64, 0, out, 1), "absmax_len = 2");
+    REFUSED(lowbit_gemv_4bit(0, a, 1, 8, b, 4, am, 1, c, 15, 1, 64, 0, out, 1), "code_len = 15");
+    CHECK(lowbit_gemv_4bit(0, nullptr, 0, 8, nullptr, 20, nullptr, 1, nullptr, 16, 5, 64, 0, nullptr, 1) == LOWBIT_OK,
+          "M == 0");
+    CHECK(lowbit_gemv_4bit(0, nullptr, 3, 8, nullptr, 0, nullptr, 0, nullptr, 16, 0, 64, 0, nullptr, 1) == LOWBIT_OK,
+          "N == 0");
+    REFUSED(lowbit_gemv_4bit(0, nullptr, 1, 8, b, 4, am, 1, c, 16, 1, 64, 0, out, 1), "A is a null pointer");
+    REFUSED(lowbit_gemv_4bit(0, a, 1, 8, nullptr, 4, am, 1, c, 16, 1, 64, 0, out, 1), "B is a null pointer");
+    REFUSED(lowbit_gemv_4bit(0, a, 1, 8, b, 4, nullptr, 1, c, 16, 1, 64, 0, out, 1), "absmax is a null pointer");
+    REFUSED(lowbit_gemv_4bit(0, a, 1, 8, b, 4, am, 1, nullptr, 16, 1, 64, 0, out, 1), "code is a null pointer");
+    REFUSED(lowbit_gemv_4bit(0, a, 1, 8, b, 4, am, 1, c, 16, 1, 64, 0, nullptr, 1), "out is a null pointer");
+    CHECK(lowbit_gemv_4bit(0, a, 1, 8, b, 4, am, 1, c, 16, 1, 64, 0, out, 1) == LOWBIT_OK, "valid gemv");
 }
 
 /* The interleaved layout's entry points reject what they must (K % blocksize included) and do
@@ -636,24 +670,68 @@ static void test_interleaved_arguments() {
     float a[64] = {}, am[1] = {1.0f}, am_out[1] = {}, out[1] = {};
     uint8_t b[32] = {}, b_out[32] = {};
     const float *c = fmt::kNF4Code;
-    CHECK(lowbit_interleave_4bit(b, am, 1, 64, 64, 0, b_out, am_out, 1) == LOWBIT_OK, "interleave");
-    CHECK(lowbit_interleave_4bit(b, am, 1, 96, 64, 0, b_out, am_out, 1) == LOWBIT_ERR_ARGUMENT, "K mod blocksize");
-    CHECK(lowbit_interleave_4bit(b, am, 1, 64, 48, 0, b_out, am_out, 1) == LOWBIT_ERR_ARGUMENT, "blocksize");
-    CHECK(lowbit_interleave_4bit(b, am, -1, 64, 64, 0, b_out, am_out, 1) == LOWBIT_ERR_ARGUMENT, "N < 0");
-    CHECK(lowbit_interleave_4bit(nullptr, nullptr, 0, 64, 64, 1, nullptr, nullptr, 1) == LOWBIT_OK, "N == 0");
-    CHECK(lowbit_interleave_4bit(b, am, 1, 64, 64, 0, nullptr, am_out, 1) == LOWBIT_ERR_ARGUMENT, "null out");
-    CHECK(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, am, c, 1, 64, nullptr, 0, 0, 0, out, 1) == LOWBIT_OK,
-          "product");
-    CHECK(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, am, c, 1, 64, nullptr, 0, 2, 0, out, 1) ==
-              LOWBIT_ERR_ARGUMENT, "precision");
-    CHECK(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, am, c, 1, 64, am, 5, 0, 0, out, 1) == LOWBIT_ERR_ARGUMENT,
-          "bias dtype");
-    CHECK(lowbit_matmul_4bit_interleaved(0, a, 1, 96, b, am, c, 1, 64, nullptr, 0, 0, 0, out, 1) ==
-              LOWBIT_ERR_ARGUMENT, "K mod blocksize");
-    CHECK(lowbit_matmul_4bit_interleaved(0, nullptr, 0, 64, nullptr, nullptr, nullptr, 1, 64, nullptr, 0, 0, 0,
-                                         nullptr, 1) == LOWBIT_OK, "M == 0");
-    CHECK(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, nullptr, c, 1, 64, nullptr, 0, 0, 0, out, 1) ==
-              LOWBIT_ERR_ARGUMENT, "null absmax");
+    CHECK(lowbit_interleave_4bit(b, 32, am, 1, 1, 64, 64, 0, b_out, 32, am_out, 1, 1) == LOWBIT_OK, "interleave");
+    REFUSED(lowbit_interleave_4bit(b, 48, am, 1, 1, 96, 64, 0, b_out, 48, am_out, 1, 1),
+            "K = 96 is not a multiple of blocksize = 64");
+    REFUSED(lowbit_interleave_4bit(b, 32, am, 1, 1, 64, 48, 0, b_out, 32, am_out, 1, 1), "blocksize = 48");
+    REFUSED(lowbit_interleave_4bit(b, 32, am, 1, -1, 64, 64, 0, b_out, 32, am_out, 1, 1), "N = -1");
+    REFUSED(lowbit_interleave_4bit(b, 32, am, 1, 1, 0, 64, 0, b_out, 32, am_out, 1, 1), "K = 0 must be >= 1");
+    REFUSED(lowbit_interleave_4bit(b, 32, am, 1, 1, 64, 64, 2, b_out, 32, am_out, 1, 1), "inverse = 2");
+    REFUSED(lowbit_interleave_4bit(b, 32, am, 1, int64_t{1} << 40, int64_t{1} << 40, 64, 0, b_out, 32, am_out, 1, 1),
+            "N * K = 1099511627776 * 1099511627776 is too large");
+    REFUSED(lowbit_interleave_4bit(b, 31, am, 1, 1, 64, 64, 0, b_out, 32, am_out, 1, 1), "B_len = 31, but N * K / 2 = 32");
+    REFUSED(lowbit_interleave_4bit(b, 32, am, 2, 1, 64, 64, 0, b_out, 32, am_out, 1, 1),
+            "absmax_len = 2, but N * K / blocksize = 1");
+    REFUSED(lowbit_interleave_4bit(b, 32, am, 1, 1, 64, 64, 0, b_out, 64, am_out, 1, 1), "B_out_len = 64");
+    REFUSED(lowbit_interleave_4bit(b, 32, am, 1, 1, 64, 64, 0, b_out, 32, am_out, 0, 1), "absmax_out_len = 0");
+    CHECK(lowbit_interleave_4bit(nullptr, 0, nullptr, 0, 0, 64, 64, 1, nullptr, 0, nullptr, 0, 1) == LOWBIT_OK,
+          "N == 0");
+    REFUSED(lowbit_interleave_4bit(nullptr, 32, am, 1, 1, 64, 64, 0, b_out, 32, am_out, 1, 1), "B is a null pointer");
+    REFUSED(lowbit_interleave_4bit(b, 32, am, 1, 1, 64, 64, 0, nullptr, 32, am_out, 1, 1), "B_out is a null pointer");
+    REFUSED(lowbit_interleave_4bit(b, 32, am, 1, 1, 64, 64, 0, b_out, 32, nullptr, 1, 1),
+            "absmax_out is a null pointer");
+
+    CHECK(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, 32, am, 1, c, 16, 1, 64, nullptr, 0, 0, 0, 0, out, 1) ==
+              LOWBIT_OK, "product");
+    CHECK(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, 32, am, 1, c, 16, 1, 64, am, 1, 0, 1, 0, out, 1) ==
+              LOWBIT_OK, "product with bias");
+    REFUSED(lowbit_matmul_4bit_interleaved(3, a, 1, 64, b, 32, am, 1, c, 16, 1, 64, nullptr, 0, 0, 0, 0, out, 1),
+            "a_dtype = 3");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, 32, am, 1, c, 16, 1, 64, nullptr, 0, 0, 0, -1, out, 1),
+            "out_dtype = -1");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, 32, am, 1, c, 16, 1, 64, nullptr, 0, 0, 2, 0, out, 1),
+            "precision = 2");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, 32, am, 1, c, 16, 1, 64, am, 1, 5, 0, 0, out, 1),
+            "bias_dtype = 5");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, 1, 96, b, 48, am, 1, c, 16, 1, 64, nullptr, 0, 0, 0, 0, out, 1),
+            "K = 96 is not a multiple of blocksize = 64");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, -1, 64, b, 32, am, 1, c, 16, 1, 64, nullptr, 0, 0, 0, 0, out, 1),
+            "M = -1");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, int64_t{1} << 40, 64, b, 32, am, 1, c, 16, int64_t{1} << 40, 64,
+                                           nullptr, 0, 0, 0, 0, out, 1),
+            "M * N = 1099511627776 * 1099511627776 is too large");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, 16, am, 1, c, 16, 1, 64, nullptr, 0, 0, 0, 0, out, 1),
+            "B_len = 16, but N * K / 2 = 32");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, 32, am, 3, c, 16, 1, 64, nullptr, 0, 0, 0, 0, out, 1),
+            "absmax_len = 3");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, 32, am, 1, c, 17, 1, 64, nullptr, 0, 0, 0, 0, out, 1),
+            "code_len = 17");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, 32, am, 1, c, 16, 1, 64, am, 2, 0, 0, 0, out, 1),
+            "bias_len = 2, but N = 1");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, 32, am, 1, c, 16, 1, 64, nullptr, 1, 0, 0, 0, out, 1),
+            "bias_len = 1, but 0 for a null bias = 0");
+    CHECK(lowbit_matmul_4bit_interleaved(0, nullptr, 0, 64, nullptr, 32, nullptr, 1, nullptr, 16, 1, 64, nullptr, 0,
+                                         0, 0, 0, nullptr, 1) == LOWBIT_OK, "M == 0");
+    CHECK(lowbit_matmul_4bit_interleaved(0, nullptr, 3, 64, nullptr, 0, nullptr, 0, nullptr, 16, 0, 64, nullptr, 0,
+                                         0, 0, 0, nullptr, 1) == LOWBIT_OK, "N == 0");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, nullptr, 1, 64, b, 32, am, 1, c, 16, 1, 64, nullptr, 0, 0, 0, 0, out, 1),
+            "A is a null pointer");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, 32, nullptr, 1, c, 16, 1, 64, nullptr, 0, 0, 0, 0, out, 1),
+            "absmax is a null pointer");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, 32, am, 1, nullptr, 16, 1, 64, nullptr, 0, 0, 0, 0, out, 1),
+            "code is a null pointer");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, 32, am, 1, c, 16, 1, 64, nullptr, 0, 0, 0, 0, nullptr, 1),
+            "out is a null pointer");
 }
 
 /* One gemv problem with exactly sized heap buffers; checks every ISA against a double sum and the
@@ -668,7 +746,7 @@ static void check_gemv(std::mt19937_64 &rng, int64_t M, int64_t N, int64_t K, in
     for (auto &v : a32) v = nd(rng);
     std::unique_ptr<uint8_t[]> B(new uint8_t[(size_t)(nw + 1) / 2]);
     std::unique_ptr<float[]> absmax(new float[(size_t)nb]);
-    CHECK(lowbit_quantize_4bit(0, w.data(), nw, bs, qt, B.get(), absmax.get(), 1) == 0, "gemv weight");
+    CHECK(lowbit_quantize_4bit(0, w.data(), nw, bs, qt, B.get(), (nw + 1) / 2, absmax.get(), nb, 1) == 0, "gemv weight");
     const size_t a_size = a_dt == 0 ? 4 : 2, o_size = out_dt == 0 ? 4 : 2;
     std::unique_ptr<uint8_t[]> A(new uint8_t[(size_t)(M * K) * a_size]);
     std::vector<double> a64((size_t)(M * K));
@@ -710,8 +788,8 @@ static void check_gemv(std::mt19937_64 &rng, int64_t M, int64_t N, int64_t K, in
     for (int isa : supported_isas()) {
         lowbit_set_cpu_isa(isa);
         std::unique_ptr<uint8_t[]> o1(new uint8_t[(size_t)(M * N) * o_size]), o2(new uint8_t[(size_t)(M * N) * o_size]);
-        CHECK(lowbit_gemv_4bit(a_dt, A.get(), M, K, B.get(), absmax.get(), code, N, bs, out_dt, o1.get(), 1) == 0, "gemv");
-        CHECK(lowbit_gemv_4bit(a_dt, A.get(), M, K, B.get(), absmax.get(), code, N, bs, out_dt, o2.get(), 7) == 0, "gemv mt");
+        CHECK(lowbit_gemv_4bit(a_dt, A.get(), M, K, B.get(), (nw + 1) / 2, absmax.get(), nb, code, 16, N, bs, out_dt, o1.get(), 1) == 0, "gemv");
+        CHECK(lowbit_gemv_4bit(a_dt, A.get(), M, K, B.get(), (nw + 1) / 2, absmax.get(), nb, code, 16, N, bs, out_dt, o2.get(), 7) == 0, "gemv mt");
         CHECK(memcmp(o1.get(), o2.get(), (size_t)(M * N) * o_size) == 0, "%s gemv depends on threads", isa_name(isa));
         int bad = 0;
         for (int64_t i = 0; i < M * N; ++i) {
@@ -784,7 +862,8 @@ static std::vector<uint8_t> optim_outputs(int opt, int dt, int64_t n, bool eight
         for (int64_t i = 0; i < copies * n; ++i) s1[i] = u(rng) * 0.01f + (opt == LOWBIT_OPTIM_RMSPROP || opt == LOWBIT_OPTIM_ADAGRAD ? 0.02f : 0.0f);
         for (int64_t i = 0; two && i < n; ++i) s2[i] = (u(rng) + 1.0f) * 1e-4f;
         float unorm = -1.0f;
-        CHECK(lowbit_optimizer_update_32bit(opt, dt, g.get(), p.get(), s1.get(), s2.get(), n, &args, &unorm, threads) ==
+        CHECK(lowbit_optimizer_update_32bit(opt, dt, g.get(), p.get(), n, s1.get(), copies * n, s2.get(), two ? n : 0, &args,
+                                            &unorm, threads) ==
                   LOWBIT_OK, "32-bit step opt=%d dt=%d n=%lld", opt, dt, (long long)n);
         append(s1.get(), sizeof(float) * (size_t)(copies * n));
         if (two) append(s2.get(), sizeof(float) * (size_t)n);
@@ -801,9 +880,9 @@ static std::vector<uint8_t> optim_outputs(int opt, int dt, int64_t n, bool eight
         for (int64_t i = 0; two && i < n; ++i) q2[i] = (uint8_t)(rng() >> 56);
         for (int64_t b = 0; b < copies * nb; ++b) a1[b] = b == 0 ? 0.0f : 0.01f * (float)(b % 7);
         for (int64_t b = 0; two && b < nb; ++b) a2[b] = 1e-4f * (float)(b % 5);
-        CHECK(lowbit_optimizer_update_8bit_blockwise(opt, dt, g.get(), p.get(), q1.get(), q2.get(), n, &args,
-                                                     signed_code.data(), unsigned_code.data(), a1.get(), a2.get(),
-                                                     threads) == LOWBIT_OK,
+        CHECK(lowbit_optimizer_update_8bit_blockwise(opt, dt, g.get(), p.get(), n, q1.get(), copies * n, q2.get(),
+                                                     two ? n : 0, &args, signed_code.data(), 256, unsigned_code.data(),
+                                                     256, a1.get(), copies * nb, a2.get(), two ? nb : 0, threads) == LOWBIT_OK,
               "8-bit step opt=%d dt=%d n=%lld", opt, dt, (long long)n);
         append(q1.get(), (size_t)(copies * n));
         append(a1.get(), sizeof(float) * (size_t)(copies * nb));
@@ -823,27 +902,58 @@ static void test_optimizer_arguments() {
     lowbit_optim_args args{0.9, 0.999, 0.0, 0.0, 1e-8, 0.0, 1e-3, 1.0, 1, 0.0, 0.0};
     lowbit_optim_args step0 = args;
     step0.step = 0;
-    CHECK(lowbit_optimizer_update_32bit(6, 0, buf, buf, buf, buf, 1, &args, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "optimizer");
-    CHECK(lowbit_optimizer_update_32bit(-1, 0, buf, buf, buf, buf, 1, &args, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "optimizer");
-    CHECK(lowbit_optimizer_update_32bit(0, 3, buf, buf, buf, buf, 1, &args, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "dtype");
-    CHECK(lowbit_optimizer_update_32bit(0, 0, buf, buf, buf, buf, -1, &args, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "n < 0");
-    CHECK(lowbit_optimizer_update_32bit(0, 0, buf, buf, buf, buf, 1, nullptr, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "args");
-    CHECK(lowbit_optimizer_update_32bit(0, 0, buf, buf, buf, buf, 1, &step0, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "step 0");
-    CHECK(lowbit_optimizer_update_32bit(0, 0, nullptr, nullptr, nullptr, nullptr, 0, &args, nullptr, 1) == LOWBIT_OK, "n == 0");
-    CHECK(lowbit_optimizer_update_32bit(0, 0, buf, buf, buf, nullptr, 1, &args, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "adam state2");
-    CHECK(lowbit_optimizer_update_32bit(1, 0, buf, buf, buf, nullptr, 1, &args, nullptr, 1) == LOWBIT_OK, "momentum without state2");
-    CHECK(lowbit_optimizer_update_32bit(1, 0, nullptr, buf, buf, nullptr, 1, &args, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "null g");
+    /* 32-bit: (optimizer, dtype, g, p, n, state1, state1_len, state2, state2_len, args, unorm_vec, threads) */
+    REFUSED(lowbit_optimizer_update_32bit(6, 0, buf, buf, 1, buf, 1, buf, 1, &args, nullptr, 1), "optimizer = 6");
+    REFUSED(lowbit_optimizer_update_32bit(-1, 0, buf, buf, 1, buf, 1, buf, 1, &args, nullptr, 1), "optimizer = -1");
+    REFUSED(lowbit_optimizer_update_32bit(0, 3, buf, buf, 1, buf, 1, buf, 1, &args, nullptr, 1), "dtype = 3");
+    REFUSED(lowbit_optimizer_update_32bit(0, 0, buf, buf, -1, buf, 1, buf, 1, &args, nullptr, 1), "n = -1");
+    REFUSED(lowbit_optimizer_update_32bit(0, 0, buf, buf, 1, buf, 1, buf, 1, nullptr, nullptr, 1), "args is a null pointer");
+    REFUSED(lowbit_optimizer_update_32bit(0, 0, buf, buf, 1, buf, 1, buf, 1, &step0, nullptr, 1), "args->step = 0");
+    REFUSED(lowbit_optimizer_update_32bit(0, 0, buf, buf, 8, buf, 4, buf, 8, &args, nullptr, 1), "state1_len = 4, but n = 8");
+    REFUSED(lowbit_optimizer_update_32bit(0, 0, buf, buf, 8, buf, 8, buf, 7, &args, nullptr, 1), "state2_len = 7, but n = 8");
+    REFUSED(lowbit_optimizer_update_32bit(5, 0, buf, buf, 4, buf, 4, buf, 4, &args, nullptr, 1),
+            "state1_len = 4, but 2 * n (ademamix) = 8");
+    CHECK(lowbit_optimizer_update_32bit(0, 0, nullptr, nullptr, 0, nullptr, 0, nullptr, 0, &args, nullptr, 1) == LOWBIT_OK,
+          "n == 0");
+    REFUSED(lowbit_optimizer_update_32bit(0, 0, buf, buf, 1, buf, 1, nullptr, 1, &args, nullptr, 1), "state2 is a null pointer");
+    CHECK(lowbit_optimizer_update_32bit(1, 0, buf, buf, 1, buf, 1, nullptr, 0, &args, nullptr, 1) == LOWBIT_OK,
+          "momentum without state2");
+    CHECK(lowbit_optimizer_update_32bit(1, 0, buf, buf, 1, buf, 1, buf, 99, &args, nullptr, 1) == LOWBIT_OK,
+          "momentum ignores state2 and its length");
+    REFUSED(lowbit_optimizer_update_32bit(1, 0, nullptr, buf, 1, buf, 1, nullptr, 0, &args, nullptr, 1), "g is a null pointer");
     lowbit_optim_args lamb = args;
     lamb.max_unorm = 1.0;
-    CHECK(lowbit_optimizer_update_32bit(0, 0, buf, buf, buf, buf, 1, &lamb, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "unorm_vec");
-    CHECK(lowbit_optimizer_update_32bit(4, 0, buf, buf, buf, nullptr, 1, &lamb, nullptr, 1) == LOWBIT_OK, "lion ignores max_unorm");
-    CHECK(lowbit_optimizer_update_8bit_blockwise(6, 0, buf, buf, q, q, 1, &args, code, code, buf, buf, 1) == LOWBIT_ERR_ARGUMENT, "optimizer");
-    CHECK(lowbit_optimizer_update_8bit_blockwise(0, 0, buf, buf, q, q, 1, &step0, code, code, buf, buf, 1) == LOWBIT_ERR_ARGUMENT, "step 0");
-    CHECK(lowbit_optimizer_update_8bit_blockwise(0, 0, nullptr, nullptr, nullptr, nullptr, 0, &args, nullptr, nullptr, nullptr, nullptr, 1) == LOWBIT_OK, "n == 0");
-    CHECK(lowbit_optimizer_update_8bit_blockwise(0, 0, buf, buf, q, q, 1, &args, code, nullptr, buf, buf, 1) == LOWBIT_ERR_ARGUMENT, "qmap2");
-    CHECK(lowbit_optimizer_update_8bit_blockwise(0, 0, buf, buf, q, q, 1, &args, code, code, buf, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "absmax2");
-    CHECK(lowbit_optimizer_update_8bit_blockwise(2, 0, buf, buf, q, nullptr, 1, &args, code, nullptr, buf, nullptr, 1) == LOWBIT_OK, "rmsprop one state");
-    CHECK(lowbit_optimizer_update_8bit_blockwise(2, 0, buf, buf, q, nullptr, 1, &args, nullptr, nullptr, buf, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "qmap1");
+    REFUSED(lowbit_optimizer_update_32bit(0, 0, buf, buf, 1, buf, 1, buf, 1, &lamb, nullptr, 1), "unorm_vec");
+    CHECK(lowbit_optimizer_update_32bit(4, 0, buf, buf, 1, buf, 1, nullptr, 0, &lamb, nullptr, 1) == LOWBIT_OK,
+          "lion ignores max_unorm");
+    /* 8-bit: (optimizer, dtype, g, p, n, state1, len, state2, len, args, qmap1, len, qmap2, len, absmax1, len,
+     * absmax2, len, threads) */
+    REFUSED(lowbit_optimizer_update_8bit_blockwise(6, 0, buf, buf, 1, q, 1, q, 1, &args, code, 256, code, 256, buf, 1, buf,
+                                                   1, 1), "optimizer = 6");
+    REFUSED(lowbit_optimizer_update_8bit_blockwise(0, 0, buf, buf, 1, q, 1, q, 1, &step0, code, 256, code, 256, buf, 1, buf,
+                                                   1, 1), "args->step = 0");
+    CHECK(lowbit_optimizer_update_8bit_blockwise(0, 0, nullptr, nullptr, 0, nullptr, 0, nullptr, 0, &args, nullptr, 256,
+                                                 nullptr, 256, nullptr, 0, nullptr, 0, 1) == LOWBIT_OK, "n == 0");
+    REFUSED(lowbit_optimizer_update_8bit_blockwise(0, 0, buf, buf, 8, q, 4, q, 8, &args, code, 256, code, 256, buf, 1, buf,
+                                                   1, 1), "state1_len = 4, but n = 8");
+    REFUSED(lowbit_optimizer_update_8bit_blockwise(0, 0, buf, buf, 8, q, 8, q, 8, &args, code, 256, code, 256, buf, 2, buf,
+                                                   1, 1), "absmax1_len = 2, but ceil(n / 256) = 1");
+    REFUSED(lowbit_optimizer_update_8bit_blockwise(0, 0, buf, buf, 8, q, 8, q, 8, &args, code, 16, code, 256, buf, 1, buf,
+                                                   1, 1), "qmap1_len = 16");
+    REFUSED(lowbit_optimizer_update_8bit_blockwise(0, 0, buf, buf, 8, q, 8, q, 8, &args, code, 256, code, 255, buf, 1, buf,
+                                                   1, 1), "qmap2_len = 255");
+    REFUSED(lowbit_optimizer_update_8bit_blockwise(0, 0, buf, buf, 8, q, 8, q, 8, &args, code, 256, code, 256, buf, 1, buf,
+                                                   0, 1), "absmax2_len = 0");
+    REFUSED(lowbit_optimizer_update_8bit_blockwise(5, 0, buf, buf, 4, q, 8, q, 4, &args, code, 256, code, 256, buf, 1, buf,
+                                                   1, 1), "absmax1_len = 1, but 2 * ceil(n / 256) (ademamix) = 2");
+    REFUSED(lowbit_optimizer_update_8bit_blockwise(0, 0, buf, buf, 1, q, 1, q, 1, &args, code, 256, nullptr, 256, buf, 1,
+                                                   buf, 1, 1), "qmap2 is a null pointer");
+    REFUSED(lowbit_optimizer_update_8bit_blockwise(0, 0, buf, buf, 1, q, 1, q, 1, &args, code, 256, code, 256, buf, 1,
+                                                   nullptr, 1, 1), "absmax2 is a null pointer");
+    CHECK(lowbit_optimizer_update_8bit_blockwise(2, 0, buf, buf, 1, q, 1, nullptr, 0, &args, code, 256, nullptr, 0, buf, 1,
+                                                 nullptr, 0, 1) == LOWBIT_OK, "rmsprop one state");
+    REFUSED(lowbit_optimizer_update_8bit_blockwise(2, 0, buf, buf, 1, q, 1, nullptr, 0, &args, nullptr, 256, nullptr, 0,
+                                                   buf, 1, nullptr, 0, 1), "qmap1 is a null pointer");
 }
 
 /* Every optimizer, dtype, both state widths: every ISA and thread count writes the scalar build's bytes. */
@@ -883,42 +993,52 @@ static void test_int8_arguments() {
     float x[8] = {}, stats[8] = {1, 1, 1, 1, 1, 1, 1, 1}, outf[8] = {};
     uint8_t flags[8] = {};
     /* matmul */
-    CHECK(lowbit_int8_linear_matmul(a, -1, 8, b, 1, out32, 1) == LOWBIT_ERR_ARGUMENT, "matmul M < 0");
-    CHECK(lowbit_int8_linear_matmul(a, 1, 0, b, 1, out32, 1) == LOWBIT_ERR_ARGUMENT, "matmul K < 1");
-    CHECK(lowbit_int8_linear_matmul(a, 1, 8, b, -1, out32, 1) == LOWBIT_ERR_ARGUMENT, "matmul N < 0");
-    CHECK(lowbit_int8_linear_matmul(a, int64_t{1} << 40, int64_t{1} << 40, b, 1, out32, 1) == LOWBIT_ERR_ARGUMENT,
-          "matmul M*K overflow");
+    REFUSED(lowbit_int8_linear_matmul(a, -1, 8, b, 1, out32, 1), "M = -1");
+    REFUSED(lowbit_int8_linear_matmul(a, 1, 0, b, 1, out32, 1), "K = 0 must be in [1, 131071]");
+    REFUSED(lowbit_int8_linear_matmul(a, 1, int64_t{1} << 17, b, 1, out32, 1), "K = 131072 must be in [1, 131071]");
+    REFUSED(lowbit_int8_linear_matmul(a, 1, 8, b, -1, out32, 1), "N = -1");
+    REFUSED(lowbit_int8_linear_matmul(a, int64_t{1} << 50, 8, b, int64_t{1} << 50, out32, 1), "M * N = ");
     CHECK(lowbit_int8_linear_matmul(nullptr, 0, 8, nullptr, 3, nullptr, 1) == LOWBIT_OK, "matmul M == 0");
     CHECK(lowbit_int8_linear_matmul(nullptr, 3, 8, nullptr, 0, nullptr, 1) == LOWBIT_OK, "matmul N == 0");
-    CHECK(lowbit_int8_linear_matmul(nullptr, 1, 8, b, 1, out32, 1) == LOWBIT_ERR_ARGUMENT, "matmul null A");
-    CHECK(lowbit_int8_linear_matmul(a, 1, 8, nullptr, 1, out32, 1) == LOWBIT_ERR_ARGUMENT, "matmul null B");
-    CHECK(lowbit_int8_linear_matmul(a, 1, 8, b, 1, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "matmul null out");
-    /* quantize */
-    CHECK(lowbit_int8_vectorwise_quant(3, x, 1, 8, 0.0f, q, stats, flags, 1) == LOWBIT_ERR_ARGUMENT, "quant dtype");
-    CHECK(lowbit_int8_vectorwise_quant(0, x, -1, 8, 0.0f, q, stats, flags, 1) == LOWBIT_ERR_ARGUMENT, "quant rows");
-    CHECK(lowbit_int8_vectorwise_quant(0, x, 1, -8, 0.0f, q, stats, flags, 1) == LOWBIT_ERR_ARGUMENT, "quant cols");
-    CHECK(lowbit_int8_vectorwise_quant(0, x, 1, 8, -1.0f, q, stats, flags, 1) == LOWBIT_ERR_ARGUMENT, "threshold < 0");
-    CHECK(lowbit_int8_vectorwise_quant(0, x, 1, 8, NAN, q, stats, flags, 1) == LOWBIT_ERR_ARGUMENT, "threshold NaN");
-    CHECK(lowbit_int8_vectorwise_quant(0, x, 1, 8, INFINITY, q, stats, flags, 1) == LOWBIT_ERR_ARGUMENT, "threshold Inf");
-    CHECK(lowbit_int8_vectorwise_quant(0, nullptr, 0, 8, 0.0f, nullptr, nullptr, nullptr, 1) == LOWBIT_OK, "quant empty");
-    CHECK(lowbit_int8_vectorwise_quant(0, nullptr, 1, 8, 0.0f, q, stats, flags, 1) == LOWBIT_ERR_ARGUMENT, "quant null A");
-    CHECK(lowbit_int8_vectorwise_quant(0, x, 1, 8, 0.0f, nullptr, stats, flags, 1) == LOWBIT_ERR_ARGUMENT, "quant null out");
-    CHECK(lowbit_int8_vectorwise_quant(0, x, 1, 8, 0.0f, q, nullptr, flags, 1) == LOWBIT_ERR_ARGUMENT, "quant null stats");
-    CHECK(lowbit_int8_vectorwise_quant(0, x, 1, 8, 0.0f, q, stats, nullptr, 1) == LOWBIT_OK, "quant without flags");
-    CHECK(lowbit_int8_colwise_quant(0, x, 1, 8, -2.0f, q, stats, 1) == LOWBIT_ERR_ARGUMENT, "colwise threshold");
-    CHECK(lowbit_int8_colwise_quant(0, x, 1, 8, 0.0f, q, nullptr, 1) == LOWBIT_ERR_ARGUMENT, "colwise null stats");
-    /* dequantize */
-    CHECK(lowbit_int8_vectorwise_dequant(q, stats, 1, -1, 1.0f, outf, 1) == LOWBIT_ERR_ARGUMENT, "dequant cols");
-    CHECK(lowbit_int8_vectorwise_dequant(q, nullptr, 1, 8, 1.0f, outf, 1) == LOWBIT_ERR_ARGUMENT, "dequant null stats");
-    CHECK(lowbit_int8_vectorwise_dequant(nullptr, nullptr, 0, 8, 1.0f, nullptr, 1) == LOWBIT_OK, "dequant empty");
-    CHECK(lowbit_int8_mm_dequant(acc, stats, stats, 1, 8, 1.0f, nullptr, 0, 3, outf, 1) == LOWBIT_ERR_ARGUMENT,
-          "mm_dequant out dtype");
-    CHECK(lowbit_int8_mm_dequant(acc, stats, stats, 1, 8, 1.0f, stats, 7, 0, outf, 1) == LOWBIT_ERR_ARGUMENT,
-          "mm_dequant bias dtype");
-    CHECK(lowbit_int8_mm_dequant(acc, stats, stats, 1, 8, 1.0f, nullptr, 7, 0, outf, 1) == LOWBIT_OK,
+    REFUSED(lowbit_int8_linear_matmul(nullptr, 1, 8, b, 1, out32, 1), "A is a null pointer");
+    REFUSED(lowbit_int8_linear_matmul(a, 1, 8, nullptr, 1, out32, 1), "B is a null pointer");
+    REFUSED(lowbit_int8_linear_matmul(a, 1, 8, b, 1, nullptr, 1), "out is a null pointer");
+    /* quantize: (dtype, A, rows, cols, threshold, out, row_stats, len, outlier_flags, len, threads) */
+    REFUSED(lowbit_int8_vectorwise_quant(3, x, 1, 8, 0.0f, q, stats, 1, flags, 8, 1), "dtype = 3");
+    REFUSED(lowbit_int8_vectorwise_quant(0, x, -1, 8, 0.0f, q, stats, 1, flags, 8, 1), "rows = -1");
+    REFUSED(lowbit_int8_vectorwise_quant(0, x, 1, -8, 0.0f, q, stats, 1, flags, 8, 1), "cols = -8");
+    REFUSED(lowbit_int8_vectorwise_quant(0, x, int64_t{1} << 40, int64_t{1} << 40, 0.0f, q, stats, 1, flags, 8, 1),
+            "rows * cols");
+    REFUSED(lowbit_int8_vectorwise_quant(0, x, 1, 8, -1.0f, q, stats, 1, flags, 8, 1), "threshold = -1");
+    REFUSED(lowbit_int8_vectorwise_quant(0, x, 1, 8, NAN, q, stats, 1, flags, 8, 1), "threshold = nan");
+    CHECK(lowbit_int8_vectorwise_quant(0, x, 1, 8, INFINITY, q, stats, 1, flags, 8, 1) == LOWBIT_OK, "threshold Inf: no outliers");
+    REFUSED(lowbit_int8_vectorwise_quant(0, x, 1, 8, 0.0f, q, stats, 2, flags, 8, 1), "row_stats_len = 2, but rows = 1");
+    REFUSED(lowbit_int8_vectorwise_quant(0, x, 1, 8, 0.0f, q, stats, 1, flags, 7, 1), "outlier_flags_len = 7, but cols = 8");
+    REFUSED(lowbit_int8_vectorwise_quant(0, x, 1, 8, 0.0f, q, stats, 1, nullptr, 8, 1), "0 for a null outlier_flags");
+    CHECK(lowbit_int8_vectorwise_quant(0, nullptr, 0, 8, 0.0f, nullptr, nullptr, 0, nullptr, 0, 1) == LOWBIT_OK, "quant empty");
+    REFUSED(lowbit_int8_vectorwise_quant(0, nullptr, 1, 8, 0.0f, q, stats, 1, flags, 8, 1), "A is a null pointer");
+    REFUSED(lowbit_int8_vectorwise_quant(0, x, 1, 8, 0.0f, nullptr, stats, 1, flags, 8, 1), "out is a null pointer");
+    REFUSED(lowbit_int8_vectorwise_quant(0, x, 1, 8, 0.0f, q, nullptr, 1, flags, 8, 1), "row_stats is a null pointer");
+    CHECK(lowbit_int8_vectorwise_quant(0, x, 1, 8, 0.0f, q, stats, 1, nullptr, 0, 1) == LOWBIT_OK, "quant without flags");
+    REFUSED(lowbit_int8_colwise_quant(0, x, 1, 8, -2.0f, q, stats, 8, 1), "threshold = -2");
+    REFUSED(lowbit_int8_colwise_quant(0, x, 1, 8, 0.0f, q, stats, 1, 1), "col_stats_len = 1, but cols = 8");
+    REFUSED(lowbit_int8_colwise_quant(0, x, 1, 8, 0.0f, q, nullptr, 8, 1), "col_stats is a null pointer");
+    /* dequantize: (A, stats, stats_len, rows, cols, scale, out, threads) */
+    REFUSED(lowbit_int8_vectorwise_dequant(q, stats, 1, 1, -1, 1.0f, outf, 1), "cols = -1");
+    REFUSED(lowbit_int8_vectorwise_dequant(q, stats, 8, 1, 8, 1.0f, outf, 1), "stats_len = 8, but rows = 1");
+    REFUSED(lowbit_int8_vectorwise_dequant(q, nullptr, 1, 1, 8, 1.0f, outf, 1), "stats is a null pointer");
+    CHECK(lowbit_int8_vectorwise_dequant(nullptr, nullptr, 0, 0, 8, 1.0f, nullptr, 1) == LOWBIT_OK, "dequant empty");
+    /* mm_dequant: (A, row_stats, len, col_stats, len, rows, cols, scale, bias, len, bias_dtype, out_dtype, out, threads) */
+    REFUSED(lowbit_int8_mm_dequant(acc, stats, 1, stats, 8, 1, 8, 1.0f, nullptr, 0, 0, 3, outf, 1), "out_dtype = 3");
+    REFUSED(lowbit_int8_mm_dequant(acc, stats, 1, stats, 8, 1, 8, 1.0f, stats, 8, 7, 0, outf, 1), "bias_dtype = 7");
+    CHECK(lowbit_int8_mm_dequant(acc, stats, 1, stats, 8, 1, 8, 1.0f, nullptr, 0, 7, 0, outf, 1) == LOWBIT_OK,
           "mm_dequant: bias dtype ignored without a bias");
-    CHECK(lowbit_int8_mm_dequant(acc, nullptr, stats, 1, 8, 1.0f, nullptr, 0, 0, outf, 1) == LOWBIT_ERR_ARGUMENT,
-          "mm_dequant null row_stats");
+    REFUSED(lowbit_int8_mm_dequant(acc, stats, 1, stats, 8, 1, 8, 1.0f, stats, 4, 0, 0, outf, 1), "bias_len = 4, but cols = 8");
+    REFUSED(lowbit_int8_mm_dequant(acc, stats, 1, stats, 8, 1, 8, 1.0f, nullptr, 8, 0, 0, outf, 1), "0 for a null bias");
+    REFUSED(lowbit_int8_mm_dequant(acc, stats, 2, stats, 8, 1, 8, 1.0f, nullptr, 0, 0, 0, outf, 1), "row_stats_len = 2");
+    REFUSED(lowbit_int8_mm_dequant(acc, stats, 1, stats, 7, 1, 8, 1.0f, nullptr, 0, 0, 0, outf, 1), "col_stats_len = 7");
+    REFUSED(lowbit_int8_mm_dequant(acc, nullptr, 1, stats, 8, 1, 8, 1.0f, nullptr, 0, 0, 0, outf, 1),
+            "row_stats is a null pointer");
     /* features */
     const int32_t features = lowbit_cpu_features();
     CHECK((features & ~lowbit_cpu_features_supported()) == 0, "features in use are supported");
@@ -1030,25 +1150,25 @@ static void check_int8_quant(std::mt19937_64 &rng, int dt, int64_t rows, int64_t
             std::unique_ptr<float[]> st(new float[(size_t)std::max(rows, cols)]);
             std::unique_ptr<uint8_t[]> flags(new uint8_t[(size_t)cols]);
             /* row-wise with outlier columns */
-            CHECK(lowbit_int8_vectorwise_quant(dt, A.get(), rows, cols, threshold, q.get(), st.get(), flags.get(),
-                                               threads) == LOWBIT_OK, "int8 quant");
+            CHECK(lowbit_int8_vectorwise_quant(dt, A.get(), rows, cols, threshold, q.get(), st.get(), rows, flags.get(),
+                                               cols, threads) == LOWBIT_OK, "int8 quant");
             CHECK(memcmp(q.get(), q_rows_flags.data(), (size_t)n) == 0 && memcmp(flags.get(), fl.data(), (size_t)cols) == 0 &&
                       memcmp(st.get(), rs.data(), (size_t)rows * 4) == 0,
                   "%s int8 quant dt=%d %lldx%lld t=%g threads=%d", isa, dt, (long long)rows, (long long)cols,
                   (double)threshold, threads);
             /* row-wise, outlier elements only */
-            CHECK(lowbit_int8_vectorwise_quant(dt, A.get(), rows, cols, threshold, q.get(), st.get(), nullptr,
+            CHECK(lowbit_int8_vectorwise_quant(dt, A.get(), rows, cols, threshold, q.get(), st.get(), rows, nullptr, 0,
                                                threads) == LOWBIT_OK, "int8 quant");
             CHECK(memcmp(q.get(), q_rows.data(), (size_t)n) == 0, "%s int8 quant (no flags) dt=%d %lldx%lld", isa, dt,
                   (long long)rows, (long long)cols);
             /* column-wise */
-            CHECK(lowbit_int8_colwise_quant(dt, A.get(), rows, cols, threshold, q.get(), st.get(), threads) == LOWBIT_OK,
+            CHECK(lowbit_int8_colwise_quant(dt, A.get(), rows, cols, threshold, q.get(), st.get(), cols, threads) == LOWBIT_OK,
                   "int8 colwise");
             CHECK(memcmp(q.get(), q_cols.data(), (size_t)n) == 0 && memcmp(st.get(), cs.data(), (size_t)cols * 4) == 0,
                   "%s int8 colwise dt=%d %lldx%lld t=%g", isa, dt, (long long)rows, (long long)cols, (double)threshold);
             /* dequantize */
             std::unique_ptr<float[]> dq(new float[(size_t)n]);
-            CHECK(lowbit_int8_vectorwise_dequant(q_rows.data(), rs.data(), rows, cols, dq_scale, dq.get(), threads) ==
+            CHECK(lowbit_int8_vectorwise_dequant(q_rows.data(), rs.data(), rows, rows, cols, dq_scale, dq.get(), threads) ==
                       LOWBIT_OK, "int8 dequant");
             int bad = 0;
             for (int64_t i = 0; i < n; ++i)
@@ -1056,8 +1176,8 @@ static void check_int8_quant(std::mt19937_64 &rng, int dt, int64_t rows, int64_t
             CHECK(bad == 0, "%s int8 dequant: %d differ", isa, bad);
             /* mm_dequant into A's dtype with a bf16 bias */
             std::unique_ptr<uint8_t[]> o(new uint8_t[(size_t)n * es]);
-            CHECK(lowbit_int8_mm_dequant(acc.get(), rs.data(), cs.data(), rows, cols, mm_scale, bias.get(),
-                                         LOWBIT_BFLOAT16, dt, o.get(), threads) == LOWBIT_OK, "mm_dequant");
+            CHECK(lowbit_int8_mm_dequant(acc.get(), rs.data(), rows, cs.data(), cols, rows, cols, mm_scale, bias.get(),
+                                         cols, LOWBIT_BFLOAT16, dt, o.get(), threads) == LOWBIT_OK, "mm_dequant");
             bad = 0;
             for (int64_t i = 0; i < n; ++i) {
                 const float v = fmt::int8_mm_dequant(acc[i], rs[(size_t)(i / cols)], cs[(size_t)(i % cols)], mm_scale) +
@@ -1074,8 +1194,8 @@ static void check_int8_quant(std::mt19937_64 &rng, int dt, int64_t rows, int64_t
             }
             CHECK(bad == 0, "%s mm_dequant dt=%d: %d differ", isa, dt, bad);
             std::unique_ptr<float[]> o32(new float[(size_t)n]);
-            CHECK(lowbit_int8_mm_dequant(acc.get(), rs.data(), cs.data(), rows, cols, mm_scale, nullptr, 0,
-                                         LOWBIT_FLOAT32, o32.get(), threads) == LOWBIT_OK, "mm_dequant fp32");
+            CHECK(lowbit_int8_mm_dequant(acc.get(), rs.data(), rows, cs.data(), cols, rows, cols, mm_scale, nullptr, 0,
+                                         0, LOWBIT_FLOAT32, o32.get(), threads) == LOWBIT_OK, "mm_dequant fp32");
             bad = 0;
             for (int64_t i = 0; i < n; ++i)
                 bad += fbits(o32[i]) !=

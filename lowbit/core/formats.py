@@ -1,4 +1,4 @@
-"""The quantization formats, defined once for Python (DESIGN.md §4).
+"""The quantization formats, defined once for Python (docs/design.md §4).
 
 The same constants live in ``csrc/common/lowbit_formats.h`` for the native backends;
 ``tests/test_formats.py`` checks the two against each other through the C ABI.
@@ -89,6 +89,10 @@ BLOCKWISE_LUT_BINS = 65536
 INT8_MM_DEQUANT_SCALE = 6.200124e-05
 #: 1/127 in float32, the int8 vectorwise dequantization factor.
 INT8_DEQUANT_SCALE = 7.874015718698502e-3
+#: Largest inner size K of int8_linear_matmul: its int32 accumulator is exact while K * 128^2 < 2^31
+#: (every product of two int8 values has |a*b| <= 2^14); beyond, -128 * -128 summed 2^17 times
+#: wraps to -2^31. Every backend refuses larger K (kInt8MatmulMaxK in csrc/common/lowbit_int8.h).
+INT8_MATMUL_MAX_K = 2**17 - 1
 
 
 # The interleaved 4-bit layout (CPU inference), defined with csrc/common/lowbit_formats.h: rows in

@@ -1,4 +1,4 @@
-"""The op schemas of DESIGN.md §5 as ``torch.library`` custom ops in the ``lowbit`` namespace.
+"""The op schemas of docs/design.md §5 as ``torch.library`` custom ops in the ``lowbit`` namespace.
 
 Each op gets:
 * a schema (what ``torch.ops.lowbit.<op>`` accepts),
@@ -374,6 +374,11 @@ def _check_int8_linear_matmul(A, B, out=None, names=("A", "B")) -> None:
         raise ValueError(
             f"{names[1]} must be 2-D (out_features, {A.shape[-1]}) to match the last dimension of {names[0]} "
             f"(shape {tuple(A.shape)}), got shape {tuple(B.shape)}"
+        )
+    if A.shape[-1] > formats.INT8_MATMUL_MAX_K:
+        raise ValueError(
+            f"{names[0]}'s last dimension (K = {A.shape[-1]}) exceeds {formats.INT8_MATMUL_MAX_K}, the largest inner size "
+            "whose int32 accumulation of int8 products cannot overflow"
         )
     if out is not None:
         checks.out(out, "out", (*A.shape[:-1], B.shape[0]), torch.int32, A.device, {"A": A, "B": B}, "A's rows by B's rows")

@@ -1,6 +1,6 @@
 """``QuantState``: everything needed to undo a 4-bit or 8-bit blockwise quantization.
 
-Serialization uses bitsandbytes' exact keys (DESIGN.md §4) so that a state dict written by
+Serialization uses bitsandbytes' exact keys (docs/design.md §4) so that a state dict written by
 either library loads in the other: tensors under their own keys, the non-tensor fields packed
 as UTF-8 JSON into one uint8 tensor under ``quant_state.bitsandbytes__<quant_type>``.
 """
@@ -173,7 +173,7 @@ class QuantState:
     def from_dict(cls, qs_dict: dict[str, Any], device: torch.device | str = "cpu") -> QuantState:
         """Rebuild a 4-bit state from ``as_dict`` output (packed or not, key prefixes allowed).
 
-        Every field is checked against the format (DESIGN.md §4), so a truncated or corrupted
+        Every field is checked against the format (docs/design.md §4), so a truncated or corrupted
         checkpoint raises ``ValueError`` naming the bad entry instead of producing garbage at the
         first forward pass. This runs at load time: values (finite absmax, the codebooks) are read.
         """

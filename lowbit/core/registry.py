@@ -3,11 +3,11 @@
 A backend lives in ``lowbit/backends/<name>/`` and exposes two things (see
 ``lowbit/backends/reference/__init__.py`` for the smallest complete example):
 
-* ``kernels``: a :class:`KernelTable` mapping op names (DESIGN.md §5) to Python callables;
+* ``kernels``: a :class:`KernelTable` mapping op names (docs/design.md §5) to Python callables;
 * ``probe()``: ``None`` when the backend can run here, else the reason it cannot.
   An optional ``details()`` returns a dict that ``python -m lowbit`` prints.
 
-Selection (DESIGN.md §3): the backend for a device type is chosen on first use, the first of
+Selection (docs/design.md §3): the backend for a device type is chosen on first use, the first of
 :func:`auto_order` that can run, else ``reference``: for ``cpu`` the native backend when its
 library loads; for ``cuda`` the native ``hip`` backend on ROCm builds of torch, else ``cuda``, and
 the ``triton`` kernels when that library cannot load but Triton can; for ``xpu`` the ``xpu``

@@ -13,7 +13,33 @@ pulls in transformers or peft:
   the examples and the integration tests, and perplexity / decode-speed measurements.
 """
 
-HF_INSTALL_HINT = (
-    'pip install "lowbit[hf]"   (transformers, peft, accelerate, gguf, safetensors, tqdm); '
-    "with torch from its own wheel first: pip install torch==2.13.0"
-)
+from __future__ import annotations
+
+import importlib.metadata
+import re
+from collections.abc import Sequence
+
+
+def hf_install_command(missing: Sequence[str] = ()) -> str:
+    """The pip command that installs lowbit's ``hf`` extra, or only the ``missing`` packages of it.
+
+    lowbit itself is not on PyPI (``pip install "lowbit[hf]"`` finds nothing), so the command names
+    the extra's requirements as lowbit's installed metadata gives them; from a source tree that was
+    never installed, it is ``pip install ".[hf]"`` run in that tree.
+    """
+    try:
+        requirements = importlib.metadata.requires("lowbit") or []
+    except importlib.metadata.PackageNotFoundError:
+        requirements = []
+    extra = []
+    for requirement in requirements:
+        spec, _, marker = requirement.partition(";")
+        name = re.split(r"[\s<>=!~\[(]", spec.strip(), maxsplit=1)[0]
+        if re.search(r"extra\s*==\s*[\"']hf[\"']", marker) and (not missing or name in missing):
+            extra.append(f'"{spec.strip()}"')
+    if not extra:
+        return 'pip install ".[hf]"   (in the lowbit source tree)'
+    return "pip install " + " ".join(extra)
+
+
+HF_INSTALL_HINT = hf_install_command()

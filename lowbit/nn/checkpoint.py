@@ -1,6 +1,6 @@
 """State dicts of layers with a quantized ``weight``: bitsandbytes' keys, checked loading.
 
-Saving writes exactly bitsandbytes' entries (DESIGN.md §4) so checkpoints go both ways.
+Saving writes exactly bitsandbytes' entries (docs/design.md §4) so checkpoints go both ways.
 Loading does more than bitsandbytes does:
 
 * a quantized checkpoint loads into a freshly constructed (still float) layer: the packed
@@ -215,15 +215,16 @@ def _quantize_in_place(weight) -> None:
 
 
 # First-forward quantization rewrites a parameter, which torch.compile cannot trace: it runs
-# eagerly (a graph break, which fullgraph=True reports with this reason).
+# eagerly (a graph break, which fullgraph=True reports with this reason). torch.compiler.disable
+# would import torch._dynamo (a second or more) with lowbit; torch._disable_dynamo defers that to
+# the first call, and the two attributes it lacks make torch.compile skip it with the reason.
 _WHY_NOT_COMPILED = (
     "lowbit quantizes a layer's weight on its first forward pass; quantize the model before "
     "torch.compile (model.to(device), or one eager call)"
 )
-try:
-    _quantize_in_place = torch.compiler.disable(_quantize_in_place, reason=_WHY_NOT_COMPILED)
-except TypeError:  # torch < 2.7: no reason argument
-    _quantize_in_place = torch.compiler.disable(_quantize_in_place)
+_quantize_in_place = torch._disable_dynamo(_quantize_in_place)
+_quantize_in_place._torchdynamo_disable = True
+_quantize_in_place._torchdynamo_disable_msg = _WHY_NOT_COMPILED
 
 
 class QuantizedWeightMixin:

@@ -1,4 +1,4 @@
-"""Shared fixtures and helpers of the bitsandbytes compatibility suite (DESIGN.md §4-5).
+"""Shared fixtures and helpers of the bitsandbytes compatibility suite (docs/design.md §4-5).
 
 The op-level tests (test_4bit, test_blockwise_8bit, test_int8, test_quant_state) run the same
 input through bitsandbytes 0.50.2 and through lowbit and assert that the results are identical

@@ -1,6 +1,6 @@
 """lowbit.optim against bitsandbytes.optim: signatures, update steps, checkpoints.
 
-DESIGN.md §5 requires, for the same parameters and gradients, identical codes in >= 99.9 % of the
+docs/design.md §5 requires, for the same parameters and gradients, identical codes in >= 99.9 % of the
 8-bit state entries and parameters within 1e-6 relative (both for 32-bit state). On CPU both
 libraries follow the same formulas: the reference backend agrees bit for bit; the native kernels
 round square roots correctly (torch's vectorized float32 sqrt does not always) and sum LAMB/LARS

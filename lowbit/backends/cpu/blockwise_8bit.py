@@ -15,8 +15,8 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
     absmax = torch.empty(formats.num_blocks(n, blocksize), dtype=torch.float32)
     native.check(
         native.lib().lowbit_quantize_blockwise(
-            native.DTYPES[A.dtype], native.ptr(code), native.ptr(A), n, blocksize, native.ptr(q),
-            native.ptr(absmax), native.num_threads(),
+            native.DTYPES[A.dtype], *native.buf(code), native.ptr(A), n, blocksize, *native.buf(q),
+            *native.buf(absmax), native.num_threads(),
         ),
         "lowbit_quantize_blockwise",
     )  # fmt: skip
@@ -27,8 +27,8 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
 def dequantize_blockwise_out(A, absmax, code, blocksize, dtype, out):
     native.check(
         native.lib().lowbit_dequantize_blockwise(
-            native.DTYPES[dtype], native.ptr(code), native.ptr(A), native.ptr(absmax), A.numel(), blocksize,
-            native.ptr(out), native.num_threads(),
+            native.DTYPES[dtype], *native.buf(code), *native.buf(A), *native.buf(absmax), blocksize,
+            native.ptr(out), out.numel(), native.num_threads(),
         ),
         "lowbit_dequantize_blockwise",
     )  # fmt: skip

@@ -48,8 +48,8 @@ def _quantize_rows(A2d: torch.Tensor, threshold: float, with_columns: bool):
     flags = torch.empty(cols, dtype=torch.uint8) if with_columns else None
     native.check(
         native.lib().lowbit_int8_vectorwise_quant(
-            native.DTYPES[A2d.dtype], native.ptr(A2d), rows, cols, threshold, native.ptr(q), native.ptr(row_stats),
-            native.ptr(flags), native.num_threads(),
+            native.DTYPES[A2d.dtype], native.ptr(A2d), rows, cols, threshold, native.ptr(q), *native.buf(row_stats),
+            *native.buf(flags), native.num_threads(),
         ),
         "lowbit_int8_vectorwise_quant",
     )  # fmt: skip
@@ -73,7 +73,7 @@ def int8_vectorwise_dequant(A: torch.Tensor, stats: torch.Tensor):
     cols = A.shape[-1]
     native.check(
         native.lib().lowbit_int8_vectorwise_dequant(
-            native.ptr(A), native.ptr(stats), A.numel() // cols, cols, formats.INT8_DEQUANT_SCALE, native.ptr(out),
+            native.ptr(A), *native.buf(stats), A.numel() // cols, cols, formats.INT8_DEQUANT_SCALE, native.ptr(out),
             native.num_threads(),
         ),
         "lowbit_int8_vectorwise_dequant",
@@ -93,7 +93,7 @@ def int8_double_quant(A: torch.Tensor, threshold: float = 0.0):
     col_stats = torch.empty(cols, dtype=torch.float32)
     native.check(
         native.lib().lowbit_int8_colwise_quant(
-            native.DTYPES[A.dtype], native.ptr(A2d), rows, cols, t, native.ptr(q_cols), native.ptr(col_stats),
+            native.DTYPES[A.dtype], native.ptr(A2d), rows, cols, t, native.ptr(q_cols), *native.buf(col_stats),
             native.num_threads(),
         ),
         "lowbit_int8_colwise_quant",
@@ -132,8 +132,8 @@ def int8_mm_dequant(A, row_stats, col_stats, dtype=None, bias=None):
     cols = A.shape[-1]
     native.check(
         native.lib().lowbit_int8_mm_dequant(
-            native.ptr(A), native.ptr(row_stats), native.ptr(col_stats), A.numel() // cols, cols,
-            formats.INT8_MM_DEQUANT_SCALE, native.ptr(bias), native.DTYPES[bias.dtype] if bias is not None else 0,
+            native.ptr(A), *native.buf(row_stats), *native.buf(col_stats), A.numel() // cols, cols,
+            formats.INT8_MM_DEQUANT_SCALE, *native.buf(bias), native.DTYPES[bias.dtype] if bias is not None else 0,
             native.DTYPES[dtype], native.ptr(out), native.num_threads(),
         ),
         "lowbit_int8_mm_dequant",

@@ -15,8 +15,8 @@ def _permute(B, absmax, shapeB, blocksize, inverse: bool) -> tuple[torch.Tensor,
     out_B, out_absmax = torch.empty_like(B), torch.empty_like(absmax)
     native.check(
         native.lib().lowbit_interleave_4bit(
-            native.ptr(B), native.ptr(absmax), N, K, blocksize, int(inverse), native.ptr(out_B),
-            native.ptr(out_absmax), native.num_threads(),
+            native.ptr(B), B.nbytes, *native.buf(absmax), N, K, blocksize, int(inverse), native.ptr(out_B),
+            out_B.nbytes, *native.buf(out_absmax), native.num_threads(),
         ),
         "lowbit_interleave_4bit",
     )  # fmt: skip
@@ -36,9 +36,10 @@ def matmul_4bit_interleaved(A, B, shapeB, absmax, code, blocksize, bias=None, ex
     # plain addresses (ctypes converts ints for void* arguments): this runs once per layer and token
     native.check(
         native.lib().lowbit_matmul_4bit_interleaved(
-            native.DTYPES[A.dtype], A.data_ptr(), A.numel() // K, K, B.data_ptr(), absmax.data_ptr(),
-            code.data_ptr(), N, blocksize, None if bias is None else bias.data_ptr(),
-            0 if bias is None else native.DTYPES[bias.dtype], native.PRECISIONS["float32" if exact else "bf16"],
+            native.DTYPES[A.dtype], A.data_ptr(), A.numel() // K, K, B.data_ptr(), B.nbytes, absmax.data_ptr(),
+            absmax.numel(), code.data_ptr(), code.numel(), N, blocksize, None if bias is None else bias.data_ptr(),
+            0 if bias is None else bias.numel(), 0 if bias is None else native.DTYPES[bias.dtype],
+            native.PRECISIONS["float32" if exact else "bf16"],
             native.DTYPES[out.dtype], out.data_ptr(), native.num_threads(),
         ),
         "lowbit_matmul_4bit_interleaved",

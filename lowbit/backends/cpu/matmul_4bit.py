@@ -27,8 +27,8 @@ TILE_BYTES = 4 << 20
 def _gemv(A, B, N: int, K: int, absmax, code, blocksize: int, out: torch.Tensor) -> None:
     native.check(
         native.lib().lowbit_gemv_4bit(
-            native.DTYPES[A.dtype], native.ptr(A), A.numel() // K, K, native.ptr(B), native.ptr(absmax),
-            native.ptr(code), N, blocksize, native.DTYPES[out.dtype], native.ptr(out), native.num_threads(),
+            native.DTYPES[A.dtype], native.ptr(A), A.numel() // K, K, native.ptr(B), B.nbytes, *native.buf(absmax),
+            *native.buf(code), N, blocksize, native.DTYPES[out.dtype], native.ptr(out), native.num_threads(),
         ),
         "lowbit_gemv_4bit",
     )  # fmt: skip
@@ -48,11 +48,12 @@ def _gemm_float32(A, B, N: int, K: int, absmax, code, blocksize: int) -> torch.T
     data = B.reshape(-1).view(torch.uint8)
     for n0 in range(0, N, rows):
         r = min(rows, N - n0)
-        e0 = n0 * K
+        e0, e1 = n0 * K, (n0 + r) * K
         native.check(
             native.lib().lowbit_dequantize_4bit(
-                native.DTYPES[torch.float32], native.ptr(data[e0 // 2 :]), native.ptr(absmax[e0 // blocksize :]),
-                r * K, blocksize, native.ptr(code), native.ptr(tile), native.num_threads(),
+                native.DTYPES[torch.float32], *native.buf(data[e0 // 2 : (e1 + 1) // 2]),
+                *native.buf(absmax[e0 // blocksize : -(-e1 // blocksize)]), blocksize, *native.buf(code),
+                native.ptr(tile), r * K, native.num_threads(),
             ),
             "lowbit_dequantize_4bit",
         )  # fmt: skip

@@ -25,7 +25,9 @@ from typing import Any, Optional
 
 import torch
 
-ABI_VERSION = 2  # must equal LOWBIT_ABI_VERSION in csrc/capi/lowbit_capi.h
+from .. import native_library
+
+ABI_VERSION = 3  # must equal LOWBIT_ABI_VERSION in csrc/capi/lowbit_capi.h
 LIBRARY_NAME = "liblowbit_cpu.so"
 ENV_LIBRARY = "LOWBIT_CPU_LIBRARY"
 ENV_ISA = "LOWBIT_CPU_ISA"
@@ -54,28 +56,33 @@ TABLES = {
 _p, _i32, _i64, _f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "lowbit_abi_version": ([], _i32),
+    "lowbit_last_error": ([], ctypes.c_char_p),
     "lowbit_build_info": ([], ctypes.c_char_p),
     "lowbit_cpu_isa_supported": ([_i32], _i32),
     "lowbit_cpu_isa": ([], _i32),
     "lowbit_set_cpu_isa": ([_i32], _i32),
     "lowbit_format_table": ([_i32, _p, _i32, _p], _i32),
-    "lowbit_quantize_4bit": ([_i32, _p, _i64, _i64, _i32, _p, _p, _i32], _i32),
-    "lowbit_dequantize_4bit": ([_i32, _p, _p, _i64, _i64, _p, _p, _i32], _i32),
-    "lowbit_quantize_blockwise": ([_i32, _p, _p, _i64, _i64, _p, _p, _i32], _i32),
-    "lowbit_dequantize_blockwise": ([_i32, _p, _p, _p, _i64, _i64, _p, _i32], _i32),
-    "lowbit_gemv_4bit": ([_i32, _p, _i64, _i64, _p, _p, _p, _i64, _i64, _i32, _p, _i32], _i32),
-    "lowbit_interleave_4bit": ([_p, _p, _i64, _i64, _i64, _i32, _p, _p, _i32], _i32),
-    "lowbit_matmul_4bit_interleaved": ([_i32, _p, _i64, _i64, _p, _p, _p, _i64, _i64, _p, _i32, _i32, _i32, _p, _i32], _i32),
+    "lowbit_quantize_4bit": ([_i32, _p, _i64, _i64, _i32, _p, _i64, _p, _i64, _i32], _i32),
+    "lowbit_dequantize_4bit": ([_i32, _p, _i64, _p, _i64, _i64, _p, _i64, _p, _i64, _i32], _i32),
+    "lowbit_quantize_blockwise": ([_i32, _p, _i64, _p, _i64, _i64, _p, _i64, _p, _i64, _i32], _i32),
+    "lowbit_dequantize_blockwise": ([_i32, _p, _i64, _p, _i64, _p, _i64, _i64, _p, _i64, _i32], _i32),
+    "lowbit_gemv_4bit": ([_i32, _p, _i64, _i64, _p, _i64, _p, _i64, _p, _i64, _i64, _i64, _i32, _p, _i32], _i32),
+    "lowbit_interleave_4bit": ([_p, _i64, _p, _i64, _i64, _i64, _i64, _i32, _p, _i64, _p, _i64, _i32], _i32),
+    "lowbit_matmul_4bit_interleaved": (
+        [_i32, _p, _i64, _i64, _p, _i64, _p, _i64, _p, _i64, _i64, _i64, _p, _i64, _i32, _i32, _i32, _p, _i32], _i32,
+    ),
     "lowbit_cpu_features_supported": ([], _i32),
     "lowbit_cpu_features": ([], _i32),
     "lowbit_set_cpu_features": ([_i32], _i32),
     "lowbit_int8_linear_matmul": ([_p, _i64, _i64, _p, _i64, _p, _i32], _i32),
-    "lowbit_int8_vectorwise_quant": ([_i32, _p, _i64, _i64, _f32, _p, _p, _p, _i32], _i32),
-    "lowbit_int8_colwise_quant": ([_i32, _p, _i64, _i64, _f32, _p, _p, _i32], _i32),
-    "lowbit_int8_vectorwise_dequant": ([_p, _p, _i64, _i64, _f32, _p, _i32], _i32),
-    "lowbit_int8_mm_dequant": ([_p, _p, _p, _i64, _i64, _f32, _p, _i32, _i32, _p, _i32], _i32),
-    "lowbit_optimizer_update_32bit": ([_i32, _i32, _p, _p, _p, _p, _i64, _p, _p, _i32], _i32),
-    "lowbit_optimizer_update_8bit_blockwise": ([_i32, _i32, _p, _p, _p, _p, _i64, _p, _p, _p, _p, _p, _i32], _i32),
+    "lowbit_int8_vectorwise_quant": ([_i32, _p, _i64, _i64, _f32, _p, _p, _i64, _p, _i64, _i32], _i32),
+    "lowbit_int8_colwise_quant": ([_i32, _p, _i64, _i64, _f32, _p, _p, _i64, _i32], _i32),
+    "lowbit_int8_vectorwise_dequant": ([_p, _p, _i64, _i64, _i64, _f32, _p, _i32], _i32),
+    "lowbit_int8_mm_dequant": ([_p, _p, _i64, _p, _i64, _i64, _i64, _f32, _p, _i64, _i32, _i32, _p, _i32], _i32),
+    "lowbit_optimizer_update_32bit": ([_i32, _i32, _p, _p, _i64, _p, _i64, _p, _i64, _p, _p, _i32], _i32),
+    "lowbit_optimizer_update_8bit_blockwise": (
+        [_i32, _i32, _p, _p, _i64, _p, _i64, _p, _i64, _p, _p, _i64, _p, _i64, _p, _i64, _p, _i64, _i32], _i32,
+    ),
 }
 
 
@@ -96,10 +103,10 @@ def library_path() -> Path:
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
     path = library_path()
-    if not path.is_file():
+    if not path.exists():
         return None, f"native library not found at {path} (lowbit was installed without its native build)"
     try:
-        lib = ctypes.CDLL(str(path))
+        lib = native_library.load(path)
     except OSError as err:
         return None, f"native library at {path} failed to load: {err}"
     try:
@@ -222,11 +229,21 @@ def ptr(t: Optional[torch.Tensor]) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr() if t is not None else None)
 
 
+def buf(t: Optional[torch.Tensor]) -> tuple[ctypes.c_void_p, int]:
+    """A buffer argument of the C ABI and its declared length: ``(pointer, element count)``, (NULL, 0)
+    for None. Spread into a call: ``fn(*buf(absmax), ...)``."""
+    return ptr(t), (t.numel() if t is not None else 0)
+
+
 def num_threads() -> int:
     return torch.get_num_threads()
 
 
 def check(status: int, fn: str) -> None:
+    """Raises for a non-zero lowbit_status: ValueError with the library's words for a refused
+    argument (Python validates first, so reaching this is a lowbit bug or a direct caller),
+    RuntimeError otherwise."""
+    if status == 1:
+        raise ValueError(f"lowbit native library refused the call: {lib().lowbit_last_error().decode()}")
     if status != 0:
-        # Arguments are validated in Python first, so this is a lowbit bug, not a user error.
         raise RuntimeError(f"lowbit internal error: {fn} returned {_STATUS.get(status, status)}")

@@ -50,10 +50,6 @@ def _args(beta1, beta2, beta3, alpha, eps, weight_decay, lr, gnorm_scale, step, 
     )  # fmt: skip
 
 
-def _ptr(t):
-    return None if t is None else native.ptr(t)
-
-
 @kernels.register("optimizer_update_32bit")
 @torch.no_grad()
 def optimizer_update_32bit(
@@ -67,9 +63,9 @@ def optimizer_update_32bit(
     args = _args(beta1, beta2, beta3, alpha, eps, weight_decay, lr, gnorm_scale, step, max_unorm, param_norm)
     native.check(
         native.lib().lowbit_optimizer_update_32bit(
-            optimizer, native.DTYPES[p.dtype], native.ptr(g), native.ptr(p), native.ptr(state1),
-            _ptr(state2) if optimizer in _TWO_STATES else None, p.numel(), ctypes.byref(args),
-            native.ptr(unorm_vec) if trust else None, native.num_threads(),
+            optimizer, native.DTYPES[p.dtype], native.ptr(g), native.ptr(p), p.numel(), *native.buf(state1),
+            *native.buf(state2 if optimizer in _TWO_STATES else None), ctypes.byref(args),
+            native.ptr(unorm_vec if trust else None), native.num_threads(),
         ),
         "lowbit_optimizer_update_32bit",
     )  # fmt: skip
@@ -88,9 +84,9 @@ def optimizer_update_8bit_blockwise(
     args = _args(beta1, beta2, beta3, alpha, eps, weight_decay, lr, gnorm_scale, step)
     native.check(
         native.lib().lowbit_optimizer_update_8bit_blockwise(
-            optimizer, native.DTYPES[p.dtype], native.ptr(g), native.ptr(p), native.ptr(state1),
-            _ptr(state2) if two else None, p.numel(), ctypes.byref(args), native.ptr(qmap1),
-            _ptr(qmap2) if two else None, native.ptr(absmax1), _ptr(absmax2) if two else None,
+            optimizer, native.DTYPES[p.dtype], native.ptr(g), native.ptr(p), p.numel(), *native.buf(state1),
+            *native.buf(state2 if two else None), ctypes.byref(args), *native.buf(qmap1),
+            *native.buf(qmap2 if two else None), *native.buf(absmax1), *native.buf(absmax2 if two else None),
             native.num_threads(),
         ),
         "lowbit_optimizer_update_8bit_blockwise",

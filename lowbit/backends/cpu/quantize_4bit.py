@@ -18,7 +18,7 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str, quant_storag
     native.check(
         native.lib().lowbit_quantize_4bit(
             native.DTYPES[A.dtype], native.ptr(A), n, blocksize, native.QUANT_TYPES[quant_type],
-            native.ptr(packed), native.ptr(absmax), native.num_threads(),
+            *native.buf(packed), *native.buf(absmax), native.num_threads(),
         ),
         "lowbit_quantize_4bit",
     )  # fmt: skip
@@ -29,8 +29,8 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str, quant_storag
 def dequantize_4bit_out(A, absmax, blocksize, quant_type, shape, dtype, out):
     native.check(
         native.lib().lowbit_dequantize_4bit(
-            native.DTYPES[dtype], native.ptr(A), native.ptr(absmax), math.prod(shape), blocksize,
-            native.ptr(formats.code_tensor(quant_type)), native.ptr(out), native.num_threads(),
+            native.DTYPES[dtype], native.ptr(A), A.nbytes, *native.buf(absmax), blocksize,
+            *native.buf(formats.code_tensor(quant_type)), native.ptr(out), math.prod(shape), native.num_threads(),
         ),
         "lowbit_dequantize_4bit",
     )  # fmt: skip

@@ -1,5 +1,5 @@
 """8-bit blockwise quantize/dequantize through the GPU library (csrc/cuda/blockwise_8bit.cu).
-Bit-exact with the reference and the CPU backend (DESIGN.md §5)."""
+Bit-exact with the reference and the CPU backend (docs/design.md §5)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from ...core import formats
 from ...core.registry import KernelTable
-from .native import DTYPES, GpuLibrary, ptr
+from .native import DTYPES, GpuLibrary, buf, ptr
 
 
 def install(kernels: KernelTable, gpu: GpuLibrary) -> None:
@@ -18,7 +18,7 @@ def install(kernels: KernelTable, gpu: GpuLibrary) -> None:
         absmax = torch.empty(formats.num_blocks(n, blocksize), dtype=torch.float32, device=A.device)
         gpu.call(
             "lowbit_cuda_quantize_blockwise", A.device,
-            DTYPES[A.dtype], ptr(code), ptr(A), n, blocksize, ptr(q), ptr(absmax),
+            DTYPES[A.dtype], *buf(code), ptr(A), n, blocksize, *buf(q), *buf(absmax),
         )  # fmt: skip
         return q, absmax
 
@@ -26,7 +26,7 @@ def install(kernels: KernelTable, gpu: GpuLibrary) -> None:
     def dequantize_blockwise_out(A, absmax, code, blocksize, dtype, out):
         gpu.call(
             "lowbit_cuda_dequantize_blockwise", A.device,
-            DTYPES[dtype], ptr(code), ptr(A), ptr(absmax), A.numel(), blocksize, ptr(out),
+            DTYPES[dtype], *buf(code), *buf(A), *buf(absmax), blocksize, ptr(out), out.numel(),
         )  # fmt: skip
 
     @kernels.register("dequantize_blockwise")

@@ -14,7 +14,7 @@ import torch
 from ...core import formats
 from ...core.registry import KernelTable
 from ..reference import int8 as reference
-from .native import DTYPES, GpuLibrary, ptr
+from .native import DTYPES, GpuLibrary, buf, ptr
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -55,7 +55,7 @@ def install(kernels: KernelTable, gpu: GpuLibrary) -> None:
         gpu.call(
             "lowbit_cuda_int8_vectorwise_quant", A2d.device,
             DTYPES[A2d.dtype], ptr(A2d), rows, cols, _threshold_in_dtype(threshold, A2d.dtype) if threshold > 0 else 0.0,
-            ptr(q), ptr(row_stats), ptr(flags),
+            ptr(q), *buf(row_stats), *buf(flags),
         )  # fmt: skip
         return q, row_stats, flags
 
@@ -72,7 +72,7 @@ def install(kernels: KernelTable, gpu: GpuLibrary) -> None:
         cols = A.shape[-1]
         gpu.call(
             "lowbit_cuda_int8_vectorwise_dequant", A.device,
-            ptr(A), ptr(stats), A.numel() // cols, cols, formats.INT8_DEQUANT_SCALE, ptr(out),
+            ptr(A), *buf(stats), A.numel() // cols, cols, formats.INT8_DEQUANT_SCALE, ptr(out),
         )  # fmt: skip
         return out
 
@@ -100,8 +100,8 @@ def install(kernels: KernelTable, gpu: GpuLibrary) -> None:
         cols = A.shape[-1]
         gpu.call(
             "lowbit_cuda_int8_mm_dequant", A.device,
-            ptr(A), ptr(row_stats), ptr(col_stats), A.numel() // cols, cols, formats.INT8_MM_DEQUANT_SCALE,
-            ptr(bias), DTYPES[bias.dtype] if bias is not None else 0, DTYPES[dtype], ptr(out),
+            ptr(A), *buf(row_stats), *buf(col_stats), A.numel() // cols, cols, formats.INT8_MM_DEQUANT_SCALE,
+            *buf(bias), DTYPES[bias.dtype] if bias is not None else 0, DTYPES[dtype], ptr(out),
         )  # fmt: skip
         return out
 

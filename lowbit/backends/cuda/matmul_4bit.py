@@ -13,7 +13,7 @@ import torch
 
 from ...core.registry import KernelTable
 from ..reference import matmul_4bit as reference
-from .native import DTYPES, GpuLibrary, ptr
+from .native import DTYPES, GpuLibrary, buf, ptr
 
 MAX_ROWS = 8  # lowbit_cuda_gemv_4bit_max_rows(): rows per launch
 FUSED_MAX_ROWS = 16  # rows served by the fused kernel, in slices of MAX_ROWS (= GPU_GEMV_MAX_ROWS)
@@ -27,8 +27,8 @@ def _fused(gpu: GpuLibrary, A, B, shapeB, absmax, code, blocksize, bias, out) ->
         count = min(MAX_ROWS, rows - first)
         gpu.call(
             "lowbit_cuda_gemv_4bit", A.device,
-            DTYPES[A.dtype], ptr(A2d[first]), count, ptr(B), N, K, ptr(absmax), ptr(code), blocksize,
-            ptr(bias), DTYPES[bias.dtype] if bias is not None else 0, ptr(out2d[first]),
+            DTYPES[A.dtype], ptr(A2d[first]), count, ptr(B), B.nbytes, N, K, *buf(absmax), *buf(code), blocksize,
+            *buf(bias), DTYPES[bias.dtype] if bias is not None else 0, ptr(out2d[first]),
         )  # fmt: skip
 
 

@@ -26,9 +26,10 @@ from typing import Any, Optional
 import torch
 
 from ...core import formats
+from .. import native_library
 from . import runtime
 
-ABI_VERSION = 1  # must equal LOWBIT_CUDA_ABI_VERSION in csrc/cuda/lowbit_cuda_capi.h
+ABI_VERSION = 2  # must equal LOWBIT_CUDA_ABI_VERSION in csrc/cuda/lowbit_cuda_capi.h
 
 # every file name a GPU library of this platform may have (the variants of runtime.py)
 LIBRARY_NAMES = {
@@ -84,20 +85,23 @@ SIGNATURES: dict[str, tuple[list[Any], Any]] = {
     "lowbit_cuda_targets": ([], _str),
     "lowbit_cuda_last_error": ([], _str),
     "lowbit_cuda_device_check": ([_i32], _i32),
-    "lowbit_cuda_quantize_4bit": ([_i32, _p, _i64, _i64, _i32, _p, _p, _i32, _p], _i32),
-    "lowbit_cuda_dequantize_4bit": ([_i32, _p, _p, _i64, _i64, _i32, _p, _i32, _p], _i32),
-    "lowbit_cuda_quantize_blockwise": ([_i32, _p, _p, _i64, _i64, _p, _p, _i32, _p], _i32),
-    "lowbit_cuda_dequantize_blockwise": ([_i32, _p, _p, _p, _i64, _i64, _p, _i32, _p], _i32),
-    "lowbit_cuda_gemv_4bit": ([_i32, _p, _i64, _p, _i64, _i64, _p, _p, _i64, _p, _i32, _p, _i32, _p], _i32),
+    "lowbit_cuda_quantize_4bit": ([_i32, _p, _i64, _i64, _i32, _p, _i64, _p, _i64, _i32, _p], _i32),
+    "lowbit_cuda_dequantize_4bit": ([_i32, _p, _i64, _p, _i64, _i64, _i32, _p, _i64, _i32, _p], _i32),
+    "lowbit_cuda_quantize_blockwise": ([_i32, _p, _i64, _p, _i64, _i64, _p, _i64, _p, _i64, _i32, _p], _i32),
+    "lowbit_cuda_dequantize_blockwise": ([_i32, _p, _i64, _p, _i64, _p, _i64, _i64, _p, _i64, _i32, _p], _i32),
+    "lowbit_cuda_gemv_4bit": (
+        [_i32, _p, _i64, _p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64, _p, _i64, _i32, _p, _i32, _p], _i32,
+    ),
     "lowbit_cuda_gemv_4bit_max_rows": ([], _i32),
-    "lowbit_cuda_int8_vectorwise_quant": ([_i32, _p, _i64, _i64, _f32, _p, _p, _p, _i32, _p], _i32),
-    "lowbit_cuda_int8_vectorwise_dequant": ([_p, _p, _i64, _i64, _f32, _p, _i32, _p], _i32),
-    "lowbit_cuda_int8_mm_dequant": ([_p, _p, _p, _i64, _i64, _f32, _p, _i32, _i32, _p, _i32, _p], _i32),
+    "lowbit_cuda_int8_vectorwise_quant": ([_i32, _p, _i64, _i64, _f32, _p, _p, _i64, _p, _i64, _i32, _p], _i32),
+    "lowbit_cuda_int8_vectorwise_dequant": ([_p, _p, _i64, _i64, _i64, _f32, _p, _i32, _p], _i32),
+    "lowbit_cuda_int8_mm_dequant": ([_p, _p, _i64, _p, _i64, _i64, _i64, _f32, _p, _i64, _i32, _i32, _p, _i32, _p], _i32),
     "lowbit_cuda_optimizer_update_32bit": (
-        [_i32, _i32, _p, _p, _p, _p, _i64, ctypes.POINTER(OptimArgs), _p, _p, _i32, _p], _i32,
+        [_i32, _i32, _p, _p, _i64, _p, _i64, _p, _i64, ctypes.POINTER(OptimArgs), _p, _p, _i32, _p], _i32,
     ),
     "lowbit_cuda_optimizer_update_8bit_blockwise": (
-        [_i32, _i32, _p, _p, _p, _p, _i64, ctypes.POINTER(OptimArgs), _p, _p, _p, _p, _i32, _p], _i32,
+        [_i32, _i32, _p, _p, _i64, _p, _i64, _p, _i64, ctypes.POINTER(OptimArgs), _p, _i64, _p, _i64, _p, _i64, _p, _i64,
+         _i32, _p], _i32,
     ),
     "lowbit_cuda_managed_supported": ([_i32, ctypes.POINTER(_i32)], _i32),
     "lowbit_cuda_managed_alloc": ([_i64, _i32, ctypes.POINTER(_p)], _i32),
@@ -217,13 +221,13 @@ class GpuLibrary:
         if not self.selected():
             return None, f"no {self.platform} library variant for this torch: {variant.reason}"
         path = self.library_path()
-        if not path.is_file():
+        if not path.exists():
             hint = BUILD_HINTS.get(self.platform, "build it with csrc/cuda/CMakeLists.txt")
             return None, f"native library {self.name} is not built (looked for {path}); {hint}"
         # bind to the runtime torch uses; a library that needs none (a stub, the emulation) loads regardless
         runtime_problem = runtime.preload_runtime(self.platform, variant)
         try:
-            lib = ctypes.CDLL(str(path))
+            lib = native_library.load(path)
         except OSError as err:
             hint = f" ({runtime_problem})" if runtime_problem else ""
             return None, f"native library at {path} failed to load: {err}{hint}"
@@ -315,6 +319,11 @@ class GpuLibrary:
 
 def ptr(t: Optional[torch.Tensor]) -> Optional[ctypes.c_void_p]:
     return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def buf(t: Optional[torch.Tensor]) -> tuple[Optional[ctypes.c_void_p], int]:
+    """A buffer argument and its declared length (element count): ``(pointer, numel)``, (NULL, 0) for None."""
+    return ptr(t), (t.numel() if t is not None else 0)
 
 
 def args_struct(

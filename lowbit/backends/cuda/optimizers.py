@@ -1,6 +1,6 @@
 """Fused optimizer steps through the GPU library (csrc/cuda/optimizers.cu): 32-bit state, and
 8-bit blockwise state (dequantize -> update -> requantize in one kernel). Same formulas and
-operation order as lowbit/backends/reference/optimizers.py; DESIGN.md §5 tolerances."""
+operation order as lowbit/backends/reference/optimizers.py; docs/design.md §5 tolerances."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from ...core import formats
 from ...core.registry import KernelTable
-from .native import DTYPES, OPTIMIZERS, GpuLibrary, args_struct, ptr
+from .native import DTYPES, OPTIMIZERS, GpuLibrary, args_struct, buf, ptr
 
 
 def install(kernels: KernelTable, gpu: GpuLibrary) -> None:
@@ -28,7 +28,7 @@ def install(kernels: KernelTable, gpu: GpuLibrary) -> None:
         args = args_struct(beta1, beta2, beta3, alpha, eps, weight_decay, lr, gnorm_scale, step, max_unorm, param_norm)
         gpu.call(
             "lowbit_cuda_optimizer_update_32bit", p.device,
-            optimizer, DTYPES[p.dtype], ptr(g), ptr(p), ptr(state1), ptr(state2), p.numel(), ctypes.byref(args),
+            optimizer, DTYPES[p.dtype], ptr(g), ptr(p), p.numel(), *buf(state1), *buf(state2), ctypes.byref(args),
             ptr(unorm_vec) if trust else None, ptr(scratch),
         )  # fmt: skip
 
@@ -43,6 +43,6 @@ def install(kernels: KernelTable, gpu: GpuLibrary) -> None:
         args = args_struct(beta1, beta2, beta3, alpha, eps, weight_decay, lr, gnorm_scale, step)
         gpu.call(
             "lowbit_cuda_optimizer_update_8bit_blockwise", p.device,
-            OPTIMIZERS[optimizer_name], DTYPES[p.dtype], ptr(g), ptr(p), ptr(state1), ptr(state2), p.numel(),
-            ctypes.byref(args), ptr(qmap1), ptr(qmap2), ptr(absmax1), ptr(absmax2),
+            OPTIMIZERS[optimizer_name], DTYPES[p.dtype], ptr(g), ptr(p), p.numel(), *buf(state1), *buf(state2),
+            ctypes.byref(args), *buf(qmap1), *buf(qmap2), *buf(absmax1), *buf(absmax2),
         )  # fmt: skip

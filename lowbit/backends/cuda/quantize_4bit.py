@@ -1,5 +1,5 @@
 """4-bit quantize/dequantize through the GPU library (csrc/cuda/quantize_4bit.cu). Bit-exact with
-the reference and the CPU backend (DESIGN.md §5)."""
+the reference and the CPU backend (docs/design.md §5)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from ...core import formats
 from ...core.registry import KernelTable
-from .native import DTYPES, QUANT_TYPES, GpuLibrary, ptr
+from .native import DTYPES, QUANT_TYPES, GpuLibrary, buf, ptr
 
 
 def install(kernels: KernelTable, gpu: GpuLibrary) -> None:
@@ -20,7 +20,7 @@ def install(kernels: KernelTable, gpu: GpuLibrary) -> None:
         absmax = torch.empty(formats.num_blocks(n, blocksize), dtype=torch.float32, device=A.device)
         gpu.call(
             "lowbit_cuda_quantize_4bit", A.device,
-            DTYPES[A.dtype], ptr(A), n, blocksize, QUANT_TYPES[quant_type], ptr(packed), ptr(absmax),
+            DTYPES[A.dtype], ptr(A), n, blocksize, QUANT_TYPES[quant_type], *buf(packed), *buf(absmax),
         )  # fmt: skip
         return packed.view(quant_storage).unsqueeze(1), absmax
 
@@ -28,7 +28,8 @@ def install(kernels: KernelTable, gpu: GpuLibrary) -> None:
     def dequantize_4bit_out(A, absmax, blocksize, quant_type, shape, dtype, out):
         gpu.call(
             "lowbit_cuda_dequantize_4bit", A.device,
-            DTYPES[dtype], ptr(A), ptr(absmax), math.prod(shape), blocksize, QUANT_TYPES[quant_type], ptr(out),
+            DTYPES[dtype], ptr(A), A.nbytes, *buf(absmax), blocksize, QUANT_TYPES[quant_type], ptr(out),
+            math.prod(shape),
         )  # fmt: skip
 
     @kernels.register("dequantize_4bit")

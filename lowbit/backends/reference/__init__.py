@@ -1,8 +1,8 @@
-"""The reference backend: every op of DESIGN.md §5 in plain, device-agnostic torch.
+"""The reference backend: every op of docs/design.md §5 in plain, device-agnostic torch.
 
 This is the definition of correct. Other backends are tested against it op by op
 (``tests/test_parity.py``), and it is bit-compatible with bitsandbytes 0.50.2 on CPU where
-DESIGN.md requires bit-exactness (``tests/test_compat_bnb.py``). Clarity beats speed here.
+docs/design.md requires bit-exactness (``tests/compat/``). Clarity beats speed here.
 """
 
 from ...core.registry import KernelTable

@@ -1,4 +1,4 @@
-"""8-bit blockwise quantization with a 256-entry code, DESIGN.md §4.
+"""8-bit blockwise quantization with a 256-entry code, docs/design.md §4.
 
 "Nearest code" is defined the way bitsandbytes' CPU kernel computes it, so that bytes agree:
 ``x / absmax`` in [-1, 1] is mapped onto 65536 uniform bins, and each bin holds the index of

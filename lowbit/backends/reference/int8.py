@@ -1,4 +1,4 @@
-"""LLM.int8: row-wise int8 quantization with outlier columns, exact int32 products, DESIGN.md §4."""
+"""LLM.int8: row-wise int8 quantization with outlier columns, exact int32 products, docs/design.md §4."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def int8_double_quant(A: torch.Tensor, threshold: float = 0.0):
 
 @kernels.register("int8_linear_matmul")
 def int8_linear_matmul(A: torch.Tensor, B: torch.Tensor):
-    """A @ B.T in exact int32 arithmetic (int8 products cannot overflow int32 for K < 2**17)."""
+    """A @ B.T in exact int32 arithmetic (K <= formats.INT8_MATMUL_MAX_K, checked by the op: no overflow)."""
     A2d = A.reshape(-1, A.shape[-1]).to(torch.int32)
     return (A2d @ B.to(torch.int32).t()).reshape(*A.shape[:-1], B.shape[0])
 

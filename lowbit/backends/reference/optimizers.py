@@ -2,6 +2,12 @@
 
 The update formulas follow bitsandbytes on CPU. Weight decay is decoupled (AdamW-style) for
 adam/adamw/lamb/lion/ademamix and added to the gradient (L2) for momentum/rmsprop/adagrad.
+
+Non-finite values (README, "Overflow and non-finite values"; the native kernels do the same,
+csrc/common/lowbit_optim.h): in an 8-bit step, an element whose new parameter or new state is
+not finite (a NaN/Inf gradient, or a finite one whose square overflows) keeps its previous
+parameter and state, so one bad element cannot make its whole 256-value state block non-finite.
+32-bit steps let a non-finite value reach its own element only, as torch.optim does.
 """
 
 from __future__ import annotations
@@ -103,7 +109,8 @@ def optimizer_update_8bit_blockwise(
     s1 = torch.stack([decode_blockwise(q1[i], a1[i], qmap1, blocksize) for i in range(copies)])
     s2 = decode_blockwise(state2.view(-1), absmax2, qmap2, blocksize) if state2 is not None else None
     grad = g.float().view(-1) * gnorm_scale
-    p32 = p.float().view(-1)
+    p32 = p.float().view(-1).clone()
+    before = (p32.clone(), s1.clone(), s2.clone() if s2 is not None else None)
 
     if name == "adam":
         s1[0].mul_(beta1).add_(grad, alpha=1.0 - beta1)
@@ -147,6 +154,13 @@ def optimizer_update_8bit_blockwise(
     else:
         raise ValueError(f"unknown optimizer {optimizer_name!r}")
 
+    keep = torch.isfinite(p32) & torch.isfinite(s1).all(dim=0)
+    if s2 is not None:
+        keep &= torch.isfinite(s2)
+    p32 = torch.where(keep, p32, before[0])
+    s1 = torch.where(keep, s1, before[1])
+    if s2 is not None:
+        s2 = torch.where(keep, s2, before[2])
     p.copy_(p32.view(p.shape))
     for i in range(copies):
         q, am = quantize_blockwise(s1[i], qmap1, blocksize)

@@ -1,4 +1,4 @@
-"""4-bit blockwise quantization (NF4 / FP4), DESIGN.md §4."""
+"""4-bit blockwise quantization (NF4 / FP4), docs/design.md §4."""
 
 from __future__ import annotations
 

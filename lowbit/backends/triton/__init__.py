@@ -7,7 +7,7 @@ kernel set of the ``xpu`` backend (Intel GPUs). ``LOWBIT_BACKEND=triton`` forces
 the kernels without a GPU.
 
 Same family files as the other backends (quantize_4bit, blockwise_8bit, matmul_4bit, int8,
-optimizers), each registering its kernels here; the contracts are those of DESIGN.md §5 (bit-exact
+optimizers), each registering its kernels here; the contracts are those of docs/design.md §5 (bit-exact
 quantize/dequantize and int8, float products within the accumulation-order bound, optimizers
 within the stated tolerances), checked by tests/test_parity.py against the reference.
 """

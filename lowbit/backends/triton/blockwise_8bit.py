@@ -1,5 +1,5 @@
 """8-bit blockwise quantize/dequantize with a 256-entry code as Triton kernels, bit-exact with the
-reference (lowbit/backends/reference/blockwise_8bit.py; DESIGN.md §4).
+reference (lowbit/backends/reference/blockwise_8bit.py; docs/design.md §4).
 
 "Nearest code" is bitsandbytes' CPU lookup: ``t = clamp(x * (1/absmax), -1, 1)`` (NaN -> -1) falls
 in bin ``j = int(((t + 1) * 0.5) * 65535 + 0.5)`` of 65536, and bin j holds the number of code

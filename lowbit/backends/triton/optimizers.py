@@ -42,6 +42,12 @@ def _sign(x):
 
 
 @triton.jit
+def _finite(x):
+    """Neither NaN nor +-Inf."""
+    return tl.abs(x) <= 3.4028234663852886e38
+
+
+@triton.jit
 def _update32(g, p, s1, s1b, s2, step_alpha, beta1, beta2, beta3, alpha, eps, weight_decay, gnorm_scale,
               one_minus_beta1, one_minus_beta2, one_minus_beta3, correction1, correction2, decay, neg_lr,
               eps_correction2, neg_lr_over_correction1, has_weight_decay, first_step, OPT: tl.constexpr):  # fmt: skip
@@ -90,7 +96,9 @@ def _update8(g, p, s1, s1b, s2, beta1, beta2, beta3, alpha, eps, weight_decay, g
              neg_lr_over_correction1, has_weight_decay, first_step, OPT: tl.constexpr):  # fmt: skip
     """One step on dequantized 8-bit state (lowbit_optim.h update8: eps, weight decay and the
     fused multiply-adds enter where the reference's 8-bit formulas put them; momentum, rmsprop and
-    adagrad add weight decay even when it is 0)."""
+    adagrad add weight decay even when it is 0). An element whose new p or state is not finite
+    keeps its old values (the non-finite policy of lowbit_optim.h)."""
+    p0, s10, s1b0, s20 = p, s1, s1b, s2
     g = g * gnorm_scale
     if OPT == ADAM:
         s1 = tl.fma(g, one_minus_beta1, s1 * beta1)
@@ -121,7 +129,12 @@ def _update8(g, p, s1, s1b, s2, beta1, beta2, beta3, alpha, eps, weight_decay, g
         g = tl.fma(p, weight_decay, g)
         s1 = tl.fma(g, g, s1)
         p = p + tl.div_rn(neg_lr * g, tl.sqrt_rn(s1) + eps)
-    return p, s1, s1b, s2
+    keep = _finite(p) & _finite(s1)
+    if OPT == ADEMAMIX:
+        keep = keep & _finite(s1b)
+    if OPT == ADAM or OPT == ADEMAMIX:
+        keep = keep & _finite(s2)
+    return tl.where(keep, p, p0), tl.where(keep, s1, s10), tl.where(keep, s1b, s1b0), tl.where(keep, s2, s20)
 
 
 @triton.jit

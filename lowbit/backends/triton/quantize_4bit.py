@@ -1,5 +1,5 @@
 """4-bit blockwise quantize/dequantize (NF4/FP4) as Triton kernels, bit-exact with the reference
-(lowbit/backends/reference/quantize_4bit.py; DESIGN.md §4):
+(lowbit/backends/reference/quantize_4bit.py; docs/design.md §4):
 
 * a full block scales by ``x * (1 / max(absmax, 1e-38))`` and stores its absmax; the partial last
   block divides, ``x / am`` with ``am = max(absmax, 1e-38)``, and stores ``am``;
