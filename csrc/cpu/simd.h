@@ -368,7 +368,8 @@ struct Vec {
     static F lookup(const Table16 &t, I idx) { return t.v[idx & 15u]; }
 
     static I load_dwords(const uint8_t *p) { return load_le32(p); }
-    static I load_dwords(const uint8_t *p, int /*lanes: always 1*/) { return load_le32(p); }
+    /* The first `lanes` (0 or 1) dwords, zero for none (nothing past them is read). */
+    static I load_dwords(const uint8_t *p, int lanes) { return lanes > 0 ? load_le32(p) : 0u; }
     template <int S>
     static I shift_right(I v) {
         return v >> S;
@@ -376,7 +377,8 @@ struct Vec {
     static I lane_blocks(int64_t r, int log2bs) { return static_cast<I>(r >> log2bs); }
     static F absmax_lanes(const float *p, I blocks, int /*count: 1*/) { return p[blocks]; }
 
-    static F load_floats(const float *p, int /*lanes: always 1*/) { return *p; }
+    /* The first `lanes` (0 or 1) floats, zero for none: a tail group's lanes past its rows read nothing. */
+    static F load_floats(const float *p, int lanes) { return lanes > 0 ? *p : 0.0f; }
     static void storeu(float *p, F v) { *p = v; }
 };
 
