@@ -72,6 +72,7 @@ INTEGRATION_TESTS = (
     "tests/test_integrations_hf.py",
     "tests/test_integrations_distributed.py",
     "tests/test_integrations_smollm2.py",
+    "tests/test_integrations_compat.py",
 )
 COMPAT_TESTS = ("tests/compat", "tests/test_integrations_bnb.py")
 
@@ -235,8 +236,9 @@ def compat(session: nox.Session) -> None:
 @nox.session(venv_backend="none")
 def integration(session: nox.Session) -> None:
     """transformers quantizer, PEFT/QLoRA, DDP + FSDP2 on gloo, SmolLM2 on Hamlet, the demo and the
-    QLoRA example, in their short forms (integration_full runs the long ones); without bitsandbytes
-    (checkpoints it wrote load from tests/data/hf_bnb/)."""
+    QLoRA example, in their short forms (integration_full runs the long ones), and transformers' /
+    PEFT's own bitsandbytes code on lowbit.compat.install(); without bitsandbytes (checkpoints it
+    wrote load from tests/data/hf_bnb/)."""
     BASE.with_model_and_text(session)
     BASE.run(
         session, "python", "-c",

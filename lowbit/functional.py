@@ -13,13 +13,16 @@ from typing import Optional
 import torch
 
 from .core import checks, formats
-from .core.formats import create_dynamic_map
+from .core.formats import create_dynamic_map, create_fp8_map, create_linear_map, create_normal_map
 from .core.quant_state import QuantState
 
 __all__ = [
     "QuantState",
     "block_absmax_of",
     "create_dynamic_map",
+    "create_fp8_map",
+    "create_linear_map",
+    "create_normal_map",
     "deinterleave_4bit",
     "dequantize_4bit",
     "dequantize_blockwise",
@@ -27,6 +30,7 @@ __all__ = [
     "dequantize_nf4",
     "gemv_4bit",
     "get_4bit_type",
+    "has_avx512bf16",
     "int8_double_quant",
     "int8_linear_matmul",
     "int8_mm_dequant",
@@ -38,6 +42,13 @@ __all__ = [
     "quantize_fp4",
     "quantize_nf4",
 ]
+
+
+def has_avx512bf16() -> bool:
+    """Whether the library repacks 4-bit weights into bitsandbytes' AVX512-BF16 CPU layout: never in
+    lowbit, whose CPU kernels read the standard packed layout on every ISA (bitsandbytes answers
+    False too when its library lacks that path). Code that checks it keeps the standard layout."""
+    return False
 
 
 def get_4bit_type(typename: str, device: Optional[torch.device | str] = None, blocksize: int = 64) -> torch.Tensor:
@@ -59,11 +70,11 @@ def quantize_blockwise(
 ) -> tuple[torch.Tensor, QuantState]:
     """Quantize ``A`` to 8 bits in blocks of ``blocksize`` values against ``code``
     (default: the signed dynamic map). Returns the uint8 tensor and its state."""
-    checks.tensor(A, "A", formats.FLOAT_DTYPES)
+    checks.tensor(A, "A", formats.FLOAT_DTYPES, contiguous=False)
     if code is None:
         code = formats.dynamic_map(signed=True, device=A.device)
-    checks.tensor(code, "code", (torch.float32,))
-    checks.blocksize(blocksize)
+    checks.tensor(code, "code", (torch.float32,), contiguous=False)
+    checks.blocksize(blocksize, allowed=formats.BLOCKSIZES_8BIT)
     _check_outputs(A, out, A.shape, torch.uint8, absmax, formats.num_blocks(A.numel(), blocksize), nested)
     code = checks.moved(code, "code", A.device)
     q, block_absmax = torch.ops.lowbit.quantize_blockwise(A, code, blocksize)
@@ -92,10 +103,13 @@ def _check_outputs(A, out, out_shape, out_dtype, absmax, n_blocks: int, nested: 
     """The ``out=``/``absmax=`` buffers of a quantizer, checked before anything is computed: exactly
     the shape and dtype of what is copied into them (the absmax of a nested state is uint8 codes)."""
     if out is not None:
-        checks.out(out, "out", out_shape, out_dtype, A.device, {"A": A}, "what A quantizes to")
+        checks.out(out, "out", out_shape, out_dtype, A.device, {"A": A}, "what A quantizes to", contiguous=False)
     if absmax is not None:
         absmax_dtype = torch.uint8 if nested else torch.float32
-        checks.out(absmax, "absmax", (n_blocks,), absmax_dtype, A.device, {"A": A, "out": out}, "one per block of A")
+        checks.out(
+            absmax, "absmax", (n_blocks,), absmax_dtype, A.device, {"A": A, "out": out}, "one per block of A",
+            contiguous=False,
+        )  # fmt: skip
 
 
 def _require_fields(state: object, name: str, fields: tuple[str, ...]) -> None:
@@ -141,7 +155,7 @@ def dequantize_blockwise(
     nested: bool = False,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise`; needs ``quant_state`` or ``absmax``."""
-    checks.tensor(A, "A", (torch.uint8,))
+    checks.tensor(A, "A", (torch.uint8,), contiguous=False)
     if quant_state is None:
         if absmax is None:
             raise ValueError("dequantize_blockwise needs quant_state or absmax")
@@ -175,7 +189,7 @@ def quantize_4bit(
     (blocksize 256) around its mean (double quantization).
     """
     blocksize = formats.DEFAULT_BLOCKSIZE_4BIT if blocksize is None else blocksize
-    checks.tensor(A, "A", formats.FLOAT_DTYPES)
+    checks.tensor(A, "A", formats.FLOAT_DTYPES, contiguous=False)
     checks.blocksize(blocksize)
     if quant_storage in formats.QUANT_STORAGE_DTYPES:
         n_packed = formats.packed_numel(A.numel(), quant_storage)
@@ -224,11 +238,11 @@ def dequantize_4bit(
     quant_type: str = "fp4",
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_4bit`; needs ``quant_state``, or ``absmax`` and ``out``."""
-    checks.tensor(A, "A")
+    checks.tensor(A, "A", contiguous=False)
     if quant_state is None:
         if absmax is None or out is None:
             raise ValueError("dequantize_4bit needs quant_state, or both absmax and out")
-        checks.tensor(out, "out", formats.FLOAT_DTYPES, nonempty=False)
+        checks.tensor(out, "out", formats.FLOAT_DTYPES, nonempty=False, contiguous=False)
         quant_state = QuantState(
             absmax=absmax,
             shape=out.shape,
@@ -275,7 +289,7 @@ def gemv_4bit(
     if state is None:
         raise ValueError("gemv_4bit needs state, the QuantState returned by quantize_4bit")
     _require_fields(state, "state", _FIELDS_4BIT)
-    checks.tensor(A, "A", formats.FLOAT_DTYPES)
+    checks.tensor(A, "A", formats.FLOAT_DTYPES, contiguous=False)
     if state.interleaved:
         result = torch.ops.lowbit.matmul_4bit_interleaved(
             A, B, list(state.shape), state.absmax, codebook_of(state, A.device), state.blocksize
@@ -370,4 +384,4 @@ def int8_mm_dequant(
     if out is None:
         return result
     # the result is complete before `out` is written, so `out` may even alias A
-    return checks.out(out, "out", result.shape, result.dtype, result.device, {}).copy_(result)
+    return checks.out(out, "out", result.shape, result.dtype, result.device, {}, contiguous=False).copy_(result)

@@ -148,7 +148,7 @@ def test_matmul_4bit_empty_input():
 def test_matmul_4bit_accepts_weight_quantized_as_k_by_n_with_deprecation_warning():
     packed, state = LF.quantize_4bit(_weight().t().contiguous(), quant_type="nf4")  # state.shape = [K, N]
     A = _input((3, K), torch.float32)
-    with pytest.warns(DeprecationWarning, match="K, N"):
+    with pytest.warns(DeprecationWarning, match=r"\[K, N\].*Re-quantize from the weight in \[N, K\]"):
         out = matmul_4bit(A, packed, state)
     assert torch.equal(out, A @ LF.dequantize_4bit(packed, state))
 
@@ -166,6 +166,47 @@ def test_matmul_4bit_rejects_bad_arguments():
         matmul_4bit(A.numpy(), packed, state)
     with pytest.raises(ValueError, match="A must be float32, float16 or bfloat16"):
         matmul_4bit(A.long(), packed, state)
+
+
+# ------------------------------------------------------------------------------------------
+# gemm_4bit: bitsandbytes' op (absmax and its double quantization passed as separate tensors)
+# ------------------------------------------------------------------------------------------
+def _gemm_4bit_args(packed, state):
+    if state.nested:
+        return (state.state2.absmax,), {
+            "absmax_8bit": state.absmax, "absmax_code": state.state2.code, "absmax_offset": state.offset,
+        }  # fmt: skip
+    return (state.absmax,), {}
+
+
+@pytest.mark.parametrize("quant_type,nested", QUANT_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16], ids=["uint8", "bf16_storage"])
+def test_gemm_4bit_op_is_the_dense_product(quant_type, nested, dtype, storage):
+    packed, state = LF.quantize_4bit(
+        _weight(), quant_type=quant_type, compress_statistics=nested, quant_storage=storage
+    )
+    A = _input((2, GEMV_MAX_ROWS, K), dtype)
+    bias = torch.randn(N, generator=_gen(2)).to(dtype)
+    (absmax,), nested_args = _gemm_4bit_args(packed, state)
+    out = torch.ops.lowbit.gemm_4bit(A, packed, [N, K], absmax, 64, quant_type, bias, **nested_args)
+    assert torch.equal(out, F.linear(A, LF.dequantize_4bit(packed, state).to(dtype), bias))
+
+
+def test_gemm_4bit_op_offset_of_any_float_dtype_and_bad_arguments():
+    packed, state = LF.quantize_4bit(_weight(), quant_type="nf4", compress_statistics=True)
+    A = _input((3, K), torch.float32)
+    (absmax,), nested_args = _gemm_4bit_args(packed, state)
+    offset16 = state.offset.half()
+    want = torch.ops.lowbit.gemm_4bit(A, packed, [N, K], absmax, 64, "nf4", **{**nested_args, "absmax_offset": offset16.float()})
+    got = torch.ops.lowbit.gemm_4bit(A, packed, [N, K], absmax, 64, "nf4", **{**nested_args, "absmax_offset": offset16})
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="absmax_code and absmax_offset are only used with absmax_8bit"):
+        torch.ops.lowbit.gemm_4bit(A, packed, [N, K], state.state2.absmax, 64, "nf4", absmax_code=state.state2.code)
+    with pytest.raises(ValueError, match="absmax_8bit has"):
+        torch.ops.lowbit.gemm_4bit(A, packed, [N, K], absmax, 64, "nf4", **{**nested_args, "absmax_8bit": state.absmax[1:]})
+    with pytest.raises(ValueError, match=f"A has {K} features in its last dimension but shapeB"):
+        torch.ops.lowbit.gemm_4bit(A, packed, [K, N], state.state2.absmax, 64, "nf4", **nested_args)
 
 
 # ------------------------------------------------------------------------------------------
@@ -307,6 +348,21 @@ def test_int8_matmul_quantizes_a_float_weight_and_accepts_out():
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("is_training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_int8_matmul_takes_the_weight_from_the_state_in_either_orientation(is_training, threshold):
+    """With state.CB set, B may be passed as CB.t() (as bitsandbytes' older callers do)."""
+    CB, SCB = _int8_weight()
+    A = _input((4, K), torch.float16, requires_grad=is_training)
+    A.data[:, 3] = 8.0  # an outlier column for the threshold case
+
+    def product(B):
+        state = MatmulLtState(CB=CB, SCB=SCB, has_fp16_weights=False, is_training=is_training)
+        return matmul(A, B, state=state, threshold=threshold)
+
+    assert torch.equal(product(CB.t()), product(CB))
+
+
 def test_int8_matmul_empty_input():
     CB, SCB = _int8_weight()
     A = torch.empty(0, K, requires_grad=True)
@@ -325,7 +381,9 @@ def test_int8_matmul_rejects_bad_arguments():
     with pytest.raises(TypeError, match="state"):
         matmul(A, CB, state={"CB": CB})
     with pytest.raises(ValueError, match="B must be"):
-        matmul(A, CB.t(), state=state)
+        matmul(A, CB[:, :-1], state=MatmulLtState())
+    with pytest.raises(ValueError, match="state.CB must be .* B that weight or its transpose"):
+        matmul(A, CB[:-1], state=state)
     with pytest.raises(ValueError, match="SCB"):
         matmul(A, CB, state=MatmulLtState(has_fp16_weights=False))
     with pytest.raises(TypeError, match="bias"):

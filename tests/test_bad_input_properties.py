@@ -338,6 +338,26 @@ def _build_4bit_matmul(name, p, g):
     return OpCall(name, args, roles, close=True)
 
 
+def _build_gemm_4bit(name, p, g):
+    """bitsandbytes' op: the quant type instead of a code, and a double-quantized absmax as
+    (absmax of the nested blocks, absmax_8bit, absmax_code, absmax_offset) when ``nested``."""
+    (m, N, K), bs, qt, dtype, nested = p
+    packed, absmax = _quantized_4bit(N * K, bs, qt, g)
+    args = [_randn((m, K), dtype, g), packed, [N, K], absmax, bs, qt, _randn((N,), dtype, g)]
+    roles = {
+        0: Arg(FLOATS, "input"), 1: Arg(formats.QUANT_STORAGE_DTYPES, "packed"), 3: Arg((torch.float32,), "absmax"),
+        6: Arg(REAL_FLOATS, "bias"),
+    }  # fmt: skip
+    if nested:
+        offset = absmax.mean()
+        absmax_8bit, args[3] = torch.ops.lowbit.quantize_blockwise(
+            absmax - offset, formats.dynamic_map(), formats.NESTED_BLOCKSIZE
+        )
+        args += [absmax_8bit, formats.dynamic_map(), offset]
+        roles.update({7: Arg((torch.uint8,), "sized"), 8: Arg((torch.float32,), "code"), 9: Arg(FLOATS, "stat")})
+    return OpCall(name, args, roles, close=True)
+
+
 def _build_quantize_blockwise(name, p, g):
     n, bs, dtype = p
     return OpCall(
@@ -413,7 +433,7 @@ def _build_int8_mixed_scaled_mm(name, p, g):
     CA, SCA, cols = torch.ops.lowbit.int8_vectorwise_quant(A, 6.0)
     args = [A, CA, _int8((N, K), g), SCA, torch.rand(N, generator=g) * 10, cols, None]
     roles = {
-        0: Arg((torch.float16,), "input"), 1: Arg((torch.int8,), "sized"), 2: Arg((torch.int8,), "sized"),
+        0: Arg(FLOATS, "input"), 1: Arg((torch.int8,), "sized"), 2: Arg((torch.int8,), "sized"),
         3: Arg((torch.float32,), "stat"), 4: Arg((torch.float32,), "stat"), 5: Arg((torch.int64, torch.int32), "index"),
     }  # fmt: skip
     if with_bias:
@@ -471,6 +491,7 @@ _BUILDERS: dict[str, tuple[st.SearchStrategy, Callable]] = {
     "gemv_4bit": (st.tuples(_mnk, _blocksize, _quant_type, _float, st.just(False)), _build_4bit_matmul),
     "gemv_4bit.out": (st.tuples(_mnk, _blocksize, _quant_type, _float, st.just(False)), _build_4bit_matmul),
     "matmul_4bit": (st.tuples(_mnk, _blocksize, _quant_type, _float, st.booleans()), _build_4bit_matmul),
+    "gemm_4bit": (st.tuples(_mnk, _blocksize, _quant_type, _float, st.booleans()), _build_gemm_4bit),
     "quantize_blockwise": (st.tuples(st.integers(1, 600), _blocksize, _float), _build_quantize_blockwise),
     "dequantize_blockwise": (st.tuples(st.integers(1, 600), _blocksize, _float), _build_dequantize_blockwise),
     "dequantize_blockwise.out": (st.tuples(st.integers(1, 600), _blocksize, _float), _build_dequantize_blockwise),
@@ -504,6 +525,7 @@ def test_every_op_is_generated():
 # ------------------------------------------------------------------------------------------------
 _SCALARS: dict[str, list[tuple[int, str, list]]] = {}  # op -> (position, name, bad values)
 _BAD_BLOCKSIZES = [0, -64, 48, 8192, 1]
+_BAD_BLOCKSIZES_8BIT = [0, -64, 48, 2 * formats.BLOCKSIZES_8BIT[-1], 1]  # 8192..65536 are 8-bit blocksizes
 _BAD_QUANT_TYPES = ["nf5", "", "NF4", "int4"]
 _BAD_DTYPES = [torch.int8, torch.float64, torch.bool, torch.complex64]
 _BAD_FLOATS = [math.nan, math.inf, -math.inf, -1.0]
@@ -515,9 +537,11 @@ for _name in ("dequantize_4bit", "dequantize_4bit.out"):
                        (4, "shape", ["+2", "-2", "negative", [0], [], "extra0"]), (5, "dtype", _BAD_DTYPES)]  # fmt: skip
 for _name in ("gemv_4bit", "gemv_4bit.out", "matmul_4bit"):
     _SCALARS[_name] = [(5, "blocksize", _BAD_BLOCKSIZES), (2, "shapeB", ["N+1", "K+1", "flat", "3-D"])]
-_SCALARS["quantize_blockwise"] = [(2, "blocksize", _BAD_BLOCKSIZES)]
+_SCALARS["gemm_4bit"] = [(4, "blocksize", _BAD_BLOCKSIZES), (5, "quant_type", _BAD_QUANT_TYPES),
+                         (2, "shapeB", ["N+1", "K+1", "flat", "3-D"])]  # fmt: skip
+_SCALARS["quantize_blockwise"] = [(2, "blocksize", _BAD_BLOCKSIZES_8BIT)]
 for _name in ("dequantize_blockwise", "dequantize_blockwise.out"):
-    _SCALARS[_name] = [(3, "blocksize", _BAD_BLOCKSIZES), (4, "dtype", _BAD_DTYPES)]
+    _SCALARS[_name] = [(3, "blocksize", _BAD_BLOCKSIZES_8BIT), (4, "dtype", _BAD_DTYPES)]
 for _name in ("int8_vectorwise_quant", "int8_double_quant"):
     _SCALARS[_name] = [(1, "threshold", [-1.0, math.nan, math.inf, -math.inf])]
 _SCALARS["int8_mm_dequant"] = [(3, "dtype", _BAD_DTYPES)]
@@ -544,7 +568,8 @@ def _shape_value(bad, call: OpCall):
         # +-2 values: one packed byte more or less (+-1 may only add or drop the padding nibble)
         return {"+2": [n + 2], "-2": [n - 2] if n > 2 else [n + 2], "negative": [-n], "extra0": [n, 0]}[bad]
     N, K = call.args[2]
-    return {"N+1": [N + 1, K], "K+1": [N, K + 1], "flat": [N * K], "3-D": [N, K, 1]}[bad]
+    # "N+1" adds two rows when K == 1: one more row of one value may fit the padding nibble of B
+    return {"N+1": [N + (2 if K == 1 else 1), K], "K+1": [N, K + 1], "flat": [N * K], "3-D": [N, K, 1]}[bad]
 
 
 def _strided(t: torch.Tensor) -> torch.Tensor:
@@ -566,6 +591,7 @@ def _with_value(t: torch.Tensor, index: int, kind: str, n_cols: int) -> torch.Te
         info = torch.iinfo(t.dtype)
         value = {"nan": -1, "inf": n_cols, "-inf": info.min, "subnormal": 2**31 - 1 if info.bits > 32 else info.max,
                  "huge": info.max, "-huge": info.min}[kind]  # fmt: skip
+        value = min(max(value, info.min), info.max)  # n_cols of an int8 tensor may exceed 127
     flat[i] = value
     return t
 

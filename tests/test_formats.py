@@ -10,7 +10,14 @@ import torch
 
 from lowbit.backends.cpu import native
 from lowbit.core import formats
-from lowbit.functional import create_dynamic_map
+from lowbit.functional import (
+    create_dynamic_map,
+    create_fp8_map,
+    create_linear_map,
+    create_normal_map,
+    dequantize_blockwise,
+    quantize_blockwise,
+)
 from support import NATIVE_CPU_BACKENDS
 
 # The 256 values of each map, generated once and frozen (bitsandbytes 0.50.2 gives the same).
@@ -59,6 +66,63 @@ def test_fp4_code_magnitudes():
         assert code[bits | 8] == pytest.approx(-magnitude, abs=1e-7)  # bit 3 is the sign
 
 
+# Code maps as bitsandbytes 0.50.2 builds them (tests/data/code_maps.json says how).
+PINNED_CODE_MAPS = json.loads((Path(__file__).parent / "data" / "code_maps.json").read_text())["maps"]
+
+
+@pytest.mark.parametrize(
+    "pinned", PINNED_CODE_MAPS, ids=[f"{m['function']}-{'-'.join(map(str, m['kwargs'].values()))}" for m in PINNED_CODE_MAPS]
+)
+def test_code_maps_are_bitsandbytes_tables_bit_for_bit(pinned):
+    code = getattr(formats, pinned["function"])(**pinned["kwargs"])
+    want = torch.tensor(pinned["values"], dtype=torch.float32)
+    assert code.dtype == torch.float32 and code.shape == want.shape
+    assert torch.equal(code.view(torch.int32), want.view(torch.int32))  # zero signs included
+
+
+def test_normal_map_holds_the_nf4_code():
+    code = create_normal_map()
+    assert code.dtype == torch.float32 and code.numel() == 256
+    assert bool((code[1:] >= code[:-1]).all()) and code.max() == 1.0
+    assert sorted(set(code.tolist())) == list(formats.NF4_CODE)  # 15 quantiles and zero
+    assert int((code == 0).sum()) == 256 - 15
+    symmetric = create_normal_map(use_extra_value=False)
+    nonzero = symmetric[symmetric != 0]
+    assert nonzero.numel() == 14 and torch.equal(nonzero, -nonzero.flip(0))
+
+
+def test_fp8_map_of_a_2_bit_exponent_by_hand():
+    # E2M1, bias 2: subnormals 0 and 0.5 * 2**-2; exponent fields 1..3 give (1 + m/2) * 2**(3 - e)
+    code = create_fp8_map(signed=True, exponent_bits=2, precision_bits=1, total_bits=4)
+    magnitudes = [0.125, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+    expected = sorted({0.0} | {s * m / 6.0 for m in magnitudes for s in (1, -1)})
+    assert sorted(set(code.tolist())) == pytest.approx(expected, abs=1e-7)
+    assert code.numel() == 256 and int((code == 0).sum()) == 256 - 14
+    assert bool((code[1:] >= code[:-1]).all())
+
+
+def test_fp8_map_e4m3_round_trips_through_blockwise_quantization():
+    code = create_fp8_map(signed=True, exponent_bits=4, precision_bits=3, total_bits=8)
+    assert code.numel() == 256 and code.max() == 1.0 and code.min() == -1.0
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(0))
+    q, state = quantize_blockwise(x, code=code, blocksize=256)
+    relative = (dequantize_blockwise(q, state) - x).abs() / x.abs().clamp(min=0.05)
+    assert relative.mean() < 0.05
+    with pytest.raises(ValueError, match="exponent_bits \\+ precision_bits"):
+        create_fp8_map(signed=True, exponent_bits=4, precision_bits=4, total_bits=8)
+
+
+def test_linear_map_layouts():
+    signed = create_linear_map(signed=True)  # 255 steps from -1 to 1 (0 on the grid) and one padding 0
+    assert torch.equal(signed[:127], torch.linspace(-1, 1, 255)[:127])
+    assert signed[127] == 0 and torch.equal(signed[128:], torch.linspace(-1, 1, 255)[127:])
+    assert torch.equal(create_linear_map(signed=False), torch.linspace(0, 1, 256))
+    assert torch.equal(create_linear_map(signed=True, add_zero=False), torch.linspace(-1, 1, 256))
+    four_bit = create_linear_map(signed=True, total_bits=4)  # 15 values, 241 zeros in the middle
+    grid = torch.linspace(-1, 1, 15)
+    assert torch.equal(four_bit, torch.cat([grid[:7], torch.zeros(241), grid[7:]]))
+
+
 @pytest.mark.parametrize("quant_type", formats.QUANT_TYPES)
 def test_order_sorts_the_code(quant_type):
     code = torch.tensor(formats.CODES[quant_type])
@@ -102,6 +166,18 @@ def test_packed_numel():
 
 
 
+def test_8bit_blocksizes_match_the_c_limit():
+    """formats.BLOCKSIZES_8BIT: the 4-bit blocksizes, then powers of two up to the C header's limit."""
+    import re
+
+    header = Path(__file__).resolve().parents[1] / "csrc" / "common" / "lowbit_formats.h"
+    if not header.is_file():
+        pytest.skip("needs the source checkout (csrc/)")
+    limit = int(re.search(r"#define LOWBIT_MAX_BLOCKSIZE_8BIT (\d+)", header.read_text()).group(1))
+    assert formats.BLOCKSIZES_8BIT[: len(formats.BLOCKSIZES)] == formats.BLOCKSIZES
+    assert formats.BLOCKSIZES_8BIT == tuple(32 << i for i in range(limit.bit_length() - 5))
+
+
 def test_native_optimizer_ids_match_the_c_enum():
     """formats.NATIVE_OPTIMIZER_IDS numbers optimizers as csrc/common/lowbit_optim.h does."""
     import re
@@ -114,6 +190,12 @@ def test_native_optimizer_ids_match_the_c_enum():
     primary = {name: formats.NATIVE_OPTIMIZER_IDS[name] for name in c_ids}
     assert primary == c_ids
     assert set(formats.NATIVE_OPTIMIZER_IDS.values()) == set(c_ids.values())
+
+
+def test_no_bitsandbytes_avx512bf16_repacked_layout():
+    from lowbit.functional import has_avx512bf16
+
+    assert has_avx512bf16() is False  # callers keep the standard packed layout lowbit's kernels read
 
 
 def test_int8_matmul_max_k_matches_the_c_constant():

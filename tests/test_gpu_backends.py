@@ -403,6 +403,20 @@ def test_every_family_registers_its_ops():
     }  # fmt: skip
 
 
+def test_blockwise_8bit_blocks_above_4096_run_the_reference_kernel():
+    """The GPU kernels stop at 4096 values per block; the larger 8-bit blocksizes never reach them."""
+    table = KernelTable("probe")
+    blockwise_8bit.install(table, native.GpuLibrary("cuda", Path("/nonexistent")))  # any call would fail
+    reference = registry.get("reference").kernels
+    x, code = torch.randn(3 * 16384 + 5), formats.dynamic_map()
+    q, absmax = table.get("quantize_blockwise")(x, code, 16384)
+    want_q, want_absmax = reference.get("quantize_blockwise")(x, code, 16384)
+    assert torch.equal(q, want_q) and torch.equal(absmax, want_absmax)
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    table.get("dequantize_blockwise.out")(q, absmax, code, 16384, torch.bfloat16, out)
+    assert torch.equal(out, reference.get("dequantize_blockwise")(q, absmax, code, 16384, torch.bfloat16))
+
+
 def test_kernels_refuse_host_tensors():
     """A kernel of the GPU backends never hands a host pointer to the GPU library."""
     table = KernelTable("probe")

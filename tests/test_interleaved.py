@@ -124,6 +124,19 @@ def test_functional_api_reads_the_interleaved_layout():
         F.interleave_4bit(*F.quantize_4bit(torch.randn(4, 96)))  # K % 64 != 0
 
 
+def test_interleaved_product_takes_a_strided_bias_and_refuses_a_wrong_size():
+    """The eager fast path calls the kernel directly: a non-contiguous bias gives the result of
+    its contiguous copy, as the op dispatcher would, and a bias of the wrong size is refused."""
+    packed, state = F.interleave_4bit(*F.quantize_4bit(torch.randn(48, 256)))
+    x, bias = torch.randn(3, 256), torch.randn(48)
+    strided = torch.stack([bias, torch.full_like(bias, float("nan"))], dim=-1)[:, 0]
+    assert not strided.is_contiguous()
+    want = lowbit.matmul_4bit(x, packed, quant_state=state, bias=bias)
+    assert torch.equal(lowbit.matmul_4bit(x, packed, quant_state=state, bias=strided), want)
+    with pytest.raises(ValueError, match="bias must have 48 values, got 47"):
+        lowbit.matmul_4bit(x, packed, quant_state=state, bias=bias[:47])
+
+
 def test_no_placement_where_it_cannot_serve():
     x = torch.randn(2, 576)
     with torch.no_grad():

@@ -246,9 +246,27 @@ def test_linear4bit_forward_is_dense_product_in_compute_dtype(quant_type, nested
     out = layer(x)
     dtype = compute_dtype or torch.float32
     W = LF.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-    expected = F.linear(x.to(dtype), W.to(dtype), layer.bias.to(dtype)).float()
+    bias = _float_state()["bias"]
+    expected = F.linear(x.to(dtype), W.to(dtype), bias.to(dtype)).float()
     assert out.dtype == torch.float32 and torch.equal(out, expected)
-    assert layer.bias.dtype == torch.float32  # cast per call, never in place
+    assert layer.bias.dtype == dtype  # cast in place to the compute dtype, as bitsandbytes does
+
+
+@pytest.mark.parametrize("make", [_linear4bit, _linear8bit], ids=["Linear4bit", "Linear8bitLt"])
+def test_bias_follows_the_input_dtype_in_place(make):
+    """bitsandbytes casts the bias Parameter to the compute dtype on first use; lowbit does too."""
+    layer = make()
+    bias = layer.bias
+    before = (bias.data_ptr(), bias.dtype)
+    for refused in (torch.tensor(1.0, dtype=torch.float16), torch.zeros(2, IN + 1, dtype=torch.float16)):
+        with pytest.raises(ValueError):
+            layer(refused)  # a refused call leaves the bias as it was
+    assert (bias.data_ptr(), bias.dtype) == before == (before[0], torch.float32)
+    x = _x(dtype=torch.float16)
+    first = layer(x)
+    assert layer.bias is bias and bias.dtype == torch.float16 and layer.state_dict()["bias"].dtype == torch.float16
+    assert torch.equal(layer(x), first)  # no further change
+    assert make(quantize=True).bias.dtype == torch.float32  # nothing happens before a forward
 
 
 def test_linear4bit_adopts_input_dtype_and_warns_about_float16(caplog):
@@ -484,6 +502,30 @@ def test_linear8bit_float_checkpoint_into_quantized_layer_requantizes():
     layer = _linear8bit(seed=3)
     layer.load_state_dict(_float_state(seed=0))
     _assert_same_state_dict(layer.state_dict(), _linear8bit(seed=0).state_dict())
+
+
+def test_linear8bit_with_a_tied_plain_weight():
+    """A plain Parameter put in place of the weight (tied to another module's weight) is a float
+    weight: saved without SCB, refused with a clear error when a checkpoint holds int8 entries,
+    and quantized afresh by every forward (it may change between calls)."""
+    shared = torch.nn.Parameter(torch.randn(OUT, IN, generator=_gen(0)) * 0.1)
+    layer = _linear8bit(quantize=False)
+    layer.weight = shared
+    assert list(layer.state_dict()) == ["weight", "bias"]
+
+    x = _x()
+    expected = lowbit.autograd.matmul(x, shared, state=lowbit.autograd.MatmulLtState(), bias=layer.bias)
+    assert torch.equal(layer(x), expected)
+    with torch.no_grad():
+        shared.mul_(2.0)
+    torch.testing.assert_close(layer(x) - layer.bias, 2 * (expected - layer.bias), rtol=2e-2, atol=2e-2)
+
+    quantized = _linear8bit(seed=1).state_dict()
+    with pytest.raises(RuntimeError, match="Loading a quantized checkpoint into non-quantized Linear8bitLt"):
+        layer.load_state_dict(quantized)
+    assert layer.weight is shared
+    layer.load_state_dict(_float_state(seed=4))  # a float checkpoint copies into the shared weight
+    assert torch.equal(shared, _float_state(seed=4)["weight"])
 
 
 CORRUPTIONS_8BIT = {

@@ -18,6 +18,7 @@ g = torch.Generator().manual_seed(0)
 W = torch.randn(32, 64, generator=g)
 X = torch.randn(3, 64, generator=g)
 PACKED, STATE = F.quantize_4bit(W, quant_type="nf4")
+PACKED_NESTED, STATE_NESTED = F.quantize_4bit(W, quant_type="fp4", compress_statistics=True)
 QA, SA, _ = F.int8_vectorwise_quant(X)
 QW, SW, _ = F.int8_vectorwise_quant(W)
 CODE8 = formats.dynamic_map()
@@ -34,6 +35,10 @@ SAMPLES = {
     "interleave_4bit": (PACKED, STATE.absmax, [32, 64], 64),
     "deinterleave_4bit": (PACKED_I, ABSMAX_I, [32, 64], 64),
     "matmul_4bit_interleaved": (X, PACKED_I, [32, 64], ABSMAX_I, STATE.code, 64, torch.randn(32), False),
+    "gemm_4bit": (
+        X, PACKED_NESTED, [32, 64], STATE_NESTED.state2.absmax, 64, "fp4", torch.randn(32), STATE_NESTED.absmax,
+        STATE_NESTED.state2.code, STATE_NESTED.offset,
+    ),
     "quantize_blockwise": (W, CODE8, 256),
     "dequantize_blockwise": (Q8, ABSMAX8, CODE8, 256, torch.float16),
     "dequantize_blockwise.out": (Q8, ABSMAX8, CODE8, 256, torch.float32, torch.empty(32, 64)),

@@ -135,3 +135,22 @@ def test_nested_state_missing_fields():
     del packed["nested_quant_map"]
     with pytest.raises(ValueError, match="nested state is missing 'nested_quant_map'"):
         QuantState.from_dict(packed)
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("blocksize", [128, 16384])  # 16384: an 8-bit-only blocksize
+def test_8bit_blockwise_state_round_trips_through_dict(nested, blocksize):
+    x = torch.randn(300, 70, dtype=torch.bfloat16)
+    q, state = F.quantize_blockwise(x, blocksize=blocksize, nested=nested)
+    fields = state.as_dict()
+    assert fields["quant_type"] is None and fields["quant_map"].numel() == 256
+    rebuilt = QuantState.from_dict(fields)
+    assert rebuilt == state and rebuilt.dtype == torch.bfloat16 and rebuilt.nested == nested
+    assert torch.equal(F.dequantize_blockwise(q, rebuilt), F.dequantize_blockwise(q, state))
+    # the code size follows the format: 256 entries for 8-bit, 16 for NF4/FP4
+    with pytest.raises(ValueError, match="'quant_map' has 16 elements, expected 256"):
+        QuantState.from_dict({**fields, "quant_map": torch.zeros(16)})
+    with pytest.raises(ValueError, match="'quant_map' has 256 elements, expected 16"):
+        QuantState.from_dict({**fields, "quant_type": "nf4", "shape": [300, 70], "blocksize": 128})
+    with pytest.raises(ValueError, match="'blocksize' must be one of"):  # 16384 is 8-bit only
+        QuantState.from_dict({**fields, "quant_type": "nf4", "blocksize": 16384})

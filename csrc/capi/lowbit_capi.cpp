@@ -184,7 +184,7 @@ LOWBIT_API int32_t lowbit_quantize_blockwise(int32_t dtype, const float *code, i
                                              int64_t out_len, float *absmax, int64_t absmax_len,
                                              int32_t num_threads) {
     ArgCheck c("lowbit_quantize_blockwise");
-    if (check_blockwise(c, dtype, n, blocksize).failed()) return refuse(c);
+    if (check_blockwise_8bit(c, dtype, n, blocksize).failed()) return refuse(c);
     c.length("code_len", code_len, fmt::kCode8Size, "the size of an 8-bit code")
         .length("out_len", out_len, n, "n")
         .length("absmax_len", absmax_len, num_blocks(n, blocksize), "ceil(n / blocksize)");
@@ -203,7 +203,7 @@ LOWBIT_API int32_t lowbit_dequantize_blockwise(int32_t dtype, const float *code,
                                                int64_t absmax_len, int64_t blocksize, void *out,
                                                int64_t n, int32_t num_threads) {
     ArgCheck c("lowbit_dequantize_blockwise");
-    if (check_blockwise(c, dtype, n, blocksize).failed()) return refuse(c);
+    if (check_blockwise_8bit(c, dtype, n, blocksize).failed()) return refuse(c);
     c.length("code_len", code_len, fmt::kCode8Size, "the size of an 8-bit code")
         .length("A_len", A_len, n, "n")
         .length("absmax_len", absmax_len, num_blocks(n, blocksize), "ceil(n / blocksize)");

@@ -16,7 +16,8 @@
  * type) -- and the declarations must agree exactly (e.g. absmax_len == ceil(n / blocksize)).
  *
  * Conventions shared by the quantization entry points (implemented in lowbit_capi.cpp):
- *  - enums, blocksize (32..4096, powers of two), sizes (0..2^59) and lengths are checked first
+ *  - enums, blocksize (32..4096, powers of two; 8-bit blockwise up to LOWBIT_MAX_BLOCKSIZE_8BIT),
+ *    sizes (0..2^59) and lengths are checked first
  *    (LOWBIT_ERR_ARGUMENT); then n == 0 returns LOWBIT_OK without touching any pointer (null is
  *    fine for empty tensors); then every pointer must be non-null.
  *  - num_threads <= 1 runs on the calling thread; larger values allow up to that many threads,

@@ -102,6 +102,13 @@ inline ArgCheck &check_blocksize(ArgCheck &c, int64_t blocksize) {
 inline ArgCheck &check_blockwise(ArgCheck &c, int32_t dtype, int64_t n, int64_t blocksize) {
     return check_blocksize(check_dtype(c, "dtype", dtype).count("n", n), blocksize);
 }
+/* The same for 8-bit blockwise, which also takes the larger blocks up to LOWBIT_MAX_BLOCKSIZE_8BIT. */
+inline ArgCheck &check_blockwise_8bit(ArgCheck &c, int32_t dtype, int64_t n, int64_t blocksize) {
+    return check_dtype(c, "dtype", dtype)
+        .count("n", n)
+        .expect(fmt::is_supported_blocksize_8bit(blocksize), "blocksize = %lld is not a power of two in [32, %d]",
+                static_cast<long long>(blocksize), LOWBIT_MAX_BLOCKSIZE_8BIT);
+}
 /* A rows x cols matrix (either may be 0: nothing to do). */
 inline ArgCheck &check_matrix(ArgCheck &c, int64_t rows, int64_t cols) {
     return c.count("rows", rows).count("cols", cols).product("rows", rows, "cols", cols);

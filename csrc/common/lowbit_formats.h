@@ -79,6 +79,10 @@
         0.416666687f, 0.583333373f, 0.833333373f
 
 #define LOWBIT_BLOCKSIZE_LIST 32, 64, 128, 256, 512, 1024, 2048, 4096
+/* 8-bit blockwise also takes the larger powers of two up to this one (bitsandbytes' CPU path
+ * accepts large blocks; its tests use 16384). The CPU kernels run them; the GPU backends hand them
+ * to the reference kernel. */
+#define LOWBIT_MAX_BLOCKSIZE_8BIT 65536
 
 namespace lowbit {
 namespace fmt {
@@ -175,6 +179,11 @@ LOWBIT_HD static inline float bits_float(uint32_t u) {
 /* True for 32, 64, ..., 4096: the set used by both the 4-bit and the 8-bit blockwise formats. */
 LOWBIT_HD static inline bool is_supported_blocksize(int64_t blocksize) {
     return blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0;
+}
+
+/* The 8-bit blockwise blocksizes: the above and 8192 ... LOWBIT_MAX_BLOCKSIZE_8BIT. */
+LOWBIT_HD static inline bool is_supported_blocksize_8bit(int64_t blocksize) {
+    return blocksize >= 32 && blocksize <= LOWBIT_MAX_BLOCKSIZE_8BIT && (blocksize & (blocksize - 1)) == 0;
 }
 
 /* ------------------------------------------------------------------------------------------ */

@@ -132,6 +132,11 @@ static void test_format_literals() {
         CHECK(fmt::is_supported_blocksize(bs) == listed, "blocksize %lld", (long long)bs);
     }
     CHECK(!fmt::is_supported_blocksize(0) && !fmt::is_supported_blocksize(-64), "bad blocksizes");
+    for (int64_t bs = 1; bs <= 2 * LOWBIT_MAX_BLOCKSIZE_8BIT; ++bs) {
+        const bool larger = bs > 4096 && bs <= LOWBIT_MAX_BLOCKSIZE_8BIT && (bs & (bs - 1)) == 0;
+        CHECK(fmt::is_supported_blocksize_8bit(bs) == (fmt::is_supported_blocksize(bs) || larger),
+              "8-bit blocksize %lld", (long long)bs);
+    }
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -288,9 +293,16 @@ static void test_capi_arguments() {
     for (int64_t bs : bad_bs) {
         REFUSED(lowbit_quantize_4bit(0, x, 64, bs, 1, q, 32, am, 1, 1), "blocksize");
         REFUSED(lowbit_dequantize_4bit(0, q, 32, am, 1, bs, c4, 16, x, 64, 1), "blocksize");
+        if (bs == 8192) {  // a valid 8-bit blocksize (one block here)
+            CHECK(lowbit_quantize_blockwise(0, c8, 256, x, 64, bs, q, 64, am, 1, 1) == LOWBIT_OK, "q8 bs 8192");
+            CHECK(lowbit_dequantize_blockwise(0, c8, 256, q, 64, am, 1, bs, x, 64, 1) == LOWBIT_OK, "dq8 bs 8192");
+            continue;
+        }
         REFUSED(lowbit_quantize_blockwise(0, c8, 256, x, 64, bs, q, 64, am, 1, 1), "blocksize");
         REFUSED(lowbit_dequantize_blockwise(0, c8, 256, q, 64, am, 1, bs, x, 64, 1), "blocksize");
     }
+    REFUSED(lowbit_quantize_blockwise(0, c8, 256, x, 64, 2 * LOWBIT_MAX_BLOCKSIZE_8BIT, q, 64, am, 1, 1),
+            "is not a power of two in [32, 65536]");
     for (int32_t dt : {-1, 3, 100}) {
         REFUSED(lowbit_quantize_4bit(dt, x, 64, 64, 1, q, 32, am, 1, 1), "dtype = ");
         REFUSED(lowbit_dequantize_4bit(dt, q, 32, am, 1, 64, c4, 16, x, 64, 1), "dtype = ");

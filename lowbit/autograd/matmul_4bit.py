@@ -87,7 +87,7 @@ def to_out(result: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
     shape and dtype. The result is complete before ``out`` is written, so ``out`` may alias A."""
     if out is None:
         return result
-    return checks.out(out, "out", result.shape, result.dtype, result.device, {}).copy_(result)
+    return checks.out(out, "out", result.shape, result.dtype, result.device, {}, contiguous=False).copy_(result)
 
 
 class MatMul4Bit(torch.autograd.Function):
@@ -122,15 +122,19 @@ def _interleaved_product(A, B, quant_state: QuantState, bias) -> torch.Tensor:
     cost more than the product (B is the parameter subclass, whose every attribute read passes
     through __torch_function__). What they check holds by construction -- B and the state (its code
     checked when it was built) came out of ``interleave_4bit`` together, A and bias passed
-    ``_check_arguments`` -- but the bias's size, checked here. Traced code goes through the op.
+    ``_check_arguments`` -- but the bias's size, checked here, and its layout, made contiguous as
+    the op's dispatcher would. Traced code goes through the op.
     """
     n_out, k_in = quant_state.shape
     code = formats.code_tensor(quant_state.quant_type, A.device) if quant_state.code is None else quant_state.code
+    compiling = torch.compiler.is_compiling()
+    if bias is not None and not compiling:
+        if bias.numel() != n_out:
+            raise ValueError(f"matmul_4bit: bias must have {n_out} values, got {bias.numel()}")
+        bias = bias.contiguous()
     args = (A, B, [n_out, k_in], quant_state.absmax, code, quant_state.blocksize, bias, _exact(A.dtype))
-    if torch.compiler.is_compiling():
+    if compiling:
         return torch.ops.lowbit.matmul_4bit_interleaved(*args)
-    if bias is not None and (bias.numel() != n_out or not bias.is_contiguous()):
-        raise ValueError(f"matmul_4bit: bias must be a contiguous tensor of {n_out} values")
     return registry.kernel_for("matmul_4bit_interleaved", A.device.type)(*args)
 
 
@@ -188,11 +192,13 @@ def matmul_4bit(
         bias = bias.to(A.dtype)  # outside the autograd.Function, so the cast is differentiable
 
     if A.shape[-1] != k_in:
-        # A weight quantized in [K, N] orientation: bitsandbytes still accepts it (deprecated).
+        # A weight quantized in [K, N] orientation: bitsandbytes still accepts it (deprecated). The
+        # message keeps bitsandbytes' wording, which warning filters written for it match.
         if not torch.compiler.is_compiling():
             warnings.warn(
                 f"matmul_4bit: the weight was quantized from a [K, N] tensor (quant_state.shape="
-                f"{list(quant_state.shape)}); quantize it as [N, K] (out_features, in_features) instead",
+                f"{list(quant_state.shape)}). Re-quantize from the weight in [N, K] (out_features, in_features) "
+                "orientation.",
                 DeprecationWarning,
                 stacklevel=2,
             )

@@ -62,6 +62,17 @@ class MatmulLtState:
 # ------------------------------------------------------------------------------------------
 # pieces shared by both products and by the backward pass
 # ------------------------------------------------------------------------------------------
+def _weight_from_state(B: torch.Tensor, state: Optional[MatmulLtState]) -> bool:
+    """Whether the product takes its weight from ``state.CB`` (an int8 ``B`` whose int8 weight
+    the state already holds) rather than from ``B``."""
+    return (
+        state is not None
+        and B.dtype == torch.int8
+        and isinstance(state.CB, torch.Tensor)
+        and state.SCB is not None
+    )
+
+
 def _prepare_weight(B: torch.Tensor, state: MatmulLtState) -> None:
     """Make ``state.CB`` / ``state.SCB`` hold ``B`` as row-wise int8."""
     if B.dtype == torch.int8:
@@ -156,13 +167,22 @@ def _check_arguments(A, B, state, threshold, bias) -> None:
             f"matmul: A must be a float32, float16 or bfloat16 tensor with at least 1 dimension, "
             f"got {A.dtype} {tuple(A.shape)}"
         )
-    if B.dim() != 2 or B.shape[1] != A.shape[-1]:
+    if state is not None and not isinstance(state, MatmulLtState):
+        raise TypeError(f"matmul: state must be a MatmulLtState or None, got {type(state).__name__}")
+    if _weight_from_state(B, state):
+        # the product uses state.CB; B may be it in either orientation (bitsandbytes ignores B's
+        # layout here, and older callers pass CB.t())
+        CB = state.CB
+        if CB.dim() != 2 or CB.shape[1] != A.shape[-1] or tuple(B.shape) not in (tuple(CB.shape), tuple(CB.t().shape)):
+            raise ValueError(
+                f"matmul: state.CB must be a 2-D [out_features, {A.shape[-1]}] int8 weight for A of shape "
+                f"{tuple(A.shape)} and B that weight or its transpose; got CB {tuple(CB.shape)}, B {tuple(B.shape)}"
+            )
+    elif B.dim() != 2 or B.shape[1] != A.shape[-1]:
         raise ValueError(
             f"matmul: B must be a 2-D [out_features, {A.shape[-1]}] weight for A of shape {tuple(A.shape)}, "
             f"got {tuple(B.shape)}"
         )
-    if state is not None and not isinstance(state, MatmulLtState):
-        raise TypeError(f"matmul: state must be a MatmulLtState or None, got {type(state).__name__}")
     if (
         isinstance(threshold, bool)
         or not isinstance(threshold, (int, float))

@@ -75,9 +75,10 @@ def tensor(
     return value
 
 
-def blocksize(value: object, name: str = "blocksize") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value not in formats.BLOCKSIZES:
-        raise ValueError(f"{name} must be one of {formats.BLOCKSIZES}, got {value!r}")
+def blocksize(value: object, name: str = "blocksize", allowed: Sequence[int] = formats.BLOCKSIZES) -> int:
+    """One of ``allowed``: the blocksizes of every format, or ``formats.BLOCKSIZES_8BIT`` for 8-bit blockwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
     return value
 
 
@@ -221,11 +222,14 @@ def out(
     device: torch.device,
     inputs: dict[str, object],
     shape_of: str = "the result",
+    *,
+    contiguous: bool = True,
 ) -> torch.Tensor:
     """An ``out=`` tensor: exactly ``shape_`` and ``dtype`` (no broadcasting, no casting), on
-    ``device``, contiguous, and sharing no memory with any of ``inputs`` (every backend would
-    otherwise read values it already overwrote). ``shape_of`` says where the shape comes from."""
-    value = tensor(value, name, (dtype,), device=device, nonempty=False)
+    ``device``, contiguous (unless it is only ``copy_``-ed into), and sharing no memory with any of
+    ``inputs`` (every backend would otherwise read values it already overwrote). ``shape_of`` says
+    where the shape comes from."""
+    value = tensor(value, name, (dtype,), device=device, nonempty=False, contiguous=contiguous)
     if tuple(value.shape) != tuple(shape_):
         raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(shape_)} ({shape_of})")
     for input_name, other in inputs.items():

@@ -17,6 +17,9 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 #: Blocksizes accepted by the 4-bit and 8-bit blockwise formats.
 BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+#: 8-bit blockwise also takes larger blocks, as bitsandbytes' CPU path does (LOWBIT_MAX_BLOCKSIZE_8BIT
+#: in lowbit_formats.h): the CPU kernels run them, the GPU backends hand them to the reference kernel.
+BLOCKSIZES_8BIT: tuple[int, ...] = BLOCKSIZES + (8192, 16384, 32768, 65536)
 DEFAULT_BLOCKSIZE_4BIT = 64
 DEFAULT_BLOCKSIZE_8BIT = 4096
 #: Blocksize of the nested (double-quantized) absmax and of 8-bit optimizer state.
@@ -37,6 +40,12 @@ QUANT_STORAGE_DTYPES: tuple[torch.dtype, ...] = (
     torch.int32,
     torch.int64,
 )
+
+#: Entries of every 8-bit code table; a code of fewer bits is padded with zeros to this size.
+CODE8_SIZE = 256
+#: Outermost quantile of N(0, 1) that the NF4 code covers (QLoRA): ppf(0.9677083) = 1.848.
+NF4_QUANTILE_OFFSET = 0.9677083
+
 
 # NF4: quantiles of N(0, 1) normalised to [-1, 1] (QLoRA), index = code.
 NF4_CODE: tuple[float, ...] = (
@@ -184,9 +193,66 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
             f"gives {len(values)} values, not 2**total_bits={2**total_bits}"
         )
     # a code of fewer bits is padded with zeros to the 256 entries every 8-bit kernel indexes
-    values += [0.0] * (256 - len(values))
+    values += [0.0] * (CODE8_SIZE - len(values))
     values.sort()
     return torch.tensor(values, dtype=torch.float32)
+
+
+def create_linear_map(signed: bool = True, total_bits: int = 8, add_zero: bool = True) -> torch.Tensor:
+    """``2**total_bits`` evenly spaced values over [-1, 1] (``signed``) or [0, 1], as an 8-bit code.
+
+    Signed codes with ``add_zero`` (and every code below 8 bits) drop one value so that 0 lies on
+    the grid. Codes below 8 bits are padded to 256 entries with zeros inserted in the middle of the
+    grid (bitsandbytes' layout, so the table is the same byte for byte).
+    """
+    n = 2**total_bits
+    if signed and (add_zero or total_bits < 8):
+        n -= 1
+    values = torch.linspace(-1.0 if signed else 0.0, 1.0, n)
+    half = n // 2
+    return torch.cat([values[:half], torch.zeros(CODE8_SIZE - n), values[half:]])
+
+
+def create_normal_map(offset: float = NF4_QUANTILE_OFFSET, use_extra_value: bool = True) -> torch.Tensor:
+    """The NormalFloat code as a 256-entry table: quantiles of N(0, 1) at evenly spaced
+    probabilities from ``offset`` to 0.5 (8 positive and 7 negative, or 7 and 7 without
+    ``use_extra_value``), plus zeros, sorted and divided by the largest. Its distinct values are
+    ``NF4_CODE``. The quantiles are computed in float64 (``torch.special.ndtri``, no scipy)."""
+    probabilities = torch.linspace(offset, 0.5, 9 if use_extra_value else 8)[:-1].double()
+    positive = torch.special.ndtri(probabilities)
+    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double())
+    n_zeros = CODE8_SIZE - positive.numel() - negative.numel()
+    values = torch.cat([positive, torch.zeros(n_zeros, dtype=torch.float64), negative]).float().sort().values
+    return values / values.max()
+
+
+def create_fp8_map(
+    signed: bool = True, exponent_bits: int = 5, precision_bits: int = 2, total_bits: int = 8
+) -> torch.Tensor:
+    """A float code of ``exponent_bits`` exponent and ``precision_bits`` mantissa bits (plus a sign
+    bit when ``signed``) as a sorted 256-entry table divided by its largest value.
+
+    Exponent field 0 is subnormal (``fraction * 2**-bias``); field ``e > 0`` is
+    ``(1 + fraction) * 2**(bias + 1 - e)`` with ``bias = 2**(exponent_bits - 1)``, i.e. the exponent
+    runs downwards. This is bitsandbytes' definition, kept for identical tables.
+    """
+    if exponent_bits + precision_bits != total_bits - int(signed):
+        raise ValueError(
+            f"create_fp8_map: exponent_bits + precision_bits must be total_bits - {int(signed)} "
+            f"(sign bit {'included' if signed else 'absent'}), got {exponent_bits} + {precision_bits} "
+            f"for total_bits={total_bits}"
+        )
+    bias = 2 ** (exponent_bits - 1)
+    values: list[float] = []
+    for exponent in range(2**exponent_bits):
+        for mantissa in range(2**precision_bits):
+            fraction = mantissa / 2**precision_bits
+            value = fraction * 2.0**-bias if exponent == 0 else (1 + fraction) * 2.0 ** (bias + 1 - exponent)
+            values += [value, -value] if signed else [value]
+    values += [0.0] * (CODE8_SIZE - len(values))
+    values.sort()  # stable: +0.0 stays before -0.0, as in bitsandbytes' table
+    code = torch.tensor(values, dtype=torch.float32)
+    return code / code.max()
 
 
 def _scaled_means(n_boundaries: int, scale: float, signed: bool) -> list[float]:

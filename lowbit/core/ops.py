@@ -7,7 +7,10 @@ Each op gets:
 * a dispatcher that sends the call to the backend active for the input's device type
   (``core/registry.py``).
 
-Kernels receive exactly the schema's arguments, positionally, already validated.
+Kernels receive exactly the schema's arguments, positionally, already validated and contiguous:
+the dispatcher makes a non-contiguous input contiguous once (bitsandbytes accepts any layout), and
+a non-contiguous argument the op writes to (``out``, optimizer state) is computed in a contiguous
+copy that is copied back into it afterwards. Neither reads tensor data on the host.
 """
 
 from __future__ import annotations
@@ -37,6 +40,40 @@ def _device_type(args: Sequence[Any]) -> str:
     raise TypeError("lowbit op called without a tensor argument")
 
 
+def _written_arguments(schema: str) -> dict[int, str]:
+    """Position -> name of the arguments that ``schema`` marks as written (``Tensor(a!)``)."""
+    parsed = torch._C.parse_schema("lowbit::" + schema)
+    return {
+        i: arg.name
+        for i, arg in enumerate(parsed.arguments)
+        if arg.alias_info is not None and arg.alias_info.is_write
+    }
+
+
+def _contiguous_args(
+    args: tuple[Any, ...], written: dict[int, str]
+) -> tuple[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``args`` with every tensor contiguous, and the (original, contiguous copy) pairs of the
+    written arguments that had to be copied: the caller copies each result back. A copied written
+    argument that shares memory with another argument is refused, as a contiguous one is by the
+    op's check (the copy back would overwrite an input)."""
+    copied: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if all(not isinstance(a, torch.Tensor) or a.is_contiguous() for a in args):
+        return args, copied
+    out = list(args)
+    for i, arg in enumerate(args):
+        if isinstance(arg, torch.Tensor) and not arg.is_contiguous():
+            out[i] = arg.contiguous()
+            if i in written:
+                for other in args:
+                    if isinstance(other, torch.Tensor) and other is not arg and checks.overlaps(arg, other):
+                        raise ValueError(
+                            f"{written[i]} overlaps another argument of the op; pass a separate tensor"
+                        )
+                copied.append((arg, out[i]))
+    return tuple(out), copied
+
+
 def _define(
     schema: str,
     fake: Callable[..., Any],
@@ -52,15 +89,20 @@ def _define(
     name = schema.split("(", 1)[0]
     _lib.define(schema)
     _DEFINED.append(name)
+    written = _written_arguments(schema)
 
     def dispatch(*args: Any) -> Any:
+        args, copied = _contiguous_args(args, written)
         check(*args)
         result = registry.kernel_for(name, _device_type(args))(*args)
+        for original, contiguous in copied:
+            original.copy_(contiguous)
         if after is not None:
             after(result, *args)
         return result
 
     def checked_fake(*args: Any) -> Any:
+        args, _ = _contiguous_args(args, written)
         check(*args)
         return fake(*args)
 
@@ -173,7 +215,9 @@ _define(
 )
 
 
-def _check_4bit_matmul(A, B, shapeB, absmax, code, blocksize, bias_or_out=None, *, is_out=False) -> None:
+def _check_4bit_operands(A, B, shapeB) -> tuple[torch.Tensor, tuple[int, ...], int]:
+    """A float ``A`` [..., K] and the packed bytes ``B`` of a [N, K] = ``shapeB`` weight; returns
+    ``(A, shapeB, N * K)``."""
     A = checks.tensor(A, "A", formats.FLOAT_DTYPES, min_ndim=1)
     shapeB = checks.shape(shapeB, "shapeB")
     if len(shapeB) != 2:
@@ -184,10 +228,17 @@ def _check_4bit_matmul(A, B, shapeB, absmax, code, blocksize, bias_or_out=None, 
     n = shapeB[0] * shapeB[1]
     if B.numel() * B.element_size() != (n + 1) // 2:
         raise ValueError(f"B holds {B.numel() * B.element_size()} bytes but shapeB {shapeB} needs {(n + 1) // 2}")
+    return A, shapeB, n
+
+
+def _check_4bit_matmul(A, B, shapeB, absmax, code, blocksize, bias_or_out=None, *, is_out=False) -> None:
+    A, shapeB, n = _check_4bit_operands(A, B, shapeB)
     checks.blocksize(blocksize)
     _absmax(absmax, n, blocksize, A.device, f"shapeB {list(shapeB)}")
     checks.code(code, "code", 16, A.device)
     if is_out:
+        if isinstance(bias_or_out, torch.Tensor) and bias_or_out.dtype != A.dtype:
+            raise ValueError(f"out must have A's dtype {A.dtype}, got {bias_or_out.dtype}")
         inputs = {"A": A, "B": B, "absmax": absmax, "code": code}
         checks.out(bias_or_out, "out", (*A.shape[:-1], shapeB[0]), A.dtype, A.device, inputs, "A's rows by shapeB[0]")
     else:
@@ -213,6 +264,38 @@ _define(
     "-> Tensor",
     _fake_4bit_matmul,
     _check_4bit_matmul,
+)
+
+
+def _check_gemm_4bit(
+    A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None, absmax_code=None, absmax_offset=None
+) -> None:
+    A, shapeB, n = _check_4bit_operands(A, B, shapeB)
+    checks.blocksize(blocksize)
+    checks.quant_type(quant_type)
+    blocks = formats.num_blocks(n, blocksize)
+    if absmax_8bit is None and (absmax_code is not None or absmax_offset is not None):
+        raise ValueError("absmax_code and absmax_offset are only used with absmax_8bit")
+    if absmax_8bit is None:
+        _absmax(absmax, n, blocksize, A.device, f"shapeB {list(shapeB)}")
+    else:
+        # double quantization: absmax_8bit (one byte per block) against absmax_code, in blocks of
+        # NESTED_BLOCKSIZE whose scales are absmax, around absmax_offset
+        checks.tensor(absmax_8bit, "absmax_8bit", (torch.uint8,), numel=blocks, device=A.device, ndim=1)
+        _absmax(absmax, blocks, formats.NESTED_BLOCKSIZE, A.device, "absmax_8bit")
+        checks.code(absmax_code, "absmax_code", formats.CODE8_SIZE, A.device)
+        offset = checks.tensor(absmax_offset, "absmax_offset", formats.FLOAT_DTYPES, numel=1, device=A.device)
+        if offset.dim() > 1:
+            raise ValueError(f"absmax_offset must be a scalar (0-d or one element), got shape {tuple(offset.shape)}")
+        checks.finite_values(absmax_offset, "absmax_offset")
+    _bias(bias, shapeB[0], A.device)
+
+
+_define(
+    "gemm_4bit(Tensor A, Tensor B, int[] shapeB, Tensor absmax, int blocksize, str quant_type, Tensor? bias=None, "
+    "Tensor? absmax_8bit=None, Tensor? absmax_code=None, Tensor? absmax_offset=None) -> Tensor",
+    lambda A, B, shapeB, *_, **__: A.new_empty((*A.shape[:-1], shapeB[0])),
+    _check_gemm_4bit,
 )
 
 
@@ -271,7 +354,7 @@ _define(
 def _check_quantize_blockwise(A, code, blocksize) -> None:
     A = checks.tensor(A, "A", formats.FLOAT_DTYPES)
     checks.code(code, "code", 256, A.device)
-    checks.blocksize(blocksize)
+    checks.blocksize(blocksize, allowed=formats.BLOCKSIZES_8BIT)
 
 
 def _fake_quantize_blockwise(A, code, blocksize):
@@ -290,7 +373,7 @@ _define(
 
 def _check_dequantize_blockwise(A, absmax, code, blocksize, dtype, out=None) -> None:
     A = checks.tensor(A, "A", (torch.uint8,))
-    checks.blocksize(blocksize)
+    checks.blocksize(blocksize, allowed=formats.BLOCKSIZES_8BIT)
     _absmax(absmax, A.numel(), blocksize, A.device, "A")
     checks.code(code, "code", 256, A.device)
     checks.float_dtype(dtype, "dtype")

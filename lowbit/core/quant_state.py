@@ -171,7 +171,8 @@ class QuantState:
 
     @classmethod
     def from_dict(cls, qs_dict: dict[str, Any], device: torch.device | str = "cpu") -> QuantState:
-        """Rebuild a 4-bit state from ``as_dict`` output (packed or not, key prefixes allowed).
+        """Rebuild a state from ``as_dict`` output (packed or not, key prefixes allowed): 4-bit, or
+        8-bit blockwise (``quant_type`` None, unpacked, as ``as_dict`` writes it).
 
         Every field is checked against the format (docs/design.md §4), so a truncated or corrupted
         checkpoint raises ``ValueError`` naming the bad entry instead of producing garbage at the
@@ -216,21 +217,36 @@ class QuantState:
             if key not in fields:
                 raise ValueError(f"quant state: missing {key!r}")
 
-        quant_type = fields["quant_type"]
-        if not isinstance(quant_type, str) or quant_type not in formats.QUANT_TYPES:
-            raise ValueError(f"quant state: 'quant_type' must be one of {formats.QUANT_TYPES}, got {quant_type!r}")
-        blocksize = _check_blocksize(fields["blocksize"], "blocksize")
+        quant_type = fields["quant_type"]  # None: an 8-bit blockwise state (256-entry code, shape optional)
+        eight_bit = quant_type is None
+        if not eight_bit and (not isinstance(quant_type, str) or quant_type not in formats.QUANT_TYPES):
+            raise ValueError(
+                f"quant state: 'quant_type' must be one of {formats.QUANT_TYPES} or None (8-bit blockwise), "
+                f"got {quant_type!r}"
+            )
+        blocksizes = formats.BLOCKSIZES_8BIT if eight_bit else formats.BLOCKSIZES
+        blocksize = _check_blocksize(fields["blocksize"], "blocksize", blocksizes)
         dtype = _dtype_from_name(fields["dtype"], "dtype", formats.FLOAT_DTYPES)
         shape = fields["shape"]
-        if not isinstance(shape, (list, tuple, torch.Size)) or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape
-        ) or not shape:
-            raise ValueError(f"quant state: 'shape' must be a non-empty list of positive ints, got {shape!r}")
-        shape = torch.Size(shape)
-        code = _check_tensor(fields["quant_map"], "quant_map", torch.float32, 16)
-        if not torch.equal(code.cpu(), formats.code_tensor(quant_type)):
-            raise ValueError(f"quant state: 'quant_map' is not the {quant_type} codebook (quant_type={quant_type!r})")
-        n_blocks = formats.num_blocks(math.prod(shape), blocksize)
+        if eight_bit and shape is None:
+            n_blocks = None  # quantize_blockwise's state records no shape
+        else:
+            if not isinstance(shape, (list, tuple, torch.Size)) or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape
+            ) or not shape:
+                raise ValueError(f"quant state: 'shape' must be a non-empty list of positive ints, got {shape!r}")
+            shape = torch.Size(shape)
+            n_blocks = formats.num_blocks(math.prod(shape), blocksize)
+        if eight_bit:
+            code = _check_tensor(fields["quant_map"], "quant_map", torch.float32, formats.CODE8_SIZE)
+            if not bool((code[1:] >= code[:-1]).all()):
+                raise ValueError("quant state: 'quant_map' must be sorted in ascending order (an 8-bit code)")
+        else:
+            code = _check_tensor(fields["quant_map"], "quant_map", torch.float32, 16)
+            if not torch.equal(code.cpu(), formats.code_tensor(quant_type)):
+                raise ValueError(
+                    f"quant state: 'quant_map' is not the {quant_type} codebook (quant_type={quant_type!r})"
+                )
 
         offset = state2 = None
         nested_keys = ("nested_absmax", "nested_blocksize", "nested_quant_map", "nested_dtype", "nested_offset")
@@ -239,7 +255,7 @@ class QuantState:
                 if key not in fields:
                     raise ValueError(f"quant state: nested state is missing {key!r}")
             absmax = _check_tensor(fields["absmax"], "absmax", torch.uint8, n_blocks)
-            nested_blocksize = _check_blocksize(fields["nested_blocksize"], "nested_blocksize")
+            nested_blocksize = _check_blocksize(fields["nested_blocksize"], "nested_blocksize", blocksizes)
             nested_offset = fields["nested_offset"]
             if (
                 isinstance(nested_offset, bool)
@@ -339,19 +355,19 @@ def _tensors_equal(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
 
 
-def _check_blocksize(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value not in formats.BLOCKSIZES:
-        raise ValueError(f"quant state: {key!r} must be one of {formats.BLOCKSIZES}, got {value!r}")
+def _check_blocksize(value: Any, key: str, blocksizes: tuple[int, ...] = formats.BLOCKSIZES) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in blocksizes:
+        raise ValueError(f"quant state: {key!r} must be one of {blocksizes}, got {value!r}")
     return value
 
 
-def _check_tensor(value: Any, key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
-    """A loaded tensor entry: its dtype, 1-D layout and size, and finite values."""
+def _check_tensor(value: Any, key: str, dtype: torch.dtype, numel: Optional[int]) -> torch.Tensor:
+    """A loaded tensor entry: its dtype, 1-D layout and size (``None``: not known), and finite values."""
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"quant state: {key!r} must be a tensor, got {type(value).__name__}")
     if value.dtype != dtype:
         raise ValueError(f"quant state: {key!r} must be {dtype}, got {value.dtype}")
-    if value.numel() != numel:
+    if numel is not None and value.numel() != numel:
         raise ValueError(f"quant state: {key!r} has {value.numel()} elements, expected {numel}")
     if value.dim() != 1:
         raise ValueError(f"quant state: {key!r} must be 1-D, got shape {tuple(value.shape)}")
@@ -371,7 +387,8 @@ def _check_fields(absmax, shape, code, blocksize, quant_type, dtype, offset, sta
     if shape is not None:
         checks.shape(shape, "QuantState: shape")
     if blocksize is not None:
-        checks.blocksize(blocksize, "QuantState: blocksize")
+        allowed = formats.BLOCKSIZES if quant_type is not None else formats.BLOCKSIZES_8BIT
+        checks.blocksize(blocksize, "QuantState: blocksize", allowed)
     if dtype is not None:
         checks.float_dtype(dtype, "QuantState: dtype")
     if offset is not None and not isinstance(offset, torch.Tensor):

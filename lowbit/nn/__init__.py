@@ -3,6 +3,7 @@
 import torch
 
 from ..core.quant_state import QuantState
+from . import parametrize  # bitsandbytes.nn.parametrize: 4-bit quantization of any nn.Parameter
 from .checkpoint import CheckpointError, load_checkpoint
 from .embedding import Embedding, Embedding4bit, Embedding8bit, EmbeddingFP4, EmbeddingNF4, StableEmbedding
 from .int8params import Int8Params
@@ -28,4 +29,5 @@ __all__ = [
     "Params4bit",
     "StableEmbedding",
     "load_checkpoint",
+    "parametrize",
 ]

@@ -249,6 +249,8 @@ class QuantizedWeightMixin:
     def quantized_weight(self):
         """The weight, quantized in place on its current device if no device move did it yet."""
         weight = self.weight
+        if not isinstance(weight, self.weight_class):
+            return weight  # a plain (tied) Parameter: used as a float weight
         if not weight._is_quantized() and weight._quantizes_on_move() and weight.device.type != "meta":
             _quantize_in_place(weight)
         return weight
@@ -278,13 +280,21 @@ class QuantizedWeightMixin:
         rest = {
             k: v for k, v in state_dict.items() if not (k.startswith(prefix) and fmt.owns(k[len(prefix) :]))
         }
-        if weight_key not in state_dict:
+        # A weight replaced by a plain Parameter (tied to another module's weight) loads as a float
+        # weight only, as in bitsandbytes; a checkpoint without the weight (e.g. adapters only) has
+        # nothing of it to load. Either is an ordinary load, unless quantization entries are present.
+        plain = not isinstance(self.weight, self.weight_class)
+        if plain or weight_key not in state_dict:
             if extra:
+                entries = ", ".join(prefix + k for k in sorted(extra))
                 raise CheckpointError(
-                    f"{weight_key} is missing but the checkpoint holds its quantization entries "
-                    f"{', '.join(prefix + k for k in sorted(extra))}"
+                    f"Loading a quantized checkpoint into non-quantized {type(self).__name__} is not supported: "
+                    f"{weight_key} is a plain {type(self.weight).__name__} (tied to another module's weight?), "
+                    f"not a {self.weight_class.__name__}; the checkpoint holds {entries}"
+                    if plain
+                    else f"{weight_key} is missing but the checkpoint holds its quantization entries {entries}"
                 )
-            return None, rest  # e.g. a checkpoint of adapters only: nothing of the weight to load
+            return None, rest  # torch's own loading (of the float weight, or of the other entries)
         new_weight = fmt.load(self.weight, state_dict[weight_key], extra, self.weight_shape(), prefix)
         self._check_other_tensors(rest, prefix)
         return new_weight, rest

@@ -7,15 +7,18 @@ does loading a quantized checkpoint (see ``checkpoint.py``).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import math
+from collections.abc import Iterator
 from typing import Optional
 
 import torch
 from torch import nn
 
 from ..autograd import MatmulLtState, matmul, matmul_4bit
-from ..core import formats, registry
+from ..core import checks, formats, registry
 from .checkpoint import QuantizedWeightMixin
 from .int8params import Int8Params
 from .params4bit import Params4bit
@@ -23,10 +26,29 @@ from .params4bit import Params4bit
 logger = logging.getLogger("lowbit")
 
 
-def _bias_in(bias: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
-    # Cast per call, not in place: bitsandbytes rewrites bias.data, which changes the dtype a
-    # checkpoint is saved in and is a side effect torch.compile has to replay.
-    return bias if bias is None or bias.dtype == dtype else bias.to(dtype)
+@contextlib.contextmanager
+def _bias_in(bias: Optional[torch.Tensor], dtype: torch.dtype) -> Iterator[Optional[torch.Tensor]]:
+    """The bias in the compute dtype, for one product. As bitsandbytes, the Parameter itself is cast
+    in place on first use (its dtype, and the dtype a checkpoint saves it in, follow the input's);
+    a product that raises (bad input) undoes the cast, so a refused call changes nothing. Where the
+    cast has no data (torch.compile or FakeTensorMode tracing, a meta bias) it is per call: a trace
+    must not rebind the real Parameter's ``.data``."""
+    if bias is None or bias.dtype == dtype:
+        yield bias
+        return
+    if torch.compiler.is_compiling():
+        yield bias.to(dtype)
+        return
+    cast = bias.data.to(dtype)
+    if not checks.has_data(cast):
+        yield bias.to(dtype)
+        return
+    original, bias.data = bias.data, cast
+    try:
+        yield bias
+    except BaseException:
+        bias.data = original
+        raise
 
 
 class Linear4bit(QuantizedWeightMixin, nn.Linear):
@@ -86,7 +108,7 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
                 logger.warning(
                     "Input type into Linear4bit is torch.float16, but bnb_4bit_compute_dtype=torch.float32 "
                     "(default). This will lead to slow inference%s.",
-                    "" if x.numel() == x.shape[-1] else " or training speed",
+                    "" if x.dim() == 0 or x.numel() == x.shape[-1] else " or training speed",
                 )
 
     def _weight_for_forward(self) -> Params4bit:
@@ -137,7 +159,8 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
         input_dtype = x.dtype
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
-        out = matmul_4bit(x, weight, quant_state=weight.quant_state, bias=_bias_in(self.bias, x.dtype))
+        with _bias_in(self.bias, x.dtype) as bias:
+            out = matmul_4bit(x, weight, quant_state=weight.quant_state, bias=bias)
         return out.to(input_dtype)
 
 
@@ -237,9 +260,13 @@ class Linear8bitLt(QuantizedWeightMixin, nn.Linear):
         self.state.CB = self.weight.CB
         self.state.SCB = self.weight.SCB
 
+    def _holds_int8_weight(self) -> bool:
+        # False also for a plain Parameter put in place of the weight (tied weights)
+        return isinstance(self.weight, Int8Params) and self.weight._is_quantized()
+
     def _apply(self, fn, *args, **kwargs):
         result = super()._apply(fn, *args, **kwargs)
-        if self.weight._is_quantized():
+        if self._holds_int8_weight():
             self.init_8bit_state()  # the state follows the weight to its new device
         return result
 
@@ -247,7 +274,7 @@ class Linear8bitLt(QuantizedWeightMixin, nn.Linear):
         # The scales may have been handed to the state only (bitsandbytes' init_8bit_state clears
         # them from the weight); save them from there too.
         weight = self.weight
-        if weight._is_quantized() and weight.SCB is None and self.state.SCB is not None:
+        if self._holds_int8_weight() and weight.SCB is None and self.state.SCB is not None:
             weight.SCB = self.state.SCB
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
@@ -255,6 +282,12 @@ class Linear8bitLt(QuantizedWeightMixin, nn.Linear):
         self._check_input(x)
         weight = self.quantized_weight()
         self.state.is_training = self.training
-        if weight._is_quantized():
+        state = self.state
+        if self._holds_int8_weight():
             self.init_8bit_state()
-        return matmul(x, weight, bias=_bias_in(self.bias, x.dtype), state=self.state)
+        elif not isinstance(weight, Int8Params):
+            # a plain float Parameter (tied weights) may change between calls: quantize it each
+            # time, never from a cached int8 copy
+            state = dataclasses.replace(state, has_fp16_weights=True, CB=None, SCB=None)
+        with _bias_in(self.bias, x.dtype) as bias:
+            return matmul(x, weight, bias=bias, state=state)

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from ...core import formats
 from ...core.registry import KernelTable
+from ..reference import blockwise_8bit as reference
 from .runtime import EXACT, cast_to, on_device, per_program, to_float32
 
 
@@ -74,6 +75,8 @@ def _dequantize_blockwise(q, absmax, code, out, n, BS: tl.constexpr, TILE_SIZE: 
 def install(kernels: KernelTable) -> None:
     @kernels.register("quantize_blockwise")
     def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
+        if blocksize not in formats.BLOCKSIZES:  # the 8-bit-only large blocks: one tile would not fit
+            return reference.quantize_blockwise(A, code, blocksize)
         n = A.numel()
         q = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
         absmax = torch.empty(formats.num_blocks(n, blocksize), dtype=torch.float32, device=A.device)
