@@ -274,7 +274,8 @@ def bench(session: nox.Session) -> None:
     Not part of .ci/run (minutes of machine time, numbers not pass/fail). `nox -s bench -- --quick` for a smoke run.
     """
     session.install(TORCH)
-    session.install(".", BITSANDBYTES, "matplotlib")
+    session.install(".[hf]", BITSANDBYTES, "matplotlib")
+    _hf_assets(session)  # SmolLM2 for the end-to-end decode case
     session.run("python", "benchmarks/run.py", *session.posargs)
 
 

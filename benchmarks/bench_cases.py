@@ -7,6 +7,7 @@ quantize cases check that both libraries produce identical bytes).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import math
@@ -468,56 +469,308 @@ def adamw_step(libs: Libs, numel: int) -> list[Impl]:
 
 
 def decode_layers(llc_bytes: int) -> int:
-    """Layers of 4096x4096 NF4 in the decode stack: at least 20 and packed weights of at least
-    2.5x the last-level cache, so every token streams the weights from memory."""
+    """Layers of 4096x4096 4-bit weights in a decode stack: at least 20 and packed weights of at
+    least 2.5x the last-level cache, so every token streams the weights from memory."""
     per_layer = N * K // 2
     return max(20, math.ceil(2.5 * llc_bytes / per_layer))
 
 
-def decode_stack(libs: Libs, layers: int) -> list[Impl]:
-    dtype = torch.bfloat16
-    weights = [quantize_nf4(libs, dtype, seed=100 + i) for i in range(layers)]
-    x = activations(1, dtype)
+#: Layer variant v is the stack's weight with its rows rolled by v * ROLL_ROWS: distinct weights
+#: (activations keep their size through the stack) without quantizing again.
+ROLL_ROWS = 17
 
-    def stack(step: Callable[[Any, torch.Tensor], torch.Tensor], per_layer: list[Any]) -> Callable[[], torch.Tensor]:
-        def run() -> torch.Tensor:
-            h = x
-            for layer in per_layer:
-                h = step(layer, h)
-            return h
 
-        return run
+@dataclasses.dataclass
+class DecodeStack:
+    """``rows`` tokens through ``layers`` 4096x4096 4-bit layers; layer j multiplies by variant
+    j % variants of one quantized weight. The 4-bit implementations keep a separate copy of their
+    tensors for every layer; dense float weights (4x the bytes) keep one copy per variant, and
+    there are enough variants for those copies to hold 2.5x the LLC: no layer's bytes are in cache
+    when a token reaches it, for any implementation."""
 
-    def bnb_stack(layout: Callable[[Weight4bit], tuple[torch.Tensor, Any]]) -> Callable[[], Callable[[], Any]]:
+    libs: Libs
+    quant_type: str
+    nested: bool
+    dtype: torch.dtype
+    rows: int
+    layers: int
+    variants: int
+    base: tuple[torch.Tensor, Any]  # lowbit's standard (packed, QuantState)
+
+    @classmethod
+    def build(cls, libs: Libs, llc: int, layers: int, quant_type: str, nested: bool, dtype, rows: int) -> DecodeStack:
+        base = libs.F.quantize_4bit(
+            weight(torch.float32), blocksize=BLOCKSIZE_4BIT, quant_type=quant_type, compress_statistics=nested
+        )
+        variants = min(layers, math.ceil(2.5 * llc / (N * K * torch.finfo(dtype).bits // 8)))
+        return cls(libs, quant_type, nested, dtype, rows, layers, variants, base)
+
+    def variant(self, v: int) -> tuple[torch.Tensor, Any]:
+        """Variant v as new tensors: lowbit's standard (packed, QuantState)."""
+        packed, state = self.base
+        shift = v * ROLL_ROWS
+        state = copy.copy(state)
+        state.absmax = state.absmax.view(N, -1).roll(shift, 0).reshape(-1)
+        return packed.view(N, K // 2).roll(shift, 0).reshape(-1, 1), state
+
+    def per_layer(self, make: Callable[[torch.Tensor, Any], Any]) -> list[Any]:
+        """make(packed, state) for every layer: separate copies, layer j holding variant j % variants."""
+        return [make(*self.variant(j % self.variants)) for j in range(self.layers)]
+
+    def dense(self) -> list[Any]:
+        """The dequantized weights in the activations' dtype, one copy per variant, cycled."""
+        weights = []
+        for v in range(self.variants):
+            packed, state = self.variant(v)
+            weights.append(self.libs.F.dequantize_4bit(packed, state).to(self.dtype))
+        return [weights[j % self.variants] for j in range(self.layers)]
+
+
+def bnb_state(libs: Libs, state: Any, dtype: torch.dtype) -> Any:
+    """bitsandbytes' QuantState for lowbit's (possibly double-quantized) state of the same bytes."""
+    nested = None
+    if state.nested:
+        s2 = state.state2
+        nested = libs.BF.QuantState(absmax=s2.absmax.clone(), code=s2.code.clone(), blocksize=s2.blocksize,
+                                    dtype=torch.float32)  # fmt: skip
+    return libs.BF.QuantState(
+        absmax=state.absmax.clone(), shape=torch.Size([N, K]), code=libs.BF.get_4bit_type(state.quant_type, device="cpu"),
+        blocksize=state.blocksize, quant_type=state.quant_type, dtype=dtype,
+        offset=None if nested is None else state.offset.clone(), state2=nested,
+    )  # fmt: skip
+
+
+def _run_stack(x: torch.Tensor, step: Callable[[Any, torch.Tensor], torch.Tensor], layers: list[Any]) -> Callable:
+    """One pass through the stack; returns (first layer's output, last layer's output)."""
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        first = h = step(layers[0], x)
+        for layer in layers[1:]:
+            h = step(layer, h)
+        return first, h
+
+    return run
+
+
+def stack_check(first_reference: torch.Tensor, layers: int) -> Check:
+    """The first layer within 1e-2 of the float64 product, and the stack's output within 0.1 of
+    torch's (the same weights, dequantized: bf16/fp16 activations drift apart a little per layer)."""
+
+    def check(out: Any, primary: dict[str, Any]) -> Verdict:
+        first = rel_err(out[0], first_reference)
+        notes = [f"layer 1: rel err {first:.1e} vs fp64 product (tol 1e-02)"]
+        ok = first <= 1e-2
+        if "torch" in primary:
+            last = rel_err(out[1], primary["torch"][1])
+            notes.append(f"layer {layers}: rel diff {last:.1e} vs torch (tol 1e-01)")
+            ok = ok and last <= 0.1
+        return Verdict(ok, "; ".join(notes))
+
+    return check
+
+
+def lowbit_layer(libs: Libs, packed: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+    """What a Linear4bit placed for CPU inference holds (the interleaved layout) when this lowbit
+    has one; else the standard bytes."""
+    interleave = getattr(libs.F, "interleave_4bit", None)
+    return interleave(packed, state) if interleave is not None else (packed, state)
+
+
+def lowbit_bytes(packed: torch.Tensor, state: Any) -> int:
+    """Bytes a product reads per layer: the packed weight and the absmax it uses (decoded float32
+    in the interleaved layout; the nested codes and their tables in the standard one)."""
+    total = packed.nbytes + state.absmax.nbytes
+    if state.nested and not getattr(state, "interleaved", False):
+        total += state.state2.absmax.nbytes
+    return total
+
+
+def bnb_cpu_bytes(layer: tuple[torch.Tensor, Any]) -> int:
+    packed, state = layer
+    return packed.nbytes + state.absmax.nbytes  # absmax in bf16, decoded from double quantization
+
+
+def decode_stack(libs: Libs, stack: DecodeStack, with_standard_bnb: bool = False) -> list[Impl]:
+    """The stack on every implementation: lowbit's interleaved layout, bitsandbytes' CPU layout
+    (and its standard one), torch's dense F.linear and int4pack."""
+    x = activations(stack.rows, stack.dtype)
+    first_weight = libs.F.dequantize_4bit(*stack.variant(0))
+    check = stack_check(x.double() @ first_weight.double().T, stack.layers)
+    lowbit_per_layer = lowbit_bytes(*lowbit_layer(libs, *stack.variant(0)))
+
+    def lowbit_stack() -> Callable[[], Any]:
+        layers = stack.per_layer(lambda packed, state: lowbit_layer(libs, packed, state))
+        return _run_stack(x, lambda layer, h: libs.lowbit.matmul_4bit(h, layer[0], layer[1]), layers)
+
+    def bnb_stack(cpu_layout: bool) -> Callable[[], Callable[[], Any]]:
         def factory() -> Callable[[], Any]:
-            converted = [layout(w) for w in weights]
-            return stack(lambda layer, h: libs.BF.gemv_4bit(h, layer[0], state=layer[1]), converted)
+            if cpu_layout and not libs.BF.has_avx512bf16():
+                raise RuntimeError("no AVX512-BF16: bitsandbytes keeps the standard layout here")
+
+            def make(packed: torch.Tensor, state: Any) -> Any:
+                layer = (packed, bnb_state(libs, state, stack.dtype))
+                return libs.BF._convert_weight_packed_for_cpu(*layer) if cpu_layout else layer
+
+            layers = stack.per_layer(make)
+            impls_bytes[cpu_layout] = stack.layers * (bnb_cpu_bytes(layers[0]) if cpu_layout else lowbit_bytes(*stack.base))
+            return _run_stack(x, lambda layer, h: libs.bnb.matmul_4bit(h, layer[0].t(), layer[1]), layers)
 
         return factory
 
-    dense = [w.dense(dtype) for w in weights]
-    int4 = [Int4Pack.random(dtype, seed=200 + i) for i in range(layers)]
-    packed_bytes = sum(w.nbytes for w in weights)
-    # bitsandbytes' CPU layout keeps absmax in bf16: half the absmax bytes
-    bnb_cpu_bytes = sum(w.packed.nbytes + w.state.absmax.numel() * 2 for w in weights)
-    check = agrees_with("torch", 5e-2)  # torch runs the same stack on the dequantized weights
+    impls_bytes: dict[bool, int] = {}
+    int4 = Int4Pack.random(stack.dtype)  # timing only: random int4 weights, one copy per layer
     impls = [
-        libs.impl("lowbit", "F.gemv_4bit per layer",
-                  lambda: stack(lambda w, h: libs.F.gemv_4bit(h, w.packed, state=w.state), weights),
-                  check=check, bytes_read=packed_bytes),
+        libs.impl("lowbit", "lowbit.matmul_4bit per layer, interleaved layout (Linear4bit in eval mode)",
+                  lowbit_stack, check=check, bytes_read=stack.layers * lowbit_per_layer),
+        libs.impl("bitsandbytes", f"bnb.matmul_4bit per layer, {BNB_CPU_LAYOUT}", bnb_stack(True), check=check),
     ]  # fmt: skip
-    if libs.bnb is not None and libs.BF.has_avx512bf16():
-        impls.append(libs.impl("bitsandbytes", f"F.gemv_4bit per layer, {BNB_CPU_LAYOUT}",
-                               bnb_stack(lambda w: bnb_cpu_layout(libs, w, dtype)), check=check, bytes_read=bnb_cpu_bytes))  # fmt: skip
-    else:
-        impls.append(libs.impl("bitsandbytes", f"F.gemv_4bit per layer, {BNB_STD_LAYOUT}",
-                               bnb_stack(lambda w: (w.packed, bnb_state_4bit(libs, w, dtype))), check=check, bytes_read=packed_bytes))  # fmt: skip
+    if with_standard_bnb:
+        impls.append(libs.impl("bitsandbytes", f"bnb.matmul_4bit per layer, {BNB_STD_LAYOUT}", bnb_stack(False),
+                               check=check))  # fmt: skip
+    for impl in impls[1:]:
+        impl.bytes_read = impls_bytes.get(BNB_CPU_LAYOUT in impl.label)
+    dense = stack.dense()
     impls += [
-        Impl("torch", "F.linear bf16 per layer, dense dequantized weights", stack(lambda w, h: TF.linear(h, w), dense),
-             bytes_read=sum(d.nbytes for d in dense)),
-        Impl("torch", INT4PACK_LABEL, stack(lambda w, h: w(h), int4), bytes_read=sum(w.nbytes for w in int4)),
+        Impl("torch", f"F.linear {dtype_name(stack.dtype)} per layer, dense dequantized weights "
+             f"({stack.variants} copies, cycled)", _run_stack(x, lambda w, h: TF.linear(h, w), dense), check=check,
+             bytes_read=stack.layers * dense[0].nbytes),
+        libs.impl("torch", INT4PACK_LABEL,
+                  lambda: _run_stack(x, lambda w, h: w(h), [Int4Pack(int4.packed.clone(), int4.scales_zeros.clone())
+                                                            for _ in range(stack.layers)]),
+                  bytes_read=stack.layers * int4.nbytes),
     ]  # fmt: skip
     return impls
+
+
+def placement(libs: Libs, nested: bool) -> list[Impl]:
+    """Placing one 4096x4096 weight for CPU inference: lowbit's layout change (decoding a nested
+    absmax once), bitsandbytes' repacking for its CPU kernel, torch's int4pack conversion."""
+    packed, state = libs.F.quantize_4bit(weight(torch.float32), quant_type="nf4", compress_statistics=nested)
+
+    def round_trip(out: Any, _: dict[str, Any]) -> Verdict:
+        back, back_state = libs.F.deinterleave_4bit(*out)
+        same = torch.equal(back, packed) and back_state == state
+        return Verdict(same, f"back to the standard bytes and state: {'bit-identical' if same else 'DIFFERENT'}")
+
+    q = torch.randint(0, 16, (N, K), dtype=torch.int32, generator=_generator(7))
+    return [
+        libs.impl("lowbit", "F.interleave_4bit", calling(lambda: libs.F.interleave_4bit, packed, state), check=round_trip),
+        libs.impl("bitsandbytes", "functional._convert_weight_packed_for_cpu (Linear4bit's first CPU inference call)",
+                  lambda: lambda: libs.BF._convert_weight_packed_for_cpu(packed.clone(), bnb_state(libs, state, torch.bfloat16))),
+        libs.impl("torch", "aten._convert_weight_to_int4pack_for_cpu (from int32 codes)",
+                  calling(lambda: torch.ops.aten._convert_weight_to_int4pack_for_cpu, q, 1)),
+    ]  # fmt: skip
+
+
+def resident_bytes(libs: Libs) -> list[tuple[str, int]]:
+    """Bytes one 4096x4096 layer keeps in memory for CPU inference, per implementation (the
+    weight and its scales; NF4 blocksize 64)."""
+    found = []
+    for nested in (False, True):
+        name = "nf4" + ("-dq" if nested else "")
+        packed, state = libs.F.quantize_4bit(weight(torch.float32), quant_type="nf4", compress_statistics=nested)
+        found.append((f"{name}, standard layout (checkpoint bytes; lowbit and bitsandbytes)", _state_bytes(packed, state)))
+        if hasattr(libs.F, "interleave_4bit"):
+            found.append((f"{name}, lowbit interleaved layout (Linear4bit in eval mode)",
+                          _state_bytes(*libs.F.interleave_4bit(packed, state))))  # fmt: skip
+        if libs.bnb is not None and libs.BF.has_avx512bf16():
+            layer = libs.BF._convert_weight_packed_for_cpu(packed.clone(), bnb_state(libs, state, torch.bfloat16))
+            found.append((f"{name}, bitsandbytes CPU layout", bnb_cpu_bytes(layer)))
+    found.append(("torch int4pack (int4, group 64, bf16 scales and zeros)", Int4Pack.random(torch.bfloat16).nbytes))
+    found.append(("torch dense bf16", N * K * 2))
+    return found
+
+
+def precision_errors(libs: Libs, rows: int = 16) -> list[tuple[str, float, float]]:
+    """Error of each product against the float64 product of the same (dequantized) NF4 weight,
+    4096x4096, ``rows`` activations of N(0, 1): (what, max |error| / max |product|, mean |error| /
+    mean |product|). lowbit in its two precisions, and torch's F.linear on the weight in the same
+    dtype (bf16: the weight rounded to bf16 once, as the bf16 contract does)."""
+    packed, state = libs.F.quantize_4bit(weight(torch.float32), quant_type="nf4")
+    dense = libs.F.dequantize_4bit(packed, state)
+    set_precision = getattr(libs.lowbit, "set_cpu_precision", None)
+    placed = lowbit_layer(libs, packed, state)
+    found = []
+    for dtype in (torch.bfloat16, torch.float32):
+        x = activations(rows, dtype)
+        exact = x.double() @ dense.double().T
+
+
+        for precision in ("auto", "float32", "bf16"):
+            if set_precision is None:
+                break
+            previous = set_precision(precision)
+            try:
+                out = libs.lowbit.matmul_4bit(x, *placed)
+            finally:
+                set_precision(previous)
+            found.append((f"lowbit {dtype_name(dtype)} activations, precision {precision!r}", *_errors(out, exact)))
+        torch_out = TF.linear(x, dense.to(dtype))
+        found.append((f"torch F.linear {dtype_name(dtype)} (weight in {dtype_name(dtype)})", *_errors(torch_out, exact)))
+    return found
+
+
+def _errors(out: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
+    diff = (out.double() - exact).abs()
+    return (diff.max() / exact.abs().max()).item(), (diff.mean() / exact.abs().mean()).item()
+
+
+def _state_bytes(packed: torch.Tensor, state: Any) -> int:
+    tensors = [packed, state.absmax, state.code, getattr(state, "absmax_codes", None), state.offset]
+    if state.state2 is not None:
+        tensors += [state.state2.absmax, state.state2.code]
+    return sum(t.nbytes for t in tensors if t is not None)
+
+
+#: The end-to-end model: SmolLM2-135M-Instruct (docs/design.md §7), decoded greedily with a KV cache.
+SMOLLM2_PROMPT_TOKENS = 64
+
+
+def smollm2_decode(libs: Libs) -> list[Impl]:
+    """One greedy decode step of SmolLM2-135M-Instruct through transformers after a 64-token prompt
+    (the KV cache is cropped back to the prompt after each step, so every step sees the same
+    context): lowbit NF4 and bitsandbytes NF4 (the same quantization through their transformers
+    integrations, float32 compute like the fp32 model), and the float32 and bfloat16 models."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DynamicCache
+    from transformers.utils import logging as hf_logging
+
+    from lowbit.integrations import assets
+    from lowbit.integrations.transformers import LowbitConfig
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = assets.smollm2_dir(log=None)
+    prompt = assets.hamlet_ids(AutoTokenizer.from_pretrained(path))[:SMOLLM2_PROMPT_TOKENS][None]
+
+    def decode_step(**load: Any) -> Callable[[], Callable[[], Any]]:
+        def factory() -> Callable[[], Any]:
+            model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", **load).eval()
+            cache = DynamicCache()
+            with torch.no_grad():
+                token = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+
+            def step() -> torch.Tensor:
+                with torch.no_grad():
+                    logits = model(token, past_key_values=cache, use_cache=True).logits
+                cache.crop(-1)  # back to the prompt: every step sees the same context
+                return logits.float()
+
+            return step
+
+        return factory
+
+    nf4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.float32}
+    check = agrees_with("bitsandbytes", 5e-2)  # the same NF4 bytes on both sides
+    return [
+        libs.impl("lowbit", "NF4 (LowbitConfig), float32 compute", decode_step(quantization_config=LowbitConfig(**nf4)),
+                  check=check),
+        libs.impl("bitsandbytes", "NF4 (BitsAndBytesConfig), float32 compute",
+                  decode_step(quantization_config=BitsAndBytesConfig(**nf4))),
+        libs.impl("torch", "float32 model", decode_step(dtype=torch.float32)),
+        libs.impl("lowbit", "NF4 (LowbitConfig), bfloat16 model and compute",
+                  decode_step(dtype=torch.bfloat16, quantization_config=LowbitConfig(**{**nf4, "bnb_4bit_compute_dtype": torch.bfloat16}))),
+        libs.impl("torch", "bfloat16 model", decode_step(dtype=torch.bfloat16)),
+    ]  # fmt: skip
 
 
 def cases(llc_bytes: int, libs: Libs) -> list[Case]:
@@ -541,7 +794,30 @@ def cases(llc_bytes: int, libs: Libs) -> list[Case]:
         Case(f"LLM.int8 linear 32×{K}→{N} fp16, threshold {LLM_INT8_THRESHOLD:g}, {len(OUTLIER_COLUMNS)} outlier columns",
              "int8", lambda: llm_int8_linear(libs, 32)),
         Case(f"AdamW 8-bit step, {ELEMENTS / 1e6:.1f}M params", "optimizer", lambda: adamw_step(libs, ELEMENTS)),
-        Case(f"decode: 1 token through {layers} NF4 layers ({packed_mib:.0f} MiB packed) bf16", "bandwidth",
-             lambda: decode_stack(libs, layers)),
-    ]  # fmt: skip
+    ]
+    for nested in (False, True):
+        found.append(Case(f"placement for CPU inference: {N}×{K} nf4{'-dq' if nested else ''}", "placement",
+                          lambda n=nested: placement(libs, n)))  # fmt: skip
+    stack_name = f"{layers} layers ({packed_mib:.0f} MiB packed)"
+    for quant_type, nested, dtype in DECODE_VARIANTS:
+        fmt = quant_type + ("-dq" if nested else "")
+        found.append(Case(f"decode: 1 token through {stack_name} {fmt} {dtype_name(dtype)}", "bandwidth",
+                          lambda q=quant_type, n=nested, d=dtype: decode_stack(
+                              libs, DecodeStack.build(libs, llc_bytes, layers, q, n, d, 1), with_standard_bnb=(q, n, d) == DECODE_VARIANTS[0])))  # fmt: skip
+    found.append(Case("SmolLM2-135M-Instruct: one decode step through transformers (64-token context)", "model",
+                      lambda: smollm2_decode(libs)))  # fmt: skip
+    for rows in DECODE_ROWS:
+        found.append(Case(f"decode: {rows} tokens through {stack_name} nf4 bf16", "bandwidth",
+                          lambda r=rows: decode_stack(libs, DecodeStack.build(libs, llc_bytes, layers, "nf4", False,
+                                                                             torch.bfloat16, r))))  # fmt: skip
     return found
+
+
+#: (quant_type, double quantization, activation dtype) of the one-token decode cases; the first
+#: also shows bitsandbytes on the standard layout.
+DECODE_VARIANTS = (
+    ("nf4", False, torch.bfloat16), ("nf4", False, torch.float16), ("nf4", False, torch.float32),
+    ("nf4", True, torch.bfloat16), ("fp4", False, torch.bfloat16),
+)  # fmt: skip
+#: Tokens per step of the multi-token decode cases (speculative decoding, small batches).
+DECODE_ROWS = (2, 4, 8, 16, 32, 64)

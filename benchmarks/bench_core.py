@@ -107,9 +107,17 @@ class ImplResult:
 
     @property
     def gbps(self) -> Optional[float]:
+        """Bytes read per second at the median call."""
         if self.bytes_read is None or not self.median_ms:
             return None
         return self.bytes_read / (self.median_ms * 1e-3) / 1e9
+
+    @property
+    def best_gbps(self) -> Optional[float]:
+        """Bytes read per second at the fastest call: what the machine can do (for references)."""
+        if self.bytes_read is None or not self.min_ms:
+            return None
+        return self.bytes_read / (self.min_ms * 1e-3) / 1e9
 
 
 @dataclasses.dataclass

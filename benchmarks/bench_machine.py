@@ -87,6 +87,19 @@ def copy_bandwidth(llc: int, budget: Budget) -> CaseResult:
     return run_case(Case(f"copy {size >> 20} MiB", "bandwidth", build), budget)
 
 
+def read_bandwidth(llc: int, budget: Budget) -> CaseResult:
+    """Time ``src.sum()`` (float32, torch's vectorized multi-threaded reduction) on a buffer of at
+    least 4x the LLC (and 256 MiB): the machine's read bandwidth, what a decode that streams its
+    weights can reach at best. ``bytes_read`` is the buffer."""
+    size = max(4 * llc, 256 << 20)
+
+    def build() -> list[Impl]:
+        src = torch.ones(size // 4, dtype=torch.float32)
+        return [Impl("torch", f"src.sum(), float32, {size >> 20} MiB", lambda: src.sum(), bytes_read=size)]
+
+    return run_case(Case(f"read {size >> 20} MiB", "bandwidth", build), budget)
+
+
 # ------------------------------------------------------------------------------------------
 # lowbit and library versions
 # ------------------------------------------------------------------------------------------

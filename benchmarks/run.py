@@ -27,6 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=HERE / "results", help="output directory")
     parser.add_argument("--only", action="append", default=[], metavar="REGEX", help="run the cases matching REGEX")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--llc-mib", type=int, help="size the decode stacks for this LLC instead of sysfs' (smoke tests)")
     return parser.parse_args(argv)
 
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     import bench_report
     from bench_core import Budget, run_case
 
-    llc, _ = bench_machine.llc_bytes()
+    llc = args.llc_mib << 20 if args.llc_mib else bench_machine.llc_bytes()[0]
     libs = bench_cases.Libs.load()
     cases = bench_cases.cases(llc, libs)
     if args.only:
@@ -83,7 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         "lowbit": bench_machine.lowbit_backend_details(),
         "lowbit_report": bench_machine.lowbit_report(),
     }
-    log("copy bandwidth ...")
+    info["resident"] = bench_cases.resident_bytes(libs)
+    info["precision"] = bench_cases.precision_errors(libs)
+    log("read and copy bandwidth ...")
+    read = bench_machine.read_bandwidth(llc, budget)
+    if read.impls and read.impls[0].gbps:
+        log(f"read bandwidth {read.impls[0].gbps:.1f} GB/s")
     copy = bench_machine.copy_bandwidth(llc, budget)
     if copy.impls and copy.impls[0].gbps:
         log(f"copy bandwidth {copy.impls[0].gbps:.1f} GB/s (read + write)")
@@ -103,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     info["wall_s"] = time.perf_counter() - started
     info["load_end"] = load_average()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(bench_report.markdown(results, copy, info))
-    (args.out / "results.json").write_text(bench_report.to_json(results, copy, info))
+    (args.out / "results.md").write_text(bench_report.markdown(results, read, copy, info))
+    (args.out / "results.json").write_text(bench_report.to_json(results, read, copy, info))
     problem = bench_report.plot(results, args.out / "results.png")
     log(problem or f"wrote {args.out}/results.md, results.json, results.png")
     print((args.out / "results.md").read_text())

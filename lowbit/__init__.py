@@ -5,8 +5,12 @@ the ``torch.ops.lowbit`` ops (``lowbit.core``), loads the native CPU library if 
 the reference backend) and applies ``LOWBIT_BACKEND``.
 """
 
+import os as _os
+
 from . import autograd, backends, functional, nn, optim
 from .autograd import MatmulLtState, matmul, matmul_4bit
+from .autograd.matmul_4bit import ENV_CPU_PRECISION as _ENV_CPU_PRECISION
+from .autograd.matmul_4bit import set_cpu_precision
 from .core import registry as _registry
 from .core.quant_state import QuantState
 
@@ -22,6 +26,12 @@ __all__ = [
     "matmul_4bit",
     "nn",
     "optim",
+    "set_cpu_precision",
 ]
 
 _registry.initialize()
+if _os.environ.get(_ENV_CPU_PRECISION):
+    try:
+        set_cpu_precision(_os.environ[_ENV_CPU_PRECISION])
+    except ValueError as _err:
+        raise ValueError(f"{_ENV_CPU_PRECISION}: {_err}") from None

@@ -23,6 +23,7 @@ __all__ = [
     "create_fp8_map",
     "create_linear_map",
     "create_normal_map",
+    "deinterleave_4bit",
     "dequantize_4bit",
     "dequantize_blockwise",
     "dequantize_fp4",
@@ -35,6 +36,7 @@ __all__ = [
     "int8_mm_dequant",
     "int8_vectorwise_dequant",
     "int8_vectorwise_quant",
+    "interleave_4bit",
     "quantize_4bit",
     "quantize_blockwise",
     "quantize_fp4",
@@ -134,6 +136,8 @@ def codebook_of(state: QuantState, device: torch.device) -> torch.Tensor:
 def block_absmax_of(state: QuantState) -> torch.Tensor:
     """The float32 per-block absmax of ``state``, undoing double quantization if present
     (what the 4-bit and blockwise ops take as ``absmax``)."""
+    if state.interleaved:
+        raise ValueError("block_absmax_of: the state is in the interleaved layout; deinterleave_4bit it first")
     if not state.nested:
         return state.absmax
     absmax = dequantize_blockwise(state.absmax, state.state2)
@@ -274,6 +278,8 @@ def dequantize_4bit(
             quant_type=quant_type,
         )
     _require_fields(quant_state, "quant_state", _FIELDS_4BIT)
+    if quant_state.interleaved:
+        A, quant_state = deinterleave_4bit(A, quant_state)
     block_absmax = block_absmax_of(quant_state)
     args = (A, block_absmax, quant_state.blocksize, quant_state.quant_type, list(quant_state.shape), quant_state.dtype)
     if out is not None:
@@ -311,6 +317,11 @@ def gemv_4bit(
         raise ValueError("gemv_4bit needs state, the QuantState returned by quantize_4bit")
     _require_fields(state, "state", _FIELDS_4BIT)
     checks.tensor(A, "A", formats.FLOAT_DTYPES, contiguous=False)
+    if state.interleaved:
+        result = torch.ops.lowbit.matmul_4bit_interleaved(
+            A, B, list(state.shape), state.absmax, codebook_of(state, A.device), state.blocksize
+        )
+        return result if out is None else out.copy_(result)
     if out is None and nested_absmax_args(state, A.device) is not None:
         return product_4bit(A, B, state)
     args = (A, B, list(state.shape), block_absmax_of(state), codebook_of(state, A.device), state.blocksize)
@@ -318,6 +329,36 @@ def gemv_4bit(
         torch.ops.lowbit.gemv_4bit.out(*args, out)
         return out
     return torch.ops.lowbit.gemv_4bit(*args)
+
+
+def interleave_4bit(A: torch.Tensor, quant_state: QuantState) -> tuple[torch.Tensor, QuantState]:
+    """The packed weight ``A`` (its standard bytes and state) in the interleaved layout for CPU
+    inference (``formats.interleave_rows``): new bytes of the same size and dtype, and a state
+    whose float32 absmax is in the layout's order, decoded once here when the weight is
+    double-quantized. ``deinterleave_4bit`` gives back the standard bytes and state bit for bit.
+    Needs K % blocksize == 0 (``formats.can_interleave``)."""
+    if not isinstance(quant_state, QuantState):
+        raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
+    if quant_state.interleaved:
+        raise ValueError("interleave_4bit: the weight is already in the interleaved layout")
+    packed, absmax = torch.ops.lowbit.interleave_4bit(
+        A, block_absmax_of(quant_state), list(quant_state.shape), quant_state.blocksize
+    )
+    codes = quant_state.absmax if quant_state.nested else None
+    return packed, quant_state.replace(absmax=absmax, layout=formats.LAYOUT_INTERLEAVED, absmax_codes=codes)
+
+
+def deinterleave_4bit(A: torch.Tensor, quant_state: QuantState) -> tuple[torch.Tensor, QuantState]:
+    """Inverse of :func:`interleave_4bit`: the standard (bitsandbytes) bytes and state."""
+    if not isinstance(quant_state, QuantState):
+        raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
+    if not quant_state.interleaved:
+        raise ValueError("deinterleave_4bit: the weight is not in the interleaved layout")
+    packed, absmax = torch.ops.lowbit.deinterleave_4bit(
+        A, quant_state.absmax, list(quant_state.shape), quant_state.blocksize
+    )
+    standard = quant_state.absmax_codes if quant_state.nested else absmax
+    return packed, quant_state.replace(absmax=standard, layout=formats.LAYOUT_STANDARD, absmax_codes=None)
 
 
 # ----------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ QA, SA, _ = F.int8_vectorwise_quant(X)
 QW, SW, _ = F.int8_vectorwise_quant(W)
 CODE8 = formats.dynamic_map()
 Q8, ABSMAX8 = torch.ops.lowbit.quantize_blockwise(W, CODE8, 256)
+PACKED_I, ABSMAX_I = torch.ops.lowbit.interleave_4bit(PACKED, STATE.absmax, [32, 64], 64)
 
 SAMPLES = {
     "quantize_4bit": (W, 64, "nf4", torch.uint8),
@@ -35,6 +36,9 @@ SAMPLES = {
         X, PACKED_NESTED, [32, 64], STATE_NESTED.absmax, STATE_NESTED.state2.code, STATE_NESTED.state2.absmax,
         STATE_NESTED.state2.blocksize, STATE_NESTED.offset, STATE_NESTED.code, 64, torch.randn(32),
     ),
+    "interleave_4bit": (PACKED, STATE.absmax, [32, 64], 64),
+    "deinterleave_4bit": (PACKED_I, ABSMAX_I, [32, 64], 64),
+    "matmul_4bit_interleaved": (X, PACKED_I, [32, 64], ABSMAX_I, STATE.code, 64, torch.randn(32), False),
     "gemm_4bit": (
         X, PACKED_NESTED, [32, 64], STATE_NESTED.state2.absmax, 64, "fp4", torch.randn(32), STATE_NESTED.absmax,
         STATE_NESTED.state2.code, STATE_NESTED.offset,

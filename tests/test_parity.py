@@ -92,7 +92,39 @@ def _with_out(
         yield (*args, torch.full(shape_of_output(args), float("nan"), dtype=dtype_of_output(args)))
 
 
+# The interleaved layout (CPU inference): interleavable shapes (K % blocksize == 0 at some blocksizes),
+# whole 16-row groups and a shorter last group, single rows.
+INTERLEAVED_SHAPES = ((37, 256), (16, 576), (5, 4096), (1, 128), (33, 1024))
+
+
+def _interleaved_weights() -> Iterator[tuple]:
+    """(quant_type, blocksize, shape, dtype, standard B, absmax, interleaved B, absmax) for every
+    interleavable combination."""
+    g = torch.Generator().manual_seed(2)
+    reference = registry.get("reference").kernels
+    combos = itertools.product(formats.QUANT_TYPES, formats.BLOCKSIZES, INTERLEAVED_SHAPES, FLOAT_DTYPES)
+    for qt, bs, (N, K), dtype in combos:
+        if not formats.can_interleave((N, K), bs):
+            continue
+        B, absmax = reference.get("quantize_4bit")(torch.randn(N, K, generator=g), bs, qt, torch.uint8)
+        yield (qt, bs, (N, K), dtype, B, absmax, *reference.get("interleave_4bit")(B, absmax, [N, K], bs))
+
+
+def _cases_interleave_4bit(sizes: Sizes) -> Iterator[tuple]:  # small shapes for every backend
+    for _, bs, shape, dtype, B, absmax, _, _ in _interleaved_weights():
+        if dtype == torch.float32:
+            yield (B.reshape(-1).view(torch.float16).unsqueeze(1), absmax, list(shape), bs)  # any storage dtype
+
+
+def _cases_deinterleave_4bit(sizes: Sizes) -> Iterator[tuple]:  # small shapes for every backend
+    for _, bs, shape, dtype, _, _, Bi, absmax_i in _interleaved_weights():
+        if dtype == torch.float32:
+            yield (Bi, absmax_i, list(shape), bs)
+
+
 CASES = {
+    "interleave_4bit": _cases_interleave_4bit,
+    "deinterleave_4bit": _cases_deinterleave_4bit,
     "quantize_4bit": _cases_quantize_4bit,
     "dequantize_4bit": _cases_dequantize_4bit,
     "dequantize_4bit.out": lambda sizes: _with_out(_cases_dequantize_4bit(sizes), lambda a: a[4]),
@@ -133,6 +165,17 @@ def _cases_matmul_4bit(sizes: Sizes) -> Iterator[tuple]:
     return _product_cases(sizes, [(1,), (8,), (2, 3), (17,), (4, 33)], with_bias=True)
 
 
+def _cases_matmul_4bit_interleaved(sizes: Sizes) -> Iterator[tuple]:  # small shapes for every backend
+    """Every pass size of rows of A (1..8, then several passes) with and without bias, both
+    precisions."""
+    g = torch.Generator().manual_seed(3)
+    leads = itertools.cycle([(1,), (2,), (3,), (4,), (5,), (6,), (7,), (8,), (9,), (17,), (2, 3), (64,)])
+    for case, ((qt, bs, shape, dtype, _, _, Bi, absmax_i), lead) in enumerate(zip(_interleaved_weights(), leads)):
+        A = torch.randn(*lead, shape[1], generator=g).to(dtype)
+        bias = torch.randn(shape[0], generator=g).to(dtype) if case % 2 else None
+        yield (A, Bi, list(shape), absmax_i, formats.code_tensor(qt), bs, bias, case % 3 != 0)
+
+
 #: Float matmuls: checked within the accumulation-order tolerance of _close (not bit for bit).
 PRODUCT_CASES = {
     "gemv_4bit": _cases_gemv_4bit,
@@ -140,6 +183,7 @@ PRODUCT_CASES = {
         _cases_gemv_4bit(sizes), lambda a: (*a[0].shape[:-1], a[2][0]), lambda a: a[0].dtype
     ),
     "matmul_4bit": _cases_matmul_4bit,
+    "matmul_4bit_interleaved": _cases_matmul_4bit_interleaved,
 }
 
 
@@ -167,7 +211,7 @@ def _exact(got, want, context: str) -> None:
 _MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7}
 
 
-def _close(got: torch.Tensor, want: torch.Tensor, args: tuple, context: str) -> None:
+def _close(got: torch.Tensor, want: torch.Tensor, args: tuple, context: str, relative: float = 0.0) -> None:
     """A product within what accumulation order explains.
 
     Both sides compute sum_k A[m, k] * W[n, k] in float32, in different orders (blocked BLAS vs
@@ -176,7 +220,8 @@ def _close(got: torch.Tensor, want: torch.Tensor, args: tuple, context: str) -> 
     walk: observed differences stay below 1.3 * sqrt(K) * 2^-24 * S, so the bound is
     8 * sqrt(K) * 2^-24 * S (a dropped or doubled term, ~S/K, still exceeds it for K <= 4096).
     A 16-bit output rounds each side's float32 once more: plus one unit in the last place of the
-    output dtype. A bias adds its magnitude to S.
+    output dtype. A bias adds its magnitude to S. ``relative`` adds relative * S (roundings of the
+    operands that the two sides do differently).
     """
     A, B, shapeB, absmax, code, blocksize = args[:6]
     N, K = shapeB
@@ -186,7 +231,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, args: tuple, context: str) -> 
     bias = args[6] if len(args) > 6 and isinstance(args[6], torch.Tensor) else None
     if bias is not None:
         S = S + bias.double().abs()
-    tol = 8 * math.sqrt(K) * 2.0**-24 * S
+    tol = (8 * math.sqrt(K) * 2.0**-24 + relative) * S
     g, w = got.double().reshape(-1, N), want.double().reshape(-1, N)
     if got.dtype != torch.float32:
         # one ulp of the larger side: |x| in [2^e, 2^(e+1)) has ulp 2^(e - mantissa bits)
@@ -196,6 +241,18 @@ def _close(got: torch.Tensor, want: torch.Tensor, args: tuple, context: str) -> 
     assert not bad.any(), (
         f"{context}: {int(bad.sum())} outputs differ, worst {(g - w).abs().max().item():.3g}"
     )
+
+
+def _close_interleaved(got: torch.Tensor, want: torch.Tensor, args: tuple, context: str) -> None:
+    """_close on the standard layout. With exact=False either side may round each weight and each
+    element of A to bf16 once (2^-9 relative each) or not at all: 2^-7 of S covers both sides."""
+    A, B, shapeB, absmax, code, blocksize, bias, exact = args
+    B, absmax = registry.get("reference").kernels.get("deinterleave_4bit")(B, absmax, shapeB, blocksize)
+    _close(got, want, (A, B, shapeB, absmax, code, blocksize, bias), context, 0.0 if exact else 2.0**-7)
+
+
+#: How each float product is compared with the reference (default: _close).
+PRODUCT_COMPARE = {"matmul_4bit_interleaved": _close_interleaved}
 
 
 @contextlib.contextmanager
@@ -275,7 +332,7 @@ def test_bit_exact_with_reference(backend, isa, op):
 @pytest.mark.parametrize(("backend", "isa"), _BACKEND_ISA)
 @pytest.mark.parametrize("op", sorted(PRODUCT_CASES))
 def test_products_close_to_reference(backend, isa, op):
-    _run_cases(backend, isa, op, _close)
+    _run_cases(backend, isa, op, PRODUCT_COMPARE.get(op, _close))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -708,10 +765,11 @@ def _cpu_isas_with_vnni_off() -> list[str]:
 @pytest.mark.parametrize("op", ["int8_linear_matmul", "int8_scaled_mm"])
 def test_int8_products_without_vnni(isa, op):
     """The AVX-512 int16 (vpmaddwd) path that CPUs without AVX512_VNNI take."""
+    before = native.cpu_features()
     with native.use_cpu_features([]):
         assert native.cpu_features() == []
         _run_int8_cases("cpu", isa, op)
-    assert native.cpu_features() == ["avx512_vnni"]
+    assert native.cpu_features() == before and "avx512_vnni" in before
 
 
 def _int8_isa_modes() -> list[tuple[str, tuple[str, ...]]]:

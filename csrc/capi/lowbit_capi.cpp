@@ -71,6 +71,22 @@ void copy_table(const T *src, int32_t len, float *out, int32_t capacity, int32_t
     *count = len;
 }
 
+/* N, K and blocksize of a weight in the interleaved layout: whole blocks per row, N * K bounded. */
+ArgCheck &check_interleaved_weight(ArgCheck &c, int64_t N, int64_t K, int64_t blocksize) {
+    check_blocksize(c, blocksize).count("N", N).count("K", K)
+        .expect(K >= 1, "K = %lld must be >= 1", static_cast<long long>(K));
+    if (c.failed()) return c;
+    return c.expect(K % blocksize == 0, "K = %lld is not a multiple of blocksize = %lld (the interleaved layout)",
+                    static_cast<long long>(K), static_cast<long long>(blocksize))
+        .product("N", N, "K", K);
+}
+/* Lengths of the packed bytes and the absmax of that weight (the layout keeps the sizes). */
+ArgCheck &check_interleaved_lengths(ArgCheck &c, const char *bytes_name, int64_t bytes_len, const char *absmax_name,
+                                    int64_t absmax_len, int64_t N, int64_t K, int64_t blocksize) {
+    return c.length(bytes_name, bytes_len, N * K / 2, "N * K / 2")
+        .length(absmax_name, absmax_len, N * K / blocksize, "N * K / blocksize");
+}
+
 lowbit::optim::Params optim_params(int32_t optimizer, const lowbit_optim_args &a) {
     return lowbit::optim::make_params(optimizer, a.beta1, a.beta2, a.beta3, a.alpha, a.eps, a.weight_decay, a.lr,
                                       a.gnorm_scale, a.step, a.max_unorm, a.param_norm);
@@ -118,7 +134,12 @@ LOWBIT_API int32_t lowbit_format_table(int32_t table, float *out, int32_t capaci
     case LOWBIT_TABLE_BLOCKSIZES:
         copy_table(fmt::kBlocksizes, fmt::kNumBlocksizes, out, capacity, count);
         break;
-    default: return refuse(c.enumeration("table", table, false, "0 .. 6 (lowbit_table)"));
+    case LOWBIT_TABLE_INTERLEAVE: {
+        const int layout[] = {fmt::kInterleaveRows, fmt::kInterleaveWordWeights};
+        copy_table(layout, 2, out, capacity, count);
+        break;
+    }
+    default: return refuse(c.enumeration("table", table, false, "0 .. 7 (lowbit_table)"));
     }
     return LOWBIT_OK;
 }
@@ -218,6 +239,56 @@ LOWBIT_API int32_t lowbit_gemv_4bit(int32_t a_dtype, const void *A, int64_t M, i
     return guarded([&] {
         const bool ok = kernels().gemv_4bit(a_dtype, A, M, K, B, absmax, code, N, blocksize, out_dtype,
                                             out, num_threads);
+        return int32_t{ok ? LOWBIT_OK : LOWBIT_ERR_UNSUPPORTED};
+    });
+}
+
+LOWBIT_API int32_t lowbit_interleave_4bit(const uint8_t *B, int64_t B_len, const float *absmax, int64_t absmax_len,
+                                          int64_t N, int64_t K, int64_t blocksize, int32_t inverse, uint8_t *B_out,
+                                          int64_t B_out_len, float *absmax_out, int64_t absmax_out_len,
+                                          int32_t num_threads) {
+    ArgCheck c("lowbit_interleave_4bit");
+    check_interleaved_weight(c, N, K, blocksize)
+        .enumeration("inverse", inverse, inverse == 0 || inverse == 1, "0 (to the interleaved layout), 1 (back)");
+    if (c.failed()) return refuse(c);
+    check_interleaved_lengths(c, "B_len", B_len, "absmax_len", absmax_len, N, K, blocksize);
+    if (check_interleaved_lengths(c, "B_out_len", B_out_len, "absmax_out_len", absmax_out_len, N, K, blocksize)
+            .failed())
+        return refuse(c);
+    if (N == 0) return LOWBIT_OK;
+    if (c.pointer("B", B).pointer("absmax", absmax).pointer("B_out", B_out).pointer("absmax_out", absmax_out).failed())
+        return refuse(c);
+    return guarded([&] {
+        kernels().interleave_4bit(B, absmax, N, K, blocksize, inverse != 0, B_out, absmax_out, num_threads);
+        return int32_t{LOWBIT_OK};
+    });
+}
+
+LOWBIT_API int32_t lowbit_matmul_4bit_interleaved(int32_t a_dtype, const void *A, int64_t M, int64_t K,
+                                                  const uint8_t *B, int64_t B_len, const float *absmax,
+                                                  int64_t absmax_len, const float *code, int64_t code_len, int64_t N,
+                                                  int64_t blocksize, const void *bias, int64_t bias_len,
+                                                  int32_t bias_dtype, int32_t precision, int32_t out_dtype, void *out,
+                                                  int32_t num_threads) {
+    ArgCheck c("lowbit_matmul_4bit_interleaved");
+    check_dtype(c, "a_dtype", a_dtype);
+    check_dtype(c, "out_dtype", out_dtype);
+    if (bias != nullptr) check_dtype(c, "bias_dtype", bias_dtype);
+    c.enumeration("precision", precision, precision == LOWBIT_PRECISION_FLOAT32 || precision == LOWBIT_PRECISION_BF16,
+                  "0 (float32), 1 (bf16)");
+    if (check_interleaved_weight(c, N, K, blocksize).count("M", M).failed()) return refuse(c);
+    if (c.product("M", M, "K", K).product("M", M, "N", N).failed()) return refuse(c);
+    check_interleaved_lengths(c, "B_len", B_len, "absmax_len", absmax_len, N, K, blocksize)
+        .length("code_len", code_len, fmt::kCode4Size, "the size of a 4-bit code");
+    check_optional(c, "bias_len", bias, bias_len, N, "N", "0 for a null bias");
+    if (c.failed()) return refuse(c);
+    if (M == 0 || N == 0) return LOWBIT_OK;
+    if (c.pointer("A", A).pointer("B", B).pointer("absmax", absmax).pointer("code", code).pointer("out", out).failed())
+        return refuse(c);
+    return guarded([&] {
+        const bool ok = kernels().matmul_4bit_interleaved(a_dtype, A, M, K, B, absmax, code, N, blocksize, bias,
+                                                          bias_dtype, precision == LOWBIT_PRECISION_BF16, out_dtype,
+                                                          out, num_threads);
         return int32_t{ok ? LOWBIT_OK : LOWBIT_ERR_UNSUPPORTED};
     });
 }

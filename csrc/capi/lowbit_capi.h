@@ -75,6 +75,7 @@ typedef enum lowbit_table {
     LOWBIT_TABLE_FP4_ORDER = 4,      /* 16 codes sorted by value (as float) */
     LOWBIT_TABLE_NF4_ORDER = 5,      /* identity (as float) */
     LOWBIT_TABLE_BLOCKSIZES = 6,     /* supported blocksizes (as float) */
+    LOWBIT_TABLE_INTERLEAVE = 7,     /* the interleaved layout: rows per group, weights per word */
 } lowbit_table;
 
 /* Instruction sets the CPU kernels are built for; higher is wider. */
@@ -144,11 +145,48 @@ LOWBIT_API int32_t lowbit_gemv_4bit(int32_t a_dtype, const void *A, int64_t M, i
                                     int64_t absmax_len, const float *code, int64_t code_len, int64_t N,
                                     int64_t blocksize, int32_t out_dtype, void *out, int32_t num_threads);
 
+/* ---- the interleaved 4-bit layout (CPU inference; defined in lowbit_formats.h) ---------- */
+/* Rows in groups of 16, and within a group the 4-byte words of the packed bytes (8 weights each)
+ * and the absmax stored transposed; sizes unchanged. Requires K % blocksize == 0. */
+
+/* The packed bytes B (B_len = N*K/2) and absmax (absmax_len = N*K/blocksize floats) of an (N, K)
+ * weight to the interleaved layout in B_out / absmax_out (the same lengths: B_out_len,
+ * absmax_out_len); inverse = 1: from it, back to the standard layout (bit-exact both ways).
+ * Outputs must not overlap inputs. LOWBIT_ERR_ARGUMENT: blocksize out of range, N < 0, K < 1,
+ * K % blocksize != 0, N*K too large, inverse not 0 or 1, or a length that disagrees; N == 0 reads
+ * no pointer. */
+LOWBIT_API int32_t lowbit_interleave_4bit(const uint8_t *B, int64_t B_len, const float *absmax, int64_t absmax_len,
+                                          int64_t N, int64_t K, int64_t blocksize, int32_t inverse, uint8_t *B_out,
+                                          int64_t B_out_len, float *absmax_out, int64_t absmax_out_len,
+                                          int32_t num_threads);
+
+/* How exact a product on the interleaved layout must be. */
+typedef enum lowbit_precision {
+    LOWBIT_PRECISION_FLOAT32 = 0, /* float32 products and sums (the contract of lowbit_gemv_4bit) */
+    LOWBIT_PRECISION_BF16 = 1,    /* weights and A may be rounded once to bf16; sums in float32 */
+} lowbit_precision;
+
+/* out = A @ W.T (+ bias) with W the (N, K) weight whose B and absmax are in the interleaved layout:
+ * out[m, n] = sum_k A[m, k] * code[nibble(n, k)] * absmax[n, k / blocksize] (+ bias[n]), rounded
+ * once to out_dtype. A: M x K row-major of a_dtype; B: B_len = N*K/2 bytes; absmax: absmax_len =
+ * N*K/blocksize floats; code: code_len = 16 floats; bias (bias_len = N values of bias_dtype) is
+ * optional (NULL, length 0); out: M x N row-major of out_dtype. Any M. LOWBIT_ERR_ARGUMENT: a
+ * dtype, precision or blocksize out of range, K % blocksize != 0, M < 0, N < 0, K < 1, M*K, N*K or
+ * M*N too large, or a length that disagrees; M == 0 or N == 0 returns LOWBIT_OK without reading
+ * any pointer. LOWBIT_ERR_UNSUPPORTED: a workspace could not be allocated. */
+LOWBIT_API int32_t lowbit_matmul_4bit_interleaved(int32_t a_dtype, const void *A, int64_t M, int64_t K,
+                                                  const uint8_t *B, int64_t B_len, const float *absmax,
+                                                  int64_t absmax_len, const float *code, int64_t code_len, int64_t N,
+                                                  int64_t blocksize, const void *bias, int64_t bias_len,
+                                                  int32_t bias_dtype, int32_t precision, int32_t out_dtype, void *out,
+                                                  int32_t num_threads);
+
 /* ---- CPU extensions -------------------------------------------------------------------- */
 /* Optional instruction-set extensions (bit flags) that an ISA build uses where the CPU has them,
  * beyond that ISA's baseline; results never depend on them. */
 typedef enum lowbit_cpu_feature {
     LOWBIT_CPU_FEATURE_AVX512_VNNI = 1, /* vpdpbusd in the avx512 int8 GEMM */
+    LOWBIT_CPU_FEATURE_AMX_BF16 = 2,    /* AMX tiles in the avx512 interleaved 4-bit product (bf16 precision) */
 } lowbit_cpu_feature;
 
 /* The features this CPU supports (for an ISA build compiled in). */

@@ -227,6 +227,30 @@ LOWBIT_HD static inline float clamp_unit(float t) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* The interleaved 4-bit layout (CPU inference)                                                */
+/*                                                                                             */
+/* A rearrangement of the packed bytes and the absmax of an (N, K) weight with K % blocksize   */
+/* == 0, built when a layer is placed for CPU inference and undone bit-exactly for saving     */
+/* (lowbit/core/formats.py holds the same definition for Python). Rows are taken in groups of  */
+/* kInterleaveRows (the last group holds the r = N - n0 <= kInterleaveRows rows left); within   */
+/* a group starting at row n0, the (r, K/8) matrix of 4-byte words (8 weights each, bytes as   */
+/* in the standard layout) is stored transposed, and so is the (r, K/blocksize) absmax matrix: */
+/*   word d of row n0+j       -> word  n0*K/8 + d*r + j           (d < K/8, j < r)            */
+/*   absmax b of row n0+j     -> float n0*K/blocksize + b*r + j   (b < K/blocksize)            */
+/* Sizes do not change. One 64-byte load then holds the same 8 weights of 16 consecutive rows, */
+/* which a kernel decodes into 16 lanes that all meet one broadcast activation.               */
+constexpr int kInterleaveRows = 16;
+constexpr int kInterleaveWordWeights = 8; /* weights per 4-byte word */
+
+/* Offset of word d of row n (as above) in the interleaved layout of an N-row weight whose rows
+ * hold `words` words (K/8; or blocks K/blocksize for the absmax: the same map). */
+LOWBIT_HD static inline int64_t interleaved_index(int64_t n, int64_t d, int64_t N, int64_t words) {
+    const int64_t n0 = n - n % kInterleaveRows;
+    const int64_t r = (N - n0 < kInterleaveRows) ? N - n0 : kInterleaveRows;
+    return n0 * words + d * r + (n - n0);
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* 8-bit blockwise: the "nearest code" lookup of bitsandbytes 0.50.2 on CPU                    */
 /*                                                                                             */
 /* The scaled value t = clamp(x * (1/absmax), -1, 1) is snapped to one of 65536 bins; bin j    */

@@ -68,6 +68,23 @@ inline void dispatch_dtype(int32_t dtype, Fn &&fn) {
     }
 }
 
+/* Element i of a float-side array of a validated dtype, widened exactly / stored rounded to
+ * nearest even (for kernels that touch a few elements per row, e.g. their outputs and bias). */
+inline float load_element(int32_t dtype, const void *p, int64_t i) {
+    switch (dtype) {
+    case kFloat16: return ElemF16::load(static_cast<const uint16_t *>(p)[i]);
+    case kBFloat16: return ElemBF16::load(static_cast<const uint16_t *>(p)[i]);
+    default: return static_cast<const float *>(p)[i];
+    }
+}
+inline void store_element(int32_t dtype, void *p, int64_t i, float v) {
+    switch (dtype) {
+    case kFloat16: static_cast<uint16_t *>(p)[i] = ElemF16::store(v); break;
+    case kBFloat16: static_cast<uint16_t *>(p)[i] = ElemBF16::store(v); break;
+    default: static_cast<float *>(p)[i] = v; break;
+    }
+}
+
 /* Number of blocks, ceil(n / blocksize), without overflow. */
 inline int64_t num_blocks(int64_t n, int64_t blocksize) {
     return n / blocksize + (n % blocksize != 0 ? 1 : 0);
@@ -94,6 +111,24 @@ void dequantize_4bit(int32_t dtype, const uint8_t *A, const float *absmax, int64
 bool gemv_4bit(int32_t a_dtype, const void *A, int64_t M, int64_t K, const uint8_t *B,
                const float *absmax, const float *code, int64_t N, int64_t blocksize,
                int32_t out_dtype, void *out, int num_threads);
+
+/* ---- the interleaved 4-bit layout (interleaved_4bit.cpp; lowbit_formats.h defines it) ---- */
+
+/* B: the (N*K)/2 packed bytes and absmax: the N*K/blocksize floats of an (N, K) weight with
+ * K % blocksize == 0, to the interleaved layout in B_out / absmax_out (inverse: back). Outputs
+ * must not overlap the inputs. */
+void interleave_4bit(const uint8_t *B, const float *absmax, int64_t N, int64_t K, int64_t blocksize, bool inverse,
+                     uint8_t *B_out, float *absmax_out, int num_threads);
+
+/* out[m, n] = sum_k A[m, k] * code[nibble(n, k)] * absmax[n, k / blocksize] (+ bias[n]), float32
+ * products and sums rounded once to out_dtype, with B and absmax in the interleaved layout
+ * (K % blocksize == 0). A: M x K of a_dtype; bias: N values of bias_dtype or null; out: M x N.
+ * bf16: each weight (code * absmax) and each element of A may be rounded once to bf16 (AMX tiles
+ * where the CPU has them, from a few rows of A on); sums stay float32. Returns false only when
+ * the rearranged copy of A cannot be allocated (nothing written). */
+bool matmul_4bit_interleaved(int32_t a_dtype, const void *A, int64_t M, int64_t K, const uint8_t *B,
+                             const float *absmax, const float *code, int64_t N, int64_t blocksize, const void *bias,
+                             int32_t bias_dtype, bool bf16, int32_t out_dtype, void *out, int num_threads);
 
 /* ---- 8-bit blockwise (blockwise_8bit.cpp) ---- */
 

@@ -10,6 +10,10 @@
 #if defined(LOWBIT_CPU_HAVE_AVX2) || defined(LOWBIT_CPU_HAVE_AVX512)
 #include <cpuid.h>
 #endif
+#if defined(LOWBIT_CPU_HAVE_AVX512) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace lowbit {
 namespace cpu {
@@ -57,6 +61,25 @@ bool has_f16c() {
 bool has_avx512_vnni() {
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     return __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (ecx & (1u << 11)) != 0;
+}
+
+/* AMX-BF16 with AMX-TILE (CPUID.(7,0):EDX[22], [24]) and AVX512-BF16 (CPUID.(7,1):EAX[5]), the OS
+ * saving the tile state (XCR0 bits 17-18), and Linux's per-process permission for the tile data
+ * (arch_prctl ARCH_REQ_XCOMP_PERM, granted once for every thread). Other systems: not used. */
+bool has_amx_bf16() {
+#if defined(__linux__)
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || (edx & (1u << 22)) == 0 || (edx & (1u << 24)) == 0)
+        return false;
+    if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) || (eax & (1u << 5)) == 0) return false;
+    unsigned xcr0_lo = 0, xcr0_hi = 0;
+    __asm__("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+    if ((xcr0_lo & (3u << 17)) != (3u << 17)) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
 }
 #endif
 
@@ -115,6 +138,7 @@ uint32_t cpu_features_supported() {
     uint32_t features = 0;
 #if defined(LOWBIT_CPU_HAVE_AVX512)
     if (isa_supported(kIsaAvx512) && has_avx512_vnni()) features |= kFeatureAvx512Vnni;
+    if (isa_supported(kIsaAvx512) && has_amx_bf16()) features |= kFeatureAmxBf16;
 #endif
     return features;
 }

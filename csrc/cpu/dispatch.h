@@ -56,6 +56,13 @@ struct KernelTable {
                                             const optim::Params &params, const float *qmap1,
                                             const float *qmap2, float *absmax1, float *absmax2,
                                             int num_threads);
+    /* The interleaved 4-bit layout (interleaved_4bit.cpp) */
+    void (*interleave_4bit)(const uint8_t *B, const float *absmax, int64_t N, int64_t K, int64_t blocksize,
+                            bool inverse, uint8_t *B_out, float *absmax_out, int num_threads);
+    bool (*matmul_4bit_interleaved)(int32_t a_dtype, const void *A, int64_t M, int64_t K, const uint8_t *B,
+                                    const float *absmax, const float *code, int64_t N, int64_t blocksize,
+                                    const void *bias, int32_t bias_dtype, bool bf16, int32_t out_dtype, void *out,
+                                    int num_threads);
 };
 
 /* True when `isa` is compiled into this library and this CPU/OS can execute it. */
@@ -70,8 +77,16 @@ const KernelTable &kernels();
 /* Optional extensions that an ISA build uses where the CPU has them, beyond that ISA's baseline
  * (bit flags; same values as lowbit_cpu_feature in csrc/capi/lowbit_capi.h):
  *   kFeatureAvx512Vnni  vpdpbusd in the avx512 build's int8 GEMM (CPUID.(7,0):ECX[11]).
+ *   kFeatureAmxBf16     AMX tiles (tdpbf16ps) and AVX512-BF16 conversions in the avx512 build's
+ *                       product on the interleaved 4-bit layout, where bf16 rounding is allowed
+ *                       (CPUID.(7,0):EDX[22,24], CPUID.(7,1):EAX[5], XCR0 tile state, and on
+ *                       Linux the process's permission to use it, requested once).
  * A kernel asks cpu_features() at each call. */
-enum Feature : uint32_t { kFeatureAvx512Vnni = 1u << 0, kAllFeatures = kFeatureAvx512Vnni };
+enum Feature : uint32_t {
+    kFeatureAvx512Vnni = 1u << 0,
+    kFeatureAmxBf16 = 1u << 1,
+    kAllFeatures = kFeatureAvx512Vnni | kFeatureAmxBf16,
+};
 /* The features this CPU and OS support (with the ISA build that uses them compiled in). */
 uint32_t cpu_features_supported();
 /* The features in use: the supported ones within the mask of set_cpu_features (default: all). */

@@ -179,13 +179,7 @@ LOWBIT_ALWAYS_INLINE void dot_chunk(const Problem &p, const I (&dwords)[NB], con
     }
 }
 
-inline void store_out(const Problem &p, int64_t i, float v) {
-    switch (p.out_dtype) {
-    case kFloat16: static_cast<uint16_t *>(p.out)[i] = ElemF16::store(v); break;
-    case kBFloat16: static_cast<uint16_t *>(p.out)[i] = ElemBF16::store(v); break;
-    default: static_cast<float *>(p.out)[i] = v; break;
-    }
-}
+inline void store_out(const Problem &p, int64_t i, float v) { store_element(p.out_dtype, p.out, i, v); }
 
 template <int M, int NB, int R>
 inline void store_rows(const Problem &p, int64_t n, const Acc<M, NB, R> &tot) {

@@ -1,7 +1,11 @@
 /* parallel.cpp -- the thread part of parallel_for (see parallel.h).
  *
  * Chunks are contiguous: chunk k covers begin + base*k + min(k, rem) ... so the first `rem`
- * chunks hold one extra item. The calling thread runs chunk 0, workers the others.
+ * chunks hold one extra item. There are up to kChunksPerThread chunks per thread, and the threads
+ * (the caller among them) take them one by one from a shared counter: on a machine where other
+ * processes compete for the cores, a thread that is descheduled holds up the call only for the
+ * chunk it is running, not for a fixed share of the work; the caller returns as soon as every
+ * chunk is done, without waiting for workers that never got to run.
  *
  * Workers are persistent: a pool that grows to the largest thread count asked for and whose
  * threads sleep on a condition variable between calls. Waking a sleeping thread costs a few
@@ -36,6 +40,9 @@ namespace {
 
 /* Hard ceiling, whatever the caller asks for. */
 constexpr int64_t kMaxThreads = 256;
+/* Chunks per thread (each still at least `grain` items): small enough that a thread which lost
+ * its core leaves little behind it, large enough that taking a chunk costs nothing. */
+constexpr int64_t kChunksPerThread = 4;
 
 struct Chunk {
     RangeFn fn;
@@ -83,20 +90,24 @@ void run_on_new_threads(const Job &job) {
 
 class Pool {
   public:
-    /* Runs job on the pool; false (nothing run) when the pool is busy or cannot grow enough. */
-    bool run(const Job &job) {
+    /* Runs job on the caller and `workers` pool threads; false (nothing run) when the pool is busy
+     * or cannot grow enough. */
+    bool run(const Job &job, int64_t workers) {
         std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
-        if (!busy.owns_lock() || !grow(job.chunks - 1)) return false;
+        if (!busy.owns_lock() || !grow(workers)) return false;
+        uint64_t generation;
         {
             std::lock_guard<std::mutex> lock(mutex_);
             job_ = job;
-            pending_ = job.chunks - 1;
-            ++generation_;
+            job_workers_ = workers;
+            generation = ++generation_;
+            done_chunks_.store(0, std::memory_order_relaxed);
+            next_.store(generation << 32, std::memory_order_release);
         }
         wake_.notify_all();
-        job.chunk(0)();
+        run_chunks(job, generation);
         std::unique_lock<std::mutex> lock(mutex_);
-        done_.wait(lock, [&] { return pending_ == 0; });
+        done_.wait(lock, [&] { return done_chunks_.load(std::memory_order_acquire) == job.chunks; });
         return true;
     }
 
@@ -120,29 +131,47 @@ class Pool {
         return true;
     }
 
+    /* Takes chunks of the job of `generation` until none is left (or a newer job started: a
+     * worker that wakes late must not take the next job's chunks with this job's function). */
+    void run_chunks(const Job &job, uint64_t generation) {
+        uint64_t next = next_.load(std::memory_order_acquire);
+        for (;;) {
+            if ((next >> 32) != (generation & 0xFFFFFFFFu) || static_cast<int64_t>(next & 0xFFFFFFFFu) >= job.chunks)
+                return;
+            if (!next_.compare_exchange_weak(next, next + 1, std::memory_order_acq_rel)) continue;
+            job.chunk(static_cast<int64_t>(next & 0xFFFFFFFFu))();
+            if (done_chunks_.fetch_add(1, std::memory_order_acq_rel) + 1 == job.chunks) {
+                std::lock_guard<std::mutex> lock(mutex_); /* the caller checks under it: no lost wake-up */
+                done_.notify_one();
+            }
+            next = next_.load(std::memory_order_acquire);
+        }
+    }
+
     void work(int64_t index, uint64_t seen) {
         for (;;) {
             Job job;
+            uint64_t generation;
             {
                 std::unique_lock<std::mutex> lock(mutex_);
                 wake_.wait(lock, [&] { return generation_ != seen; });
-                seen = generation_;
+                seen = generation = generation_;
+                if (index > job_workers_) continue; /* not needed this time */
                 job = job_;
             }
-            if (index >= job.chunks) continue; /* not needed this time */
-            job.chunk(index)();
-            std::lock_guard<std::mutex> lock(mutex_);
-            if (--pending_ == 0) done_.notify_one();
+            run_chunks(job, generation);
         }
     }
 
     std::mutex busy_;  /* held by the caller for the whole call */
-    std::mutex mutex_; /* guards everything below */
+    std::mutex mutex_; /* guards everything below but the atomics */
     std::condition_variable wake_, done_;
     uint64_t generation_ = 0;
     Job job_;
-    int64_t pending_ = 0;
-    int64_t started_ = 0; /* written under busy_ only */
+    int64_t job_workers_ = 0;
+    std::atomic<uint64_t> next_{0};         /* generation << 32 | next chunk to take */
+    std::atomic<int64_t> done_chunks_{0};   /* chunks of the current job finished */
+    int64_t started_ = 0;                   /* written under busy_ only */
 };
 
 std::atomic<Pool *> g_pool{nullptr};
@@ -182,14 +211,20 @@ void parallel_for_impl(int64_t begin, int64_t end, int num_threads, int64_t grai
     job.ctx = ctx;
     job.begin = begin;
     job.chunks = std::max<int64_t>(threads, 1);
-    job.base = items / job.chunks;
-    job.rem = items % job.chunks;
     if (job.chunks == 1) {
+        job.base = items;
         job.chunk(0)();
         return;
     }
+    Job pooled = job; /* the pool's threads take finer chunks from a counter */
+    pooled.chunks = std::min<int64_t>(threads * kChunksPerThread, items / grain);
+    pooled.base = items / pooled.chunks;
+    pooled.rem = items % pooled.chunks;
     Pool *p = pool();
-    if (p == nullptr || !p->run(job)) run_on_new_threads(job);
+    if (p != nullptr && p->run(pooled, threads - 1)) return;
+    job.base = items / job.chunks;
+    job.rem = items % job.chunks;
+    run_on_new_threads(job);
 }
 
 } // namespace cpu

@@ -191,6 +191,13 @@ struct Vec {
     static F absmax_lanes(const float *p, I blocks, int count) {
         return _mm512_permutexvar_ps(blocks, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1u), p));
     }
+
+    /* ---- interleaved gemm ---- */
+    /* The first `lanes` floats, zeros above (nothing past them is read). */
+    static F load_floats(const float *p, int lanes) {
+        return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << lanes) - 1u), p);
+    }
+    static void storeu(float *p, F v) { _mm512_storeu_ps(p, v); }
 };
 
 #elif defined(LOWBIT_SIMD_AVX2)
@@ -325,6 +332,13 @@ struct Vec {
         const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
         return _mm256_permutevar8x32_ps(_mm256_maskload_ps(p, m), blocks);
     }
+
+    /* ---- interleaved gemm ---- */
+    /* The first `lanes` floats, zeros above (nothing past them is read). */
+    static F load_floats(const float *p, int lanes) {
+        return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    }
+    static void storeu(float *p, F v) { _mm256_storeu_ps(p, v); }
 };
 
 #else /* scalar: what gemv_4bit needs, one lane */
@@ -354,13 +368,18 @@ struct Vec {
     static F lookup(const Table16 &t, I idx) { return t.v[idx & 15u]; }
 
     static I load_dwords(const uint8_t *p) { return load_le32(p); }
-    static I load_dwords(const uint8_t *p, int /*lanes: always 1*/) { return load_le32(p); }
+    /* The first `lanes` (0 or 1) dwords, zero for none (nothing past them is read). */
+    static I load_dwords(const uint8_t *p, int lanes) { return lanes > 0 ? load_le32(p) : 0u; }
     template <int S>
     static I shift_right(I v) {
         return v >> S;
     }
     static I lane_blocks(int64_t r, int log2bs) { return static_cast<I>(r >> log2bs); }
     static F absmax_lanes(const float *p, I blocks, int /*count: 1*/) { return p[blocks]; }
+
+    /* The first `lanes` (0 or 1) floats, zero for none: a tail group's lanes past its rows read nothing. */
+    static F load_floats(const float *p, int lanes) { return lanes > 0 ? *p : 0.0f; }
+    static void storeu(float *p, F v) { *p = v; }
 };
 
 #endif

@@ -50,6 +50,8 @@ enum Entry {
     kQuantizeBlockwise,
     kDequantizeBlockwise,
     kGemv4bit,
+    kInterleave4bit,
+    kMatmul4bitInterleaved,
     kInt8LinearMatmul,
     kInt8VectorwiseQuant,
     kInt8ColwiseQuant,
@@ -61,7 +63,8 @@ enum Entry {
 };
 const char *const kEntryNames[kNumEntries] = {
     "info", "set_cpu_isa", "set_cpu_features", "format_table", "quantize_4bit", "dequantize_4bit",
-    "quantize_blockwise", "dequantize_blockwise", "gemv_4bit", "int8_linear_matmul", "int8_vectorwise_quant",
+    "quantize_blockwise", "dequantize_blockwise", "gemv_4bit", "interleave_4bit", "matmul_4bit_interleaved",
+    "int8_linear_matmul", "int8_vectorwise_quant",
     "int8_colwise_quant", "int8_vectorwise_dequant", "int8_mm_dequant", "optimizer_update_32bit",
     "optimizer_update_8bit_blockwise",
 };
@@ -124,6 +127,14 @@ class Fuzz {
     int64_t blocksize() {
         if (rare(8)) return shape(5000);
         return int64_t{32} << d_.ConsumeIntegralInRange<int>(0, 7);
+    }
+    /* A row length: mostly 1 to `max_blocks` whole blocks of `blocksize` (what the interleaved layout
+     * needs), sometimes any shape. */
+    int64_t whole_blocks(int64_t blocksize, int64_t max_blocks) {
+        int64_t k;
+        if (rare(8) || __builtin_mul_overflow(blocksize, d_.ConsumeIntegralInRange<int64_t>(1, max_blocks), &k))
+            return shape(300);
+        return k;
     }
     /* An enum argument: mostly in [0, count), sometimes anything. */
     int32_t choice(int32_t count) {
@@ -209,9 +220,9 @@ int32_t run(int entry, Fuzz &f) {
         return LOWBIT_OK;
     }
     case kSetCpuIsa: return lowbit_set_cpu_isa(f.choice(3));
-    case kSetCpuFeatures: return lowbit_set_cpu_features(f.choice(2));
+    case kSetCpuFeatures: return lowbit_set_cpu_features(f.choice(4));
     case kFormatTable: {
-        const int32_t table = f.choice(7), capacity = static_cast<int32_t>(f.shape(300));
+        const int32_t table = f.choice(8), capacity = static_cast<int32_t>(f.shape(300));
         auto *out = static_cast<float *>(f.buffer(capacity, sizeof(float)));
         auto *count = static_cast<int32_t *>(f.buffer(1, sizeof(int32_t)));
         f.snapshot();
@@ -275,6 +286,38 @@ int32_t run(int entry, Fuzz &f) {
         f.snapshot();
         return lowbit_gemv_4bit(a_dtype, A, M, K, B, B_len, absmax, absmax_len, code, code_len, N, blocksize,
                                 out_dtype, out, f.threads());
+    }
+    case kInterleave4bit: {
+        const int32_t inverse = f.choice(2);
+        const int64_t N = f.shape(40), blocksize = f.blocksize(), K = f.whole_blocks(blocksize, 2);
+        const int64_t nk = alloc_product(N, K);
+        const int64_t B_len = f.length(packed4(nk)), absmax_len = f.length(blocks(nk, blocksize));
+        const int64_t B_out_len = f.length(packed4(nk)), absmax_out_len = f.length(blocks(nk, blocksize));
+        auto *B = static_cast<const uint8_t *>(f.buffer(B_len, 1));
+        auto *absmax = static_cast<const float *>(f.buffer(absmax_len, 4));
+        auto *B_out = static_cast<uint8_t *>(f.buffer(B_out_len, 1));
+        auto *absmax_out = static_cast<float *>(f.buffer(absmax_out_len, 4));
+        f.snapshot();
+        return lowbit_interleave_4bit(B, B_len, absmax, absmax_len, N, K, blocksize, inverse, B_out, B_out_len,
+                                      absmax_out, absmax_out_len, f.threads());
+    }
+    case kMatmul4bitInterleaved: {
+        const int32_t a_dtype = f.choice(3), out_dtype = f.choice(3), bias_dtype = f.choice(3), precision = f.choice(2);
+        const int64_t M = f.shape(20), N = f.shape(40), blocksize = f.blocksize(), K = f.whole_blocks(blocksize, 2);
+        const int64_t nk = alloc_product(N, K);
+        const int64_t B_len = f.length(packed4(nk)), absmax_len = f.length(blocks(nk, blocksize)), code_len = f.length(16);
+        const bool with_bias = d.ConsumeBool();
+        const int64_t bias_len = with_bias ? f.length(N) : 0;
+        const void *A = f.buffer(alloc_product(M, K), dtype_size(a_dtype));
+        auto *B = static_cast<const uint8_t *>(f.buffer(B_len, 1));
+        auto *absmax = static_cast<const float *>(f.buffer(absmax_len, 4));
+        const float *code = f.code(code_len);
+        const void *bias = with_bias ? f.buffer(bias_len, dtype_size(bias_dtype)) : nullptr;
+        void *out = f.buffer(alloc_product(M, N), dtype_size(out_dtype));
+        f.snapshot();
+        return lowbit_matmul_4bit_interleaved(a_dtype, A, M, K, B, B_len, absmax, absmax_len, code, code_len, N,
+                                              blocksize, bias, bias_len, bias_dtype, precision, out_dtype, out,
+                                              f.threads());
     }
     case kInt8LinearMatmul: {
         const int64_t M = f.shape(40), K = f.shape(300), N = f.shape(40);
@@ -382,7 +425,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     /* the kernels of one of the ISAs (scalar when this CPU cannot run it), with or without the
      * optional extensions: each execution depends on its input only */
     if (lowbit_set_cpu_isa(data[1] % 3) != LOWBIT_OK) lowbit_set_cpu_isa(LOWBIT_ISA_SCALAR);
-    lowbit_set_cpu_features((data[1] >> 2) & LOWBIT_CPU_FEATURE_AVX512_VNNI);
+    lowbit_set_cpu_features((data[1] >> 2) & (LOWBIT_CPU_FEATURE_AVX512_VNNI | LOWBIT_CPU_FEATURE_AMX_BF16));
     Fuzz f(data + 2, size - 2);
     lowbit_last_error();
     const int32_t status = run(entry, f);

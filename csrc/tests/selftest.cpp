@@ -38,6 +38,9 @@
 
 namespace fmt = lowbit::fmt;
 
+/* Every lowbit_cpu_feature bit: restores the default (all supported features in use). */
+static const int32_t kAllCpuFeatures = LOWBIT_CPU_FEATURE_AVX512_VNNI | LOWBIT_CPU_FEATURE_AMX_BF16;
+
 static int g_failures = 0;
 static long g_checks = 0;
 
@@ -270,13 +273,16 @@ static void test_capi_arguments() {
     t[3] = 123.0f;
     CHECK(lowbit_format_table(LOWBIT_TABLE_FP4_CODE, t, 3, &count) == LOWBIT_OK && count == 16 &&
               t[3] == 123.0f && fbits(t[2]) == fbits(fmt::kFP4Code[2]), "capacity respected");
+    CHECK(lowbit_format_table(LOWBIT_TABLE_INTERLEAVE, t, 32, &count) == LOWBIT_OK && count == 2 &&
+              t[0] == (float)fmt::kInterleaveRows && t[1] == (float)fmt::kInterleaveWordWeights,
+          "interleave table");
     CHECK(lowbit_format_table(-1, t, 32, &count) == LOWBIT_ERR_ARGUMENT, "bad table");
     CHECK(lowbit_format_table(0, t, 32, nullptr) == LOWBIT_ERR_ARGUMENT, "null count");
     CHECK(lowbit_format_table(0, nullptr, 4, &count) == LOWBIT_ERR_ARGUMENT, "null out");
     CHECK(lowbit_format_table(0, t, -1, &count) == LOWBIT_ERR_ARGUMENT, "negative capacity");
 
-    CHECK(lowbit_format_table(7, t, 32, &count) == LOWBIT_ERR_ARGUMENT, "bad table");
-    CHECK(strcmp(lowbit_last_error(), "lowbit_format_table: table = 7 is not one of 0 .. 6 (lowbit_table)") == 0,
+    CHECK(lowbit_format_table(8, t, 32, &count) == LOWBIT_ERR_ARGUMENT, "bad table");
+    CHECK(strcmp(lowbit_last_error(), "lowbit_format_table: table = 8 is not one of 0 .. 7 (lowbit_table)") == 0,
           "last error names the argument: %s", lowbit_last_error());
 
     float x[64] = {}, am[2] = {};
@@ -670,6 +676,76 @@ static void test_gemv_arguments() {
     CHECK(lowbit_gemv_4bit(0, a, 1, 8, b, 4, am, 1, c, 16, 1, 64, 0, out, 1) == LOWBIT_OK, "valid gemv");
 }
 
+/* The interleaved layout's entry points reject what they must (K % blocksize included) and do
+ * nothing, reading no pointer, for empty problems. */
+static void test_interleaved_arguments() {
+    float a[64] = {}, am[1] = {1.0f}, am_out[1] = {}, out[1] = {};
+    uint8_t b[32] = {}, b_out[32] = {};
+    const float *c = fmt::kNF4Code;
+    CHECK(lowbit_interleave_4bit(b, 32, am, 1, 1, 64, 64, 0, b_out, 32, am_out, 1, 1) == LOWBIT_OK, "interleave");
+    REFUSED(lowbit_interleave_4bit(b, 48, am, 1, 1, 96, 64, 0, b_out, 48, am_out, 1, 1),
+            "K = 96 is not a multiple of blocksize = 64");
+    REFUSED(lowbit_interleave_4bit(b, 32, am, 1, 1, 64, 48, 0, b_out, 32, am_out, 1, 1), "blocksize = 48");
+    REFUSED(lowbit_interleave_4bit(b, 32, am, 1, -1, 64, 64, 0, b_out, 32, am_out, 1, 1), "N = -1");
+    REFUSED(lowbit_interleave_4bit(b, 32, am, 1, 1, 0, 64, 0, b_out, 32, am_out, 1, 1), "K = 0 must be >= 1");
+    REFUSED(lowbit_interleave_4bit(b, 32, am, 1, 1, 64, 64, 2, b_out, 32, am_out, 1, 1), "inverse = 2");
+    REFUSED(lowbit_interleave_4bit(b, 32, am, 1, int64_t{1} << 40, int64_t{1} << 40, 64, 0, b_out, 32, am_out, 1, 1),
+            "N * K = 1099511627776 * 1099511627776 is too large");
+    REFUSED(lowbit_interleave_4bit(b, 31, am, 1, 1, 64, 64, 0, b_out, 32, am_out, 1, 1), "B_len = 31, but N * K / 2 = 32");
+    REFUSED(lowbit_interleave_4bit(b, 32, am, 2, 1, 64, 64, 0, b_out, 32, am_out, 1, 1),
+            "absmax_len = 2, but N * K / blocksize = 1");
+    REFUSED(lowbit_interleave_4bit(b, 32, am, 1, 1, 64, 64, 0, b_out, 64, am_out, 1, 1), "B_out_len = 64");
+    REFUSED(lowbit_interleave_4bit(b, 32, am, 1, 1, 64, 64, 0, b_out, 32, am_out, 0, 1), "absmax_out_len = 0");
+    CHECK(lowbit_interleave_4bit(nullptr, 0, nullptr, 0, 0, 64, 64, 1, nullptr, 0, nullptr, 0, 1) == LOWBIT_OK,
+          "N == 0");
+    REFUSED(lowbit_interleave_4bit(nullptr, 32, am, 1, 1, 64, 64, 0, b_out, 32, am_out, 1, 1), "B is a null pointer");
+    REFUSED(lowbit_interleave_4bit(b, 32, am, 1, 1, 64, 64, 0, nullptr, 32, am_out, 1, 1), "B_out is a null pointer");
+    REFUSED(lowbit_interleave_4bit(b, 32, am, 1, 1, 64, 64, 0, b_out, 32, nullptr, 1, 1),
+            "absmax_out is a null pointer");
+
+    CHECK(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, 32, am, 1, c, 16, 1, 64, nullptr, 0, 0, 0, 0, out, 1) ==
+              LOWBIT_OK, "product");
+    CHECK(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, 32, am, 1, c, 16, 1, 64, am, 1, 0, 1, 0, out, 1) ==
+              LOWBIT_OK, "product with bias");
+    REFUSED(lowbit_matmul_4bit_interleaved(3, a, 1, 64, b, 32, am, 1, c, 16, 1, 64, nullptr, 0, 0, 0, 0, out, 1),
+            "a_dtype = 3");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, 32, am, 1, c, 16, 1, 64, nullptr, 0, 0, 0, -1, out, 1),
+            "out_dtype = -1");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, 32, am, 1, c, 16, 1, 64, nullptr, 0, 0, 2, 0, out, 1),
+            "precision = 2");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, 32, am, 1, c, 16, 1, 64, am, 1, 5, 0, 0, out, 1),
+            "bias_dtype = 5");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, 1, 96, b, 48, am, 1, c, 16, 1, 64, nullptr, 0, 0, 0, 0, out, 1),
+            "K = 96 is not a multiple of blocksize = 64");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, -1, 64, b, 32, am, 1, c, 16, 1, 64, nullptr, 0, 0, 0, 0, out, 1),
+            "M = -1");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, int64_t{1} << 40, 64, b, 32, am, 1, c, 16, int64_t{1} << 40, 64,
+                                           nullptr, 0, 0, 0, 0, out, 1),
+            "M * N = 1099511627776 * 1099511627776 is too large");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, 16, am, 1, c, 16, 1, 64, nullptr, 0, 0, 0, 0, out, 1),
+            "B_len = 16, but N * K / 2 = 32");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, 32, am, 3, c, 16, 1, 64, nullptr, 0, 0, 0, 0, out, 1),
+            "absmax_len = 3");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, 32, am, 1, c, 17, 1, 64, nullptr, 0, 0, 0, 0, out, 1),
+            "code_len = 17");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, 32, am, 1, c, 16, 1, 64, am, 2, 0, 0, 0, out, 1),
+            "bias_len = 2, but N = 1");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, 32, am, 1, c, 16, 1, 64, nullptr, 1, 0, 0, 0, out, 1),
+            "bias_len = 1, but 0 for a null bias = 0");
+    CHECK(lowbit_matmul_4bit_interleaved(0, nullptr, 0, 64, nullptr, 32, nullptr, 1, nullptr, 16, 1, 64, nullptr, 0,
+                                         0, 0, 0, nullptr, 1) == LOWBIT_OK, "M == 0");
+    CHECK(lowbit_matmul_4bit_interleaved(0, nullptr, 3, 64, nullptr, 0, nullptr, 0, nullptr, 16, 0, 64, nullptr, 0,
+                                         0, 0, 0, nullptr, 1) == LOWBIT_OK, "N == 0");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, nullptr, 1, 64, b, 32, am, 1, c, 16, 1, 64, nullptr, 0, 0, 0, 0, out, 1),
+            "A is a null pointer");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, 32, nullptr, 1, c, 16, 1, 64, nullptr, 0, 0, 0, 0, out, 1),
+            "absmax is a null pointer");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, 32, am, 1, nullptr, 16, 1, 64, nullptr, 0, 0, 0, 0, out, 1),
+            "code is a null pointer");
+    REFUSED(lowbit_matmul_4bit_interleaved(0, a, 1, 64, b, 32, am, 1, c, 16, 1, 64, nullptr, 0, 0, 0, 0, nullptr, 1),
+            "out is a null pointer");
+}
+
 /* One gemv problem with exactly sized heap buffers; checks every ISA against a double sum and the
  * thread count against itself. Tolerance: fp32 sums in any order, 8 sqrt(K) 2^-24 S with
  * S = sum |A W| (see tests/test_parity.py), plus one ulp of a 16-bit output. */
@@ -978,11 +1054,11 @@ static void test_int8_arguments() {
     /* features */
     const int32_t features = lowbit_cpu_features();
     CHECK((features & ~lowbit_cpu_features_supported()) == 0, "features in use are supported");
-    CHECK(lowbit_set_cpu_features(-1) == LOWBIT_ERR_ARGUMENT && lowbit_set_cpu_features(2) == LOWBIT_ERR_ARGUMENT,
+    CHECK(lowbit_set_cpu_features(-1) == LOWBIT_ERR_ARGUMENT && lowbit_set_cpu_features(4) == LOWBIT_ERR_ARGUMENT,
           "unknown feature bits rejected");
     CHECK(lowbit_cpu_features() == features, "unchanged after a rejected set");
     CHECK(lowbit_set_cpu_features(0) == LOWBIT_OK && lowbit_cpu_features() == 0, "features off");
-    CHECK(lowbit_set_cpu_features(LOWBIT_CPU_FEATURE_AVX512_VNNI) == LOWBIT_OK && lowbit_cpu_features() == features,
+    CHECK(lowbit_set_cpu_features(kAllCpuFeatures) == LOWBIT_OK && lowbit_cpu_features() == features,
           "features restored");
 }
 
@@ -1023,7 +1099,7 @@ static void check_int8_matmul(std::mt19937_64 &rng, int64_t M, int64_t K, int64_
         }
     }
     lowbit_set_cpu_isa(supported_isas().back());
-    lowbit_set_cpu_features(LOWBIT_CPU_FEATURE_AVX512_VNNI);
+    lowbit_set_cpu_features(kAllCpuFeatures);
 }
 
 /* Quantize (row- and column-wise, with and without outlier columns), dequantize and mm_dequant on
@@ -1140,7 +1216,7 @@ static void check_int8_quant(std::mt19937_64 &rng, int dt, int64_t rows, int64_t
         }
     }
     lowbit_set_cpu_isa(supported_isas().back());
-    lowbit_set_cpu_features(LOWBIT_CPU_FEATURE_AVX512_VNNI);
+    lowbit_set_cpu_features(kAllCpuFeatures);
 }
 
 static void test_int8() {
@@ -1182,6 +1258,7 @@ int main(int argc, char **argv) {
     test_isas_bit_exact();
     test_isa_narrowing(exhaustive);
     test_gemv_arguments();
+    test_interleaved_arguments();
     test_gemv();
     test_int8_arguments();
     test_int8();

@@ -2,6 +2,10 @@
 
 Paths:
 
+* inference with the weight in the interleaved layout (a layer placed for CPU inference, see
+  ``functional.interleave_4bit``), any number of rows: ``matmul_4bit_interleaved``, the fused
+  product on that layout (float32 products and sums, as ``gemv_4bit``, unless
+  :func:`set_cpu_precision` allows bf16 rounding);
 * inference on a few rows (up to :func:`gemv_max_rows` rows of ``A``, no gradient needed: decoding,
   small batches): ``gemv_4bit``, the fused dequantize-dot op that backends implement without
   materializing the weight (float32 products and sums, one rounding to ``A``'s dtype; bitsandbytes
@@ -21,9 +25,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..core import checks, formats
+from ..core import checks, formats, registry
 from ..core.quant_state import QuantState
-from ..functional import block_absmax_of, product_4bit
+from ..functional import block_absmax_of, deinterleave_4bit, product_4bit
 
 #: Rows of ``A`` up to which inference on the CPU uses the fused ``gemv_4bit`` (the CPU kernel reads
 #: the weight once per 8 rows; beyond that dequantizing once and running a GEMM is faster).
@@ -39,9 +43,35 @@ def gemv_max_rows(device: torch.device) -> int:
     """Rows up to which inference on ``device`` takes the fused ``gemv_4bit`` path."""
     return GPU_GEMV_MAX_ROWS if device.type == "cuda" else GEMV_MAX_ROWS
 
+#: How exact the products on the interleaved layout (CPU inference) are:
+#:   "auto": bfloat16 activations may have each weight (code * absmax) rounded once to bfloat16,
+#:           with float32 sums -- what a bf16 dense layer computes, run on AMX tiles where the CPU
+#:           has them; float32 and float16 activations get float32 products;
+#:   "float32": float32 products and sums whatever A's dtype (reference parity, as gemv_4bit);
+#:   "bf16": weights and activations may be rounded once to bfloat16 whatever A's dtype.
+CPU_PRECISIONS = ("auto", "float32", "bf16")
+ENV_CPU_PRECISION = "LOWBIT_CPU_PRECISION"
+_cpu_precision = ["auto"]
+
+
+def set_cpu_precision(precision: str) -> str:
+    """Choose :data:`CPU_PRECISIONS` for the CPU inference products from now on; returns the
+    previous choice (``LOWBIT_CPU_PRECISION`` sets the initial one)."""
+    if precision not in CPU_PRECISIONS:
+        raise ValueError(f"precision must be one of {CPU_PRECISIONS}, got {precision!r}")
+    previous, _cpu_precision[0] = _cpu_precision[0], precision
+    return previous
+
+
+def _exact(dtype: torch.dtype) -> bool:
+    precision = _cpu_precision[0]
+    return precision == "float32" or (precision == "auto" and dtype != torch.bfloat16)
+
 
 def dense_weight(B: torch.Tensor, quant_state: QuantState, dtype: torch.dtype) -> torch.Tensor:
     """The [N, K] weight of packed ``B`` in ``dtype``, rounded once from float32 (as bitsandbytes)."""
+    if quant_state.interleaved:
+        B, quant_state = deinterleave_4bit(B, quant_state)
     return torch.ops.lowbit.dequantize_4bit(
         B,
         block_absmax_of(quant_state),
@@ -82,6 +112,30 @@ class MatMul4Bit(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
         return grad_A, None, None, grad_bias, None
+
+
+def _interleaved_product(A, B, quant_state: QuantState, bias) -> torch.Tensor:
+    """``matmul_4bit_interleaved`` for a layer's weight in the interleaved layout.
+
+    Decoding a token runs one such product per layer, a few microseconds of kernel each on small
+    models, so in eager mode the backend's kernel is called directly: the op's own checks would
+    cost more than the product (B is the parameter subclass, whose every attribute read passes
+    through __torch_function__). What they check holds by construction -- B and the state (its code
+    checked when it was built) came out of ``interleave_4bit`` together, A and bias passed
+    ``_check_arguments`` -- but the bias's size, checked here, and its layout, made contiguous as
+    the op's dispatcher would. Traced code goes through the op.
+    """
+    n_out, k_in = quant_state.shape
+    code = formats.code_tensor(quant_state.quant_type, A.device) if quant_state.code is None else quant_state.code
+    compiling = torch.compiler.is_compiling()
+    if bias is not None and not compiling:
+        if bias.numel() != n_out:
+            raise ValueError(f"matmul_4bit: bias must have {n_out} values, got {bias.numel()}")
+        bias = bias.contiguous()
+    args = (A, B, [n_out, k_in], quant_state.absmax, code, quant_state.blocksize, bias, _exact(A.dtype))
+    if compiling:
+        return torch.ops.lowbit.matmul_4bit_interleaved(*args)
+    return registry.kernel_for("matmul_4bit_interleaved", A.device.type)(*args)
 
 
 def _check_arguments(A, B, quant_state, bias) -> None:
@@ -155,6 +209,8 @@ def matmul_4bit(
         # `out` is filled by a differentiable copy; handed to the Function it would come back
         # as a new tensor object
         return to_out(MatMul4Bit.apply(A, B, None, bias, quant_state), out)
+    if quant_state.interleaved and A.numel() > 0:
+        return to_out(_interleaved_product(A.contiguous(), B, quant_state, bias), out)
     if 0 < A.numel() <= gemv_max_rows(A.device) * k_in:  # a few tokens: fused dequantize-dot, no dense weight
         # bias joins the float32 sums before the one rounding to A's dtype
         return to_out(product_4bit(A.contiguous(), B, quant_state, bias), out)

@@ -104,6 +104,42 @@ INT8_DEQUANT_SCALE = 7.874015718698502e-3
 INT8_MATMUL_MAX_K = 2**17 - 1
 
 
+# The interleaved 4-bit layout (CPU inference), defined with csrc/common/lowbit_formats.h: rows in
+# groups of INTERLEAVE_ROWS (the last group holds what is left), and within a group the 4-byte words
+# of the packed bytes (INTERLEAVE_WORD_WEIGHTS weights each) and the per-block absmax stored
+# transposed, so that one 64-byte load holds the same 8 weights of 16 output rows. Sizes do not
+# change. A weight takes it when its layer is placed for CPU inference and leaves it, bit-exactly,
+# for saving and training; checkpoints always hold the standard layout.
+LAYOUT_STANDARD = "standard"
+LAYOUT_INTERLEAVED = "interleaved"
+LAYOUTS: tuple[str, ...] = (LAYOUT_STANDARD, LAYOUT_INTERLEAVED)
+INTERLEAVE_ROWS = 16
+INTERLEAVE_WORD_WEIGHTS = 8
+
+
+def can_interleave(shape, blocksize: int) -> bool:
+    """Whether an (N, K) 4-bit weight has an interleaved layout: blocks must not straddle rows."""
+    return len(shape) == 2 and shape[0] > 0 and shape[1] > 0 and shape[1] % blocksize == 0
+
+
+def interleave_rows(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """The layout's permutation of an (N, units, *unit) tensor: within each group of
+    INTERLEAVE_ROWS rows, (rows, units) transposed to (units, rows); ``inverse`` undoes it.
+    Packed bytes are (N, K/8, 4) (a unit is one word), absmax (N, K/blocksize)."""
+    N, units, unit = x.shape[0], x.shape[1], x.shape[2:]
+    flat = x.reshape(N * units, *unit)
+    full = N - N % INTERLEAVE_ROWS
+    parts = []
+    # (first row, groups, rows per group): the whole groups, then the last, shorter one
+    for n0, groups, rows in ((0, full // INTERLEAVE_ROWS, INTERLEAVE_ROWS), (full, 1, N - full)):
+        if groups * rows == 0:
+            continue
+        shape = (groups, units, rows) if inverse else (groups, rows, units)
+        part = flat[n0 * units : (n0 + groups * rows) * units]
+        parts.append(part.view(*shape, *unit).transpose(1, 2).reshape(-1, *unit))
+    return torch.cat(parts).view(x.shape)
+
+
 def code_tensor(quant_type: str, device: torch.device | str | None = None) -> torch.Tensor:
     """The 16-entry float32 codebook of ``quant_type`` (index = 4-bit code)."""
     return _code_tensor(quant_type, torch.device(device or "cpu"))

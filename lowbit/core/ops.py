@@ -327,6 +327,55 @@ _define(
 
 
 # ----------------------------------------------------------------------------------------
+# The interleaved 4-bit layout (CPU inference; formats.interleave_rows defines it)
+# ----------------------------------------------------------------------------------------
+def _check_interleavable(shapeB, blocksize) -> list[int]:
+    shapeB = checks.shape(shapeB, "shapeB")
+    checks.blocksize(blocksize)
+    if not formats.can_interleave(shapeB, blocksize):
+        raise ValueError(
+            f"shapeB={shapeB} has no interleaved layout at blocksize {blocksize}: it needs 2-D (N, K), N, K > 0 "
+            f"and K % blocksize == 0"
+        )
+    return shapeB
+
+
+def _check_interleave_4bit(B, absmax, shapeB, blocksize) -> None:
+    B = checks.tensor(B, "B")
+    N, K = _check_interleavable(shapeB, blocksize)
+    if B.numel() * B.element_size() != N * K // 2:
+        raise ValueError(f"B holds {B.numel() * B.element_size()} bytes but shapeB {shapeB} needs {N * K // 2}")
+    checks.tensor(absmax, "absmax", (torch.float32,), numel=N * K // blocksize, device=B.device)
+
+
+def _fake_interleave_4bit(B, absmax, shapeB, blocksize):
+    return torch.empty_like(B), torch.empty_like(absmax)
+
+
+for _name in ("interleave_4bit", "deinterleave_4bit"):
+    _define(
+        f"{_name}(Tensor B, Tensor absmax, int[] shapeB, int blocksize) -> (Tensor, Tensor)",
+        _fake_interleave_4bit,
+        _check_interleave_4bit,
+    )
+
+
+def _check_matmul_4bit_interleaved(A, B, shapeB, absmax, code, blocksize, bias=None, exact=True) -> None:
+    _check_interleavable(shapeB, blocksize)
+    _check_4bit_matmul(A, B, shapeB, absmax, code, blocksize, bias)
+    if not isinstance(exact, bool):
+        raise TypeError(f"exact must be a bool, got {type(exact).__name__}")
+
+
+_define(
+    "matmul_4bit_interleaved(Tensor A, Tensor B, int[] shapeB, Tensor absmax, Tensor code, int blocksize, "
+    "Tensor? bias=None, bool exact=True) -> Tensor",
+    lambda A, B, shapeB, absmax, code, blocksize, bias=None, exact=True: A.new_empty((*A.shape[:-1], shapeB[0])),
+    _check_matmul_4bit_interleaved,
+)
+
+
+# ----------------------------------------------------------------------------------------
 # 8-bit blockwise (dynamic code)
 # ----------------------------------------------------------------------------------------
 def _check_quantize_blockwise(A, code, blocksize) -> None:

@@ -71,6 +71,13 @@ class QuantState:
 
     When ``state2`` is set the absmax itself is 8-bit quantized (double quantization):
     ``absmax = dequantize_blockwise(self.absmax, state2) + offset``.
+
+    ``layout`` says how the packed bytes and ``absmax`` are arranged (``formats.LAYOUTS``). In the
+    standard layout (bitsandbytes', what checkpoints hold) ``absmax`` is float32, or the uint8 codes
+    of double quantization. In the interleaved layout (CPU inference, see
+    ``functional.interleave_4bit``) ``absmax`` is always float32, in the layout's order, decoded
+    once if the weight was double-quantized; ``absmax_codes`` then keeps the standard uint8 codes
+    (with ``state2`` and ``offset``) so that the standard state comes back bit for bit.
     """
 
     valid_quant_types = formats.QUANT_TYPES
@@ -87,8 +94,12 @@ class QuantState:
         dtype: Optional[torch.dtype] = None,
         offset: Optional[torch.Tensor] = None,
         state2: Optional[QuantState] = None,
+        layout: str = formats.LAYOUT_STANDARD,
+        absmax_codes: Optional[torch.Tensor] = None,
     ):
         _check_fields(absmax, shape, code, blocksize, quant_type, dtype, offset, state2)
+        if layout not in formats.LAYOUTS:
+            raise ValueError(f"quant state: layout must be one of {formats.LAYOUTS}, got {layout!r}")
         self.absmax = absmax
         self.shape = torch.Size(shape) if shape is not None else None
         self.code = code
@@ -97,10 +108,16 @@ class QuantState:
         self.quant_type = quant_type
         self.offset = offset
         self.state2 = state2
+        self.layout = layout
+        self.absmax_codes = absmax_codes
 
     @property
     def nested(self) -> bool:
         return self.state2 is not None
+
+    @property
+    def interleaved(self) -> bool:
+        return self.layout == formats.LAYOUT_INTERLEAVED
 
     def __getattr__(self, name: str):
         # FSDP's state-dict traversal resolves the dotted key "quant_state.bitsandbytes__nf4"
@@ -120,6 +137,11 @@ class QuantState:
     # -- serialization -------------------------------------------------------------------
     def as_dict(self, packed: bool = False) -> dict[str, Any]:
         """The state as a flat dict; with ``packed=True`` only tensors (safetensors-ready)."""
+        if self.interleaved:
+            raise ValueError(
+                "quant state: the interleaved (CPU inference) layout is not saved; "
+                "lowbit.functional.deinterleave_4bit gives the standard weight and state"
+            )
         out: dict[str, Any] = {
             "quant_type": self.quant_type,
             "absmax": self.absmax,
@@ -270,11 +292,22 @@ class QuantState:
             state2=state2,
         )
 
+    def replace(self, **changes: Any) -> QuantState:
+        """A new state with the same fields except ``changes`` (the tensors are shared, not copied)."""
+        fields = {
+            name: getattr(self, name)
+            for name in ("absmax", "shape", "code", "blocksize", "quant_type", "dtype", "offset", "state2", "layout",
+                         "absmax_codes")
+        }  # fmt: skip
+        return QuantState(**{**fields, **changes})
+
     # -- device movement and comparison ---------------------------------------------------
     def to(self, device: torch.device | str) -> QuantState:
         """Move every tensor to ``device`` in place (and return self, for chaining)."""
         self.code = self.code.to(device)
         self.absmax = self.absmax.to(device)
+        if self.absmax_codes is not None:
+            self.absmax_codes = self.absmax_codes.to(device)
         if self.nested:
             self.offset = self.offset.to(device)
             self.state2.absmax = self.state2.absmax.to(device)
@@ -291,6 +324,8 @@ class QuantState:
             and self.dtype == other.dtype
             and self.blocksize == other.blocksize
             and self.quant_type == other.quant_type
+            and self.layout == other.layout
+            and _tensors_equal(self.absmax_codes, other.absmax_codes)
             and (
                 self.offset is other.offset
                 if self.offset is None or other.offset is None
@@ -307,9 +342,10 @@ class QuantState:
 
     def __repr__(self) -> str:
         nested = f", nested(blocksize={self.state2.blocksize})" if self.nested else ""
+        layout = f", layout={self.layout!r}" if self.interleaved else ""
         return (
             f"QuantState(quant_type={self.quant_type!r}, shape={tuple(self.shape) if self.shape else None}, "
-            f"dtype={self.dtype}, blocksize={self.blocksize}{nested})"
+            f"dtype={self.dtype}, blocksize={self.blocksize}{nested}{layout})"
         )
 
 

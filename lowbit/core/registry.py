@@ -230,6 +230,13 @@ def kernel_for(op_name: str, device_type: str) -> Callable[..., Any]:
     return kernel
 
 
+def has_native_kernel(op_name: str, device_type: str) -> bool:
+    """Whether the backend running ``device_type`` has its own kernel for ``op_name`` (so the op
+    does not run the pure-torch reference)."""
+    name = active(device_type)
+    return name != "reference" and _BACKENDS[name].kernels.get(op_name) is not None
+
+
 def get(name: str) -> _Backend:
     """The loaded backend ``name`` (for tests that call one backend's kernel directly)."""
     return _require(name, "backend")

@@ -283,7 +283,8 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     def state_bytes(param) -> int:
         if isinstance(param, Params4bit) and param.quant_state is not None:
             state = param.quant_state
-            total = tensor_bytes(state.absmax) + tensor_bytes(state.code)
+            # interleaved (CPU inference) and double-quantized: the decoded float32 absmax and the codes
+            total = tensor_bytes(state.absmax) + tensor_bytes(state.code) + tensor_bytes(state.absmax_codes)
             if state.state2 is not None:
                 total += tensor_bytes(state.state2.absmax) + tensor_bytes(state.state2.code) + 4
             return total

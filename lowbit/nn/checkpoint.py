@@ -64,7 +64,11 @@ class _Format4bit:
     def entries(weight: Params4bit) -> dict[str, torch.Tensor]:
         if not weight._is_quantized() or weight.quant_state is None:
             return {}
-        return {f"weight.{k}": v for k, v in weight.quant_state.as_dict(packed=True).items()}
+        data, state = weight.standard_form()
+        found = {f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}
+        if data is not weight.data:
+            found["weight"] = data  # the standard bytes in place of the interleaved ones (CPU inference)
+        return found
 
     @staticmethod
     def owns(name: str) -> bool:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..autograd import MatmulLtState, matmul, matmul_4bit
-from ..core import checks, formats
+from ..core import checks, formats, registry
 from .checkpoint import QuantizedWeightMixin
 from .int8params import Int8Params
 from .params4bit import Params4bit
@@ -57,6 +57,12 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
     ``compute_dtype=None`` takes the input's dtype on the first call (float32 / bfloat16 inputs).
     ``compress_statistics=True`` double-quantizes the absmax (~0.37 bit per weight saved).
     ``quant_storage`` is the dtype the packed bytes are viewed as (uint8, or a float dtype for FSDP).
+
+    CPU inference: the first forward in eval mode (``model.eval()``, no gradient for the input) on
+    the CPU puts the weight in the interleaved layout (``functional.interleave_4bit``) when the
+    native CPU backend runs, in place of its standard bytes: products then read it in one fused
+    pass for any number of tokens. ``train()``, a move to another device and ``state_dict`` see
+    the standard bytes again (the first two convert back, ``state_dict`` saves a converted copy).
     """
 
     weight_class = Params4bit
@@ -122,9 +128,31 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
             self.weight = weight
         return self.quantized_weight()
 
+    def _place_for_cpu_inference(self, x: torch.Tensor, weight: Params4bit) -> None:
+        state = weight.quant_state
+        if self.training or state is None or state.interleaved:  # every call: the cheap tests first
+            return
+        if (
+            torch.compiler.is_compiling()  # placed by an eager call, or never: no graph break
+            or weight.device.type != "cpu"
+            or (x.requires_grad and torch.is_grad_enabled())
+            or not formats.can_interleave(state.shape, state.blocksize)
+            or tuple(state.shape) != self.weight_shape()
+            or not registry.has_native_kernel("matmul_4bit_interleaved", "cpu")
+        ):
+            return
+        weight._interleave()
+
+    def train(self, mode: bool = True):
+        weight = self.weight
+        if mode and isinstance(weight, Params4bit) and weight.interleaved:
+            weight._deinterleave()  # training dequantizes the standard bytes
+        return super().train(mode)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         weight = self._weight_for_forward()
+        self._place_for_cpu_inference(x, weight)
         if not self.compute_type_is_set:
             self.set_compute_type(x)
             self.compute_type_is_set = True

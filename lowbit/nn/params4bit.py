@@ -103,6 +103,34 @@ class Params4bit(QuantizedParameter):
         if self.quant_state is not None:
             self.quant_state.to(device)
 
+    # -- the interleaved layout (CPU inference): replaces the standard bytes, never beside them
+    @property
+    def interleaved(self) -> bool:
+        return self.quant_state is not None and self.quant_state.interleaved
+
+    def _interleave(self) -> None:
+        packed, state = functional.interleave_4bit(self.data, self.quant_state)
+        self.data = packed
+        self._set_state(state)
+
+    def _deinterleave(self) -> None:
+        packed, state = functional.deinterleave_4bit(self.data, self.quant_state)
+        self.data = packed
+        self._set_state(state)
+
+    def standard_form(self) -> tuple[torch.Tensor, QuantState]:
+        """The packed bytes and state in the standard layout (bitsandbytes', checkpoints'), as
+        stored or converted back (without changing this parameter)."""
+        if self.interleaved:
+            return functional.deinterleave_4bit(self.data, self.quant_state)
+        return self.data, self.quant_state
+
+    def to(self, *args, **kwargs):
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if self.interleaved and device is not None and device.type != "cpu":
+            self._deinterleave()  # only the CPU kernels read the interleaved layout
+        return super().to(*args, **kwargs)
+
     @classmethod
     def from_prequantized(
         cls,

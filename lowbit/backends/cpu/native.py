@@ -36,10 +36,12 @@ ENV_ISA = "LOWBIT_CPU_ISA"
 _STATUS = {0: "ok", 1: "invalid argument", 2: "unsupported"}
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 QUANT_TYPES = {"fp4": 0, "nf4": 1}
+#: lowbit_precision: how exact a product on the interleaved layout must be.
+PRECISIONS = {"float32": 0, "bf16": 1}
 #: lowbit_isa, narrowest first (the numbering orders them).
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 #: lowbit_cpu_feature: optional extensions an ISA build uses where the CPU has them (bit flags).
-CPU_FEATURES = {"avx512_vnni": 1}
+CPU_FEATURES = {"avx512_vnni": 1, "amx_bf16": 2}
 TABLES = {
     "nf4_code": 0,
     "fp4_code": 1,
@@ -48,6 +50,7 @@ TABLES = {
     "fp4_order": 4,
     "nf4_order": 5,
     "blocksizes": 6,
+    "interleave": 7,
 }
 
 _p, _i32, _i64, _f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
@@ -64,6 +67,10 @@ _SIGNATURES = {
     "lowbit_quantize_blockwise": ([_i32, _p, _i64, _p, _i64, _i64, _p, _i64, _p, _i64, _i32], _i32),
     "lowbit_dequantize_blockwise": ([_i32, _p, _i64, _p, _i64, _p, _i64, _i64, _p, _i64, _i32], _i32),
     "lowbit_gemv_4bit": ([_i32, _p, _i64, _i64, _p, _i64, _p, _i64, _p, _i64, _i64, _i64, _i32, _p, _i32], _i32),
+    "lowbit_interleave_4bit": ([_p, _i64, _p, _i64, _i64, _i64, _i64, _i32, _p, _i64, _p, _i64, _i32], _i32),
+    "lowbit_matmul_4bit_interleaved": (
+        [_i32, _p, _i64, _i64, _p, _i64, _p, _i64, _p, _i64, _i64, _i64, _p, _i64, _i32, _i32, _i32, _p, _i32], _i32,
+    ),
     "lowbit_cpu_features_supported": ([], _i32),
     "lowbit_cpu_features": ([], _i32),
     "lowbit_set_cpu_features": ([_i32], _i32),

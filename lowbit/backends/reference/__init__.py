@@ -9,7 +9,7 @@ from ...core.registry import KernelTable
 
 kernels = KernelTable("reference")
 
-from . import blockwise_8bit, int8, matmul_4bit, optimizers, quantize_4bit  # noqa: E402,F401  (register kernels)
+from . import blockwise_8bit, int8, interleaved_4bit, matmul_4bit, optimizers, quantize_4bit  # noqa: E402,F401  (register kernels)
 
 
 def probe() -> None:

@@ -1,0 +1,258 @@
+"""The interleaved 4-bit layout for CPU inference, from the user's side: where a layer takes it,
+that it replaces the standard bytes instead of sitting beside them, and that everything that
+leaves the CPU inference path (saving, training, other devices, the functional API) sees the
+standard bytes again, bit for bit. Kernel parity per ISA is in test_parity.py."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+import lowbit
+import lowbit.functional as F
+from lowbit.backends.cpu import native
+from lowbit.core import formats, registry
+from lowbit.nn import Linear4bit
+from support import NATIVE_CPU_BACKENDS
+
+pytestmark = pytest.mark.skipif(not NATIVE_CPU_BACKENDS, reason="native CPU library not built")
+
+
+def _layer(in_features=576, out_features=200, quant_type="nf4", nested=True, bias=True, seed=0) -> Linear4bit:
+    torch.manual_seed(seed)
+    return Linear4bit(in_features, out_features, bias=bias, compress_statistics=nested, quant_type=quant_type).cpu()
+
+
+def _state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _assert_same_state_dict(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+
+
+def _resident_bytes(weight) -> int:
+    """Bytes of every tensor the weight keeps: packed data and its quantization state."""
+    state = weight.quant_state
+    tensors = [weight.data, state.absmax, state.code, state.absmax_codes, state.offset]
+    if state.state2 is not None:
+        tensors += [state.state2.absmax, state.state2.code]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@pytest.mark.parametrize("quant_type", formats.QUANT_TYPES)
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_eval_forward_places_the_layout_and_computes_the_same_product(quant_type, nested, dtype):
+    layer = _layer(quant_type=quant_type, nested=nested)
+    with torch.no_grad():
+        layer(torch.randn(5, 576).to(dtype))  # training mode: stays in the standard layout
+        assert not layer.weight.interleaved
+        dense = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).double()
+        layer.eval()
+        for rows in (1, 5, 33):
+            x = torch.randn(rows, 576).to(dtype)
+            got = layer(x)
+            assert layer.weight.interleaved
+            bias = layer.bias.to(dtype).double()  # the layer adds the bias in the compute dtype
+            want = x.double() @ dense.t() + bias
+            # float32 products and sums in another order, one rounding to dtype; bf16 activations
+            # may also have each weight rounded once to bf16 (lowbit.set_cpu_precision, "auto")
+            scale = x.double().abs() @ dense.abs().t() + bias.abs()
+            tol = 1e-6 * scale + (0 if dtype == torch.float32 else want.abs() * 2.0**-7)
+            tol = tol + (2.0**-8 * scale if dtype == torch.bfloat16 else 0)
+            assert ((got.double() - want).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_layout_replaces_the_standard_bytes_and_state_dict_stays_bitsandbytes(nested):
+    layer = _layer(nested=nested)
+    saved = _state_dict(layer)
+    standard_bytes = _resident_bytes(layer.weight)
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(1, 576))
+    weight = layer.weight
+    assert weight.interleaved and weight.data.shape == saved["weight"].shape
+    # one copy of the weight: the same packed size; the float32 absmax replaces the standard one,
+    # or with double quantization is added once, decoded (4 bytes per block) beside the codes
+    blocks = 576 * 200 // 64
+    assert _resident_bytes(weight) == standard_bytes + (4 * blocks if nested else 0)
+    assert not torch.equal(weight.data, saved["weight"])  # really rearranged
+    _assert_same_state_dict(_state_dict(layer), saved)
+    assert weight.interleaved  # saving converted a copy, not the layer
+    layer.train()
+    assert not layer.weight.interleaved
+    _assert_same_state_dict(_state_dict(layer), saved)
+    assert _resident_bytes(layer.weight) == standard_bytes
+
+
+def test_nested_absmax_is_decoded_once_at_placement():
+    layer = _layer(nested=True).eval()
+    standard = layer.weight.quant_state
+    want = formats.interleave_rows(F.block_absmax_of(standard).view(200, 576 // 64))
+    with torch.no_grad():
+        layer(torch.randn(1, 576))
+    state = layer.weight.quant_state
+    assert state.absmax.dtype == torch.float32 and torch.equal(state.absmax, want.reshape(-1))
+    assert torch.equal(state.absmax_codes, standard.absmax)  # the checkpoint's codes, kept
+
+
+def test_functional_api_reads_the_interleaved_layout():
+    W = torch.randn(48, 256)
+    packed, state = F.quantize_4bit(W, quant_type="fp4", compress_statistics=True)
+    packed_i, state_i = F.interleave_4bit(packed, state)
+    assert state_i.interleaved and not state.interleaved
+    assert torch.equal(F.dequantize_4bit(packed_i, state_i), F.dequantize_4bit(packed, state))
+    x = torch.randn(2, 256)
+    torch.testing.assert_close(F.gemv_4bit(x, packed_i, state=state_i), F.gemv_4bit(x, packed, state=state))
+    back, state_back = F.deinterleave_4bit(packed_i, state_i)
+    assert torch.equal(back, packed) and state_back == state
+    with pytest.raises(ValueError, match="already in the interleaved layout"):
+        F.interleave_4bit(packed_i, state_i)
+    with pytest.raises(ValueError, match="not in the interleaved layout"):
+        F.deinterleave_4bit(packed, state)
+    with pytest.raises(ValueError, match="interleaved .* layout is not saved"):
+        state_i.as_dict(packed=True)
+    with pytest.raises(ValueError, match="shapeB=.* has no interleaved layout"):
+        F.interleave_4bit(*F.quantize_4bit(torch.randn(4, 96)))  # K % 64 != 0
+
+
+def test_interleaved_product_takes_a_strided_bias_and_refuses_a_wrong_size():
+    """The eager fast path calls the kernel directly: a non-contiguous bias gives the result of
+    its contiguous copy, as the op dispatcher would, and a bias of the wrong size is refused."""
+    packed, state = F.interleave_4bit(*F.quantize_4bit(torch.randn(48, 256)))
+    x, bias = torch.randn(3, 256), torch.randn(48)
+    strided = torch.stack([bias, torch.full_like(bias, float("nan"))], dim=-1)[:, 0]
+    assert not strided.is_contiguous()
+    want = lowbit.matmul_4bit(x, packed, quant_state=state, bias=bias)
+    assert torch.equal(lowbit.matmul_4bit(x, packed, quant_state=state, bias=strided), want)
+    with pytest.raises(ValueError, match="bias must have 48 values, got 47"):
+        lowbit.matmul_4bit(x, packed, quant_state=state, bias=bias[:47])
+
+
+def test_no_placement_where_it_cannot_serve():
+    x = torch.randn(2, 576)
+    with torch.no_grad():
+        training = _layer()
+        training(x)
+        assert not training.weight.interleaved  # training mode
+        ragged = _layer(in_features=96 + 8).eval()  # K % blocksize != 0
+        ragged(torch.randn(2, 104))
+        assert not ragged.weight.interleaved
+        with registry.use("reference"):
+            pure_torch = _layer().eval()
+            pure_torch(x)
+            assert not pure_torch.weight.interleaved  # no native kernel: the layout would only cost
+    needs_grad = _layer().eval()
+    needs_grad(x.requires_grad_(True)).sum().backward()
+    assert not needs_grad.weight.interleaved
+
+
+def test_training_after_inference_and_gradients_through_the_interleaved_weight():
+    layer = _layer(bias=False).eval()
+    x = torch.randn(3, 576)
+    with torch.no_grad():
+        layer(x)
+    assert layer.weight.interleaved
+    # a gradient for the input only (eval mode, e.g. saliency): the dense product of the same weight
+    x.requires_grad_(True)
+    layer(x).sum().backward()
+    dense = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    torch.testing.assert_close(x.grad, dense.sum(0).expand(3, -1))
+    layer.train()
+    assert not layer.weight.interleaved
+
+
+def test_pickle_deepcopy_and_device_moves_keep_the_weight(monkeypatch):
+    layer = _layer().eval()
+    x = torch.randn(2, 576)
+    with torch.no_grad():
+        want = layer(x)
+        buffer = io.BytesIO()
+        torch.save(layer, buffer)
+        buffer.seek(0)
+        for other in (torch.load(buffer, weights_only=False), copy.deepcopy(layer)):
+            assert other.weight.interleaved
+            assert torch.equal(other(x), want)
+    saved = _state_dict(layer)
+    layer.weight.to("cpu")
+    assert layer.weight.interleaved
+    # to any other device, the standard layout travels (the move itself is QuantizedParameter.to's)
+    moves = []
+    monkeypatch.setattr(lowbit.nn.parameter.QuantizedParameter, "to", lambda self, *a, **k: moves.append(a) or self)
+    layer.weight.to("cuda:1")
+    assert moves == [("cuda:1",)] and not layer.weight.interleaved
+    _assert_same_state_dict(_state_dict(layer), saved)
+
+
+def test_layout_change_is_a_transpose_of_words_within_groups_of_16_rows():
+    # the definition in words, on a weight small enough to write out: row n, word d -> position
+    N, K = 19, 64
+    packed, state = F.quantize_4bit(torch.randn(N, K), compress_statistics=False)
+    packed_i, state_i = F.interleave_4bit(packed, state)
+    words, words_i = packed.view(N, K // 8, 4), packed_i.view(-1, 4)
+    for n in range(N):
+        n0 = n - n % 16
+        rows = min(16, N - n0)
+        for d in range(K // 8):
+            assert torch.equal(words_i[n0 * (K // 8) + d * rows + n - n0], words[n, d])
+    assert math.prod(state_i.absmax.shape) == N
+    assert torch.equal(state_i.absmax.view(-1)[16:19], state.absmax.view(N)[16:19])  # tail group, 1 block
+
+
+def test_lowbit_reports_its_layout_in_repr():
+    layer = _layer().eval()
+    with torch.no_grad():
+        layer(torch.randn(1, 576))
+    assert "layout='interleaved'" in repr(layer.weight.quant_state)
+    assert lowbit.functional.deinterleave_4bit is F.deinterleave_4bit
+
+
+def test_cpu_precision_float32_is_reference_parity_and_auto_rounds_bf16_weights_once():
+    layer = _layer(in_features=1024, out_features=48, nested=False, bias=False).eval()
+    x = torch.randn(16, 1024).bfloat16()
+    with torch.no_grad():
+        layer(x)
+        assert layer.weight.interleaved
+        dense = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        exact = x.double() @ dense.double().t()
+        scale = x.double().abs() @ dense.double().abs().t()
+        bf16_weights = x.double() @ dense.bfloat16().double().t()  # the bf16 contract, float64 sums
+        previous = lowbit.set_cpu_precision("float32")
+        try:
+            parity = layer(x).double()
+        finally:
+            lowbit.set_cpu_precision(previous)
+        auto = layer(x).double()
+    ulp = exact.abs() * 2.0**-8  # one rounding of the output to bf16
+    assert ((parity - exact).abs() <= 1e-6 * scale + ulp).all()
+    assert ((auto - bf16_weights).abs() <= 1e-6 * scale + ulp).all()
+    if "amx_bf16" in native.cpu_features():  # AMX from 6 rows: the weights really were rounded
+        assert ((auto - exact).abs() > 1e-6 * scale + ulp).any()
+    with pytest.raises(ValueError, match="precision must be one of"):
+        lowbit.set_cpu_precision("fp8")
+
+
+@pytest.mark.skipif(not NATIVE_CPU_BACKENDS or "amx_bf16" not in native.supported_cpu_features(), reason="no AMX")
+@pytest.mark.parametrize("rows", [6, 16, 33, 64, 65])
+def test_amx_and_fma_paths_agree_within_the_bf16_contract(rows):
+    W = torch.randn(40, 512)
+    packed, state = F.interleave_4bit(*F.quantize_4bit(W, quant_type="nf4"))
+    x = torch.randn(rows, 512).bfloat16()
+    bias = torch.randn(40).bfloat16()
+    args = (x, packed, [40, 512], state.absmax, state.code, 64, bias, False)
+    with native.use_cpu_features(["amx_bf16"]):
+        amx = torch.ops.lowbit.matmul_4bit_interleaved(*args).double()
+    with native.use_cpu_features([]):
+        fma = torch.ops.lowbit.matmul_4bit_interleaved(*args).double()
+    dense = F.dequantize_4bit(packed, state).double()
+    scale = x.double().abs() @ dense.abs().t() + bias.double().abs()
+    assert ((amx - fma).abs() <= 2.0**-7 * scale).all()
+    assert not torch.equal(amx, fma)
