@@ -1046,9 +1046,12 @@ def int8_functional_cases(draw) -> Case:
         return Case(f"matmul(A, Int8Params, bias={bias_dtype}, threshold={threshold}, training={training})",
                     make, call, ("bias",), must_reject=not valid, must_accept=valid)  # fmt: skip
     signed = draw(st.booleans())
-    exponent_bits, total_bits = draw(st.sampled_from([(0, 8), (-1, 8), (8, 8), (7, 9), (3, 1), (True, 8), (2.0, 8), (7, 8), (2, 4)]))
-    # (2, 4) fills 16 codes only when signed (unsigned gives 15; bitsandbytes asserts on it too)
-    valid = not isinstance(exponent_bits, bool) and ((exponent_bits, total_bits) == (7, 8) or (signed and (exponent_bits, total_bits) == (2, 4)))
+    exponent_bits, total_bits = draw(st.sampled_from([(0, 8), (-1, 8), (9, 8), (8, 8), (7, 9), (3, 1), (True, 8), (2.0, 8), (7, 8), (2, 4)]))
+    # (2, 4) and (8, 8) fill 2**total_bits codes only when signed (unsigned: 15 and 257; bitsandbytes
+    # asserts on them too)
+    valid = not isinstance(exponent_bits, bool) and (
+        (exponent_bits, total_bits) == (7, 8) or (signed and (exponent_bits, total_bits) in ((2, 4), (8, 8)))
+    )
     call = lambda a: F.create_dynamic_map(signed, exponent_bits, total_bits)  # noqa: E731
     return Case(f"create_dynamic_map({signed}, {exponent_bits}, {total_bits})", list, call,
                 ("max_exponent_bits", "total_bits"), must_reject=not valid, must_accept=valid)  # fmt: skip

@@ -169,14 +169,11 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     0 and 1 are added and the result sorted. Computed in float32 exactly as bitsandbytes does so
     that the 256 values agree bit for bit (tests pin them).
     """
-    for name, value, low, high in (("total_bits", total_bits, 2, 8), ("max_exponent_bits", max_exponent_bits, 1, 7)):
+    for name, value, low, high in (("total_bits", total_bits, 2, 8), ("max_exponent_bits", max_exponent_bits, 1, 8)):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise ValueError(f"create_dynamic_map: {name} must be an int in [{low}, {high}], got {value!r}")
-    if max_exponent_bits >= total_bits:
-        raise ValueError(
-            f"create_dynamic_map: max_exponent_bits={max_exponent_bits} leaves no bit of total_bits={total_bits} "
-            "for the fraction"
-        )
+    # which (signed, max_exponent_bits, total_bits) fill exactly 2**total_bits values is decided by the
+    # count check below (bitsandbytes' own test uses signed (8, 8): its first level adds no value)
     values: list[float] = []
     non_sign_bits = total_bits - 1
     additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
