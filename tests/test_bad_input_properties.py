@@ -179,10 +179,12 @@ def run(case: Case) -> None:
             expected_inputs = case.base()
             with backend():
                 expected = case.call(expected_inputs)
-            got = _leaves(result) + [inputs[i] for i in case.written]
-            want = _leaves(expected) + [expected_inputs[i] for i in case.written]
+            got = [t.detach().cpu() for t in _leaves(result) + [inputs[i] for i in case.written]]
+            want = [t.detach().cpu() for t in _leaves(expected) + [expected_inputs[i] for i in case.written]]
+            # packed bytes returned in the caller's storage dtype (interleave_4bit) compare as bytes
+            got, want = zip(*(_same_bytes_view(g, w) for g, w in zip(got, want))) if got else (got, want)
             _assert_same(
-                [t.detach().cpu() for t in got], [t.detach().cpu() for t in want], case.close,
+                list(got), list(want), case.close,
                 f"{case.what} on {label} (vs the uncorrupted call)",
             )  # fmt: skip
         if case.check is not None:
@@ -201,6 +203,13 @@ def run(case: Case) -> None:
         assert error0 is not None, f"{case.what}: accepted, but it must be refused"
     if case.must_accept:
         assert error0 is None, f"{case.what}: refused ({error0!r}), but it is valid"
+
+
+def _same_bytes_view(g: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two results of other dtypes but the same bytes' size, as their bytes; others unchanged."""
+    if g.dtype != w.dtype and g.numel() * g.element_size() == w.numel() * w.element_size():
+        return g.contiguous().view(-1).view(torch.uint8), w.contiguous().view(-1).view(torch.uint8)
+    return g, w
 
 
 def _assert_same(got: list[torch.Tensor], want: list[torch.Tensor], close: bool, where: str) -> None:
@@ -334,6 +343,36 @@ def _build_4bit_matmul(name, p, g):
         roles[6] = Arg((dtype,), "out")
     elif name == "matmul_4bit" and with_bias:
         args.append(_randn((N,), dtype, g))
+        roles[6] = Arg(REAL_FLOATS, "bias")
+    return OpCall(name, args, roles, close=True)
+
+
+def _build_interleave_4bit(name, p, g):
+    """A weight whose K is whole blocks (the layout's condition); deinterleave_4bit gets its
+    interleaved bytes."""
+    (N, k_blocks), bs, qt = p
+    packed, absmax = _quantized_4bit(N * k_blocks * bs, bs, qt, g)
+    if name == "deinterleave_4bit":
+        packed, absmax = torch.ops.lowbit.interleave_4bit(packed, absmax, [N, k_blocks * bs], bs)
+    roles = {0: Arg(formats.QUANT_STORAGE_DTYPES, "packed"), 1: Arg((torch.float32,), "absmax")}
+    return OpCall(name, [packed, absmax, [N, k_blocks * bs], bs], roles)
+
+
+def _build_4bit_matmul_interleaved(name, p, g):
+    # exact=True: exact=False only allows a bf16 rounding, which backends take where it pays off
+    # (tests/test_interleaved.py bounds its error)
+    (m, N, k_blocks), bs, qt, dtype, with_bias = p
+    K = k_blocks * bs
+    packed, absmax = torch.ops.lowbit.interleave_4bit(*_quantized_4bit(N * K, bs, qt, g), [N, K], bs)
+    bias = _randn((N,), dtype, g) if with_bias else None
+    args = [_randn((m, K), dtype, g), packed, [N, K], absmax, formats.code_tensor(qt), bs, bias, True]
+    roles = {
+        0: Arg(FLOATS, "input"),
+        1: Arg(formats.QUANT_STORAGE_DTYPES, "packed"),
+        3: Arg((torch.float32,), "absmax"),
+        4: Arg((torch.float32,), "code"),
+    }
+    if with_bias:
         roles[6] = Arg(REAL_FLOATS, "bias")
     return OpCall(name, args, roles, close=True)
 
@@ -516,6 +555,12 @@ _BUILDERS: dict[str, tuple[st.SearchStrategy, Callable]] = {
         st.tuples(_mnk, _blocksize, _blocksize, _quant_type, _float, st.booleans()), _build_4bit_matmul_nested
     ),
     "gemm_4bit": (st.tuples(_mnk, _blocksize, _quant_type, _float, st.booleans()), _build_gemm_4bit),
+    "interleave_4bit": (st.tuples(st.tuples(st.integers(1, 40), _small), _blocksize, _quant_type), _build_interleave_4bit),
+    "deinterleave_4bit": (st.tuples(st.tuples(st.integers(1, 40), _small), _blocksize, _quant_type), _build_interleave_4bit),
+    "matmul_4bit_interleaved": (
+        st.tuples(st.tuples(_small, st.integers(1, 40), _small), _blocksize, _quant_type, _float, st.booleans()),
+        _build_4bit_matmul_interleaved,
+    ),  # fmt: skip
     "quantize_blockwise": (st.tuples(st.integers(1, 600), _blocksize, _float), _build_quantize_blockwise),
     "dequantize_blockwise": (st.tuples(st.integers(1, 600), _blocksize, _float), _build_dequantize_blockwise),
     "dequantize_blockwise.out": (st.tuples(st.integers(1, 600), _blocksize, _float), _build_dequantize_blockwise),

@@ -341,11 +341,11 @@ def _check_interleavable(shapeB, blocksize) -> list[int]:
 
 
 def _check_interleave_4bit(B, absmax, shapeB, blocksize) -> None:
-    B = checks.tensor(B, "B")
+    B = _packed(B, "B")
     N, K = _check_interleavable(shapeB, blocksize)
     if B.numel() * B.element_size() != N * K // 2:
         raise ValueError(f"B holds {B.numel() * B.element_size()} bytes but shapeB {shapeB} needs {N * K // 2}")
-    checks.tensor(absmax, "absmax", (torch.float32,), numel=N * K // blocksize, device=B.device)
+    _absmax(absmax, N * K, blocksize, B.device, f"shapeB {list(shapeB)}")
 
 
 def _fake_interleave_4bit(B, absmax, shapeB, blocksize):
