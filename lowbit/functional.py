@@ -188,6 +188,8 @@ def dequantize_blockwise(
             raise ValueError("dequantize_blockwise needs quant_state or absmax")
         if code is None:
             code = formats.dynamic_map(signed=True, device=A.device)
+        if isinstance(absmax, torch.Tensor) and absmax.dim() > 1:
+            absmax = absmax.reshape(-1)  # bitsandbytes indexes any shape flat (e.g. AdEMAMix's stacked state)
         quant_state = QuantState(absmax=absmax, code=code, blocksize=blocksize, dtype=torch.float32)
     _require_fields(quant_state, "quant_state", ("code", "blocksize", "dtype"))
     block_absmax = block_absmax_of(quant_state)

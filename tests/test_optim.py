@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import lowbit
+import lowbit.functional as F
 import lowbit.optim as O
 from lowbit.core import formats, registry
 from lowbit.optim import optimizer as optimizer_module
@@ -138,6 +139,36 @@ BAD_ARGUMENTS = [
 def test_bad_hyperparameters_name_the_argument(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls([nn.Parameter(torch.zeros(8))], **kwargs)
+
+
+def test_8bit_variants_refuse_what_their_update_would_ignore():
+    # bitsandbytes' main branch: Adagrad8bit takes no compatibility optim_bits=32, and 8-bit LAMB
+    # (no trust ratio in the blockwise update) only its default max_unorm
+    params = [nn.Parameter(torch.randn(8, 8))]
+    with pytest.raises(ValueError, match="optim_bits=32"):
+        O.Adagrad8bit(params, optim_bits=32)
+    O.Adagrad8bit(params)
+    for max_unorm in (0.5, 0.0):
+        with pytest.raises(ValueError, match="max_unorm must stay 1.0"):
+            O.LAMB8bit(params, max_unorm=max_unorm)
+    O.LAMB8bit(params, max_unorm=1.0)
+    O.LAMB(params, max_unorm=0.5)  # 32-bit LAMB applies it
+
+
+def test_stacked_ademamix_state_dequantizes_in_one_call():
+    # bitsandbytes' dequantize_blockwise indexes an absmax of any shape flat; AdEMAMix8bit's two
+    # first moments are stacked, with a [2, blocks] absmax
+    p = nn.Parameter(torch.randn(64, 128))
+    opt = O.AdEMAMix8bit([p], t_alpha=10, t_beta3=10)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    state = opt.state[p]
+    assert state["absmax1"].shape == (2, 32)
+    code = state["qmap1"]
+    both = F.dequantize_blockwise(state["state1"], absmax=state["absmax1"], code=code, blocksize=256)
+    for i in range(2):
+        alone = F.dequantize_blockwise(state["state1"][i], absmax=state["absmax1"][i], code=code, blocksize=256)
+        assert torch.equal(both[i], alone)
 
 
 def test_bad_param_group_is_rejected():

@@ -10,6 +10,7 @@ class Adagrad(Optimizer1State):
     """Adagrad with 32-bit (``optim_bits=32``) or 8-bit blockwise (``optim_bits=8``) state."""
 
     _variants_keep = frozenset({"optim_bits"})
+    _variants_also_accept_bits = ()  # Adagrad8bit(optim_bits=32) is refused, as in bitsandbytes
 
     def __init__(
         self,

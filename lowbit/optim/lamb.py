@@ -28,6 +28,8 @@ class LAMB(Optimizer2State):
         block_wise=True,
     ):
         reject_amsgrad(amsgrad, self)
+        if optim_bits == 8 and max_unorm != 1.0:  # bitsandbytes refuses it too, not to ignore it silently
+            raise ValueError(f"8-bit LAMB has no trust ratio, so max_unorm must stay 1.0; got {max_unorm!r}")
         super().__init__(
             "lamb", params, lr, betas, eps, weight_decay, optim_bits, args, min_8bit_size, max_unorm=max_unorm,
             percentile_clipping=percentile_clipping, block_wise=block_wise,

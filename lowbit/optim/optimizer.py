@@ -148,6 +148,9 @@ class Optimizer8bit(torch.optim.Optimizer):
     #: Fixed arguments that bitsandbytes nevertheless keeps in a family's variant signatures
     #: (``optim_bits`` of Adam8bit, ``is_paged`` of PagedAdam...): a family lists them here.
     _variants_keep: ClassVar[frozenset[str]] = frozenset()
+    #: Besides its own, the ``optim_bits`` a variant that keeps the argument accepts: bitsandbytes'
+    #: "compatibility default" 32 (Adam8bit...); Adagrad8bit accepts only its own 8.
+    _variants_also_accept_bits: ClassVar[tuple[int, ...]] = (32,)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -675,13 +678,19 @@ class Optimizer1State(Optimizer8bit):
 def _variant_init(cls: type) -> Any:
     """``__init__`` of a variant (``AdamW8bit``, ``PagedLion``...): its family's constructor with
     the ``_fixed`` arguments forced and removed from the signature, except those the family keeps
-    (as bitsandbytes does). A kept ``optim_bits`` accepts 8 or 32 (bitsandbytes' "compatibility
-    default" is 32) and a kept ``is_paged`` anything; the variant's values win."""
+    (as bitsandbytes does). A kept ``optim_bits`` accepts the variant's own value and the family's
+    ``_variants_also_accept_bits``, a kept ``is_paged`` anything; the variant's values win."""
     family, fixed, name = cls.__mro__[1], dict(cls._fixed), cls.__name__
+    accepted = (fixed.get("optim_bits"), *family._variants_also_accept_bits)
+
+    def kept(p: inspect.Parameter) -> inspect.Parameter:
+        # a kept optim_bits defaults to the variant's own value where the family's is refused
+        return p.replace(default=fixed["optim_bits"]) if p.name == "optim_bits" and p.default not in accepted else p
+
     signature = inspect.signature(family.__init__)
     signature = signature.replace(
         parameters=[
-            p for p in signature.parameters.values() if p.name not in fixed or p.name in family._variants_keep
+            kept(p) for p in signature.parameters.values() if p.name not in fixed or p.name in family._variants_keep
         ]
     )
 
@@ -690,7 +699,7 @@ def _variant_init(cls: type) -> Any:
         bound.apply_defaults()
         arguments = dict(bound.arguments)
         del arguments["self"]
-        if "optim_bits" in fixed and arguments.get("optim_bits", 32) not in (8, 32):
+        if "optim_bits" in fixed and arguments.get("optim_bits", fixed["optim_bits"]) not in accepted:
             raise ValueError(
                 f"{name} always uses {fixed['optim_bits']}-bit state; got optim_bits={arguments['optim_bits']!r}"
             )
