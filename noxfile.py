@@ -267,16 +267,16 @@ def demo(session: nox.Session) -> None:
     BASE.run(session, "lowbit", "demo", *session.posargs)
 
 
-@nox.session(default=False)
+@nox.session(venv_backend="none", default=False)
 def bench(session: nox.Session) -> None:
     """lowbit vs bitsandbytes 0.50.2 vs torch in one run; writes benchmarks/results/ (see benchmarks/README.md).
 
     Not part of .ci/run (minutes of machine time, numbers not pass/fail). `nox -s bench -- --quick` for a smoke run.
+    Runs in the install shared with `compat` (bitsandbytes beside lowbit), with SmolLM2 for the end-to-end case.
     """
-    session.install(TORCH)
-    session.install(".[hf]", BITSANDBYTES, "matplotlib")
-    _hf_assets(session)  # SmolLM2 for the end-to-end decode case
-    session.run("python", "benchmarks/run.py", *session.posargs)
+    COMPAT.with_model_and_text(session)
+    COMPAT._pip(session, "matplotlib")
+    COMPAT.run(session, "python", "benchmarks/run.py", *session.posargs)
 
 
 # ---- Triton kernels (lowbit/backends/triton) under Triton's interpreter --------------------------
