@@ -15,6 +15,21 @@ NATIVE_CPU_BACKENDS = [name for name in CPU_BACKENDS if name != "reference"]
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def fixed_point_bound(A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shapeB) -> torch.Tensor:
+    """What the fast precision's 16-bit fixed point (formats.FIXED_*) may add to each output of
+    A @ W.T, W (N, K) in the standard layout with (N, K/blocksize) absmax: each activation moves by
+    at most 2^-14 of the largest magnitude in its row, each code value by 2^-13 of the largest code
+    (times its block's absmax)."""
+    N, K = shapeB
+    rows = A.double().reshape(-1, K)
+    scales = absmax.double().reshape(N, -1).abs()
+    largest_weight = scales.amax(1) * code.double().abs().max()
+    weight_sums = (scales.repeat_interleave(K // scales.shape[1], 1) * code.double().abs().max()).sum(1)
+    activation_error = rows.abs().amax(1, keepdim=True) * weight_sums * 2.0**-14
+    code_error = rows.abs().sum(1, keepdim=True) * largest_weight * 2.0**-13
+    return activation_error + code_error
+
+
 def randn(*shape, dtype=torch.float32, generator=None, scale=1.0) -> torch.Tensor:
     return (torch.randn(*shape, generator=generator) * scale).to(dtype)
 

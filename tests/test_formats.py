@@ -148,7 +148,8 @@ def test_fp4_threshold_values():
         ("blocksizes", formats.BLOCKSIZES),
         ("nf4_midpoints", tuple(formats.sorted_midpoints("nf4").tolist())),
         ("fp4_midpoints", tuple(formats.sorted_midpoints("fp4").tolist())),
-        ("interleave", (formats.INTERLEAVE_ROWS, formats.INTERLEAVE_WORD_WEIGHTS)),
+        ("interleave", (formats.INTERLEAVE_ROWS, formats.INTERLEAVE_WORD_WEIGHTS, formats.FIXED_CHUNK,
+                        formats.FIXED_CODE_ONE, formats.FIXED_ACTIVATION_ONE)),
     ],
 )
 def test_c_constants_match_python(table, expected):

@@ -24,7 +24,7 @@ import torch
 from lowbit.backends.cpu import native
 from lowbit.backends.reference.quantize_4bit import decode_4bit
 from lowbit.core import formats, registry
-from support import FLOAT_DTYPES, NATIVE_CPU_BACKENDS
+from support import FLOAT_DTYPES, NATIVE_CPU_BACKENDS, fixed_point_bound
 
 #: The CPU instruction sets the native backend can run here (its kernels exist once per ISA).
 CPU_ISAS = native.supported_isas() if native.load_error() is None else []
@@ -211,7 +211,9 @@ def _exact(got, want, context: str) -> None:
 _MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7}
 
 
-def _close(got: torch.Tensor, want: torch.Tensor, args: tuple, context: str, relative: float = 0.0) -> None:
+def _close(
+    got: torch.Tensor, want: torch.Tensor, args: tuple, context: str, relative: float = 0.0, absolute=0.0
+) -> None:
     """A product within what accumulation order explains.
 
     Both sides compute sum_k A[m, k] * W[n, k] in float32, in different orders (blocked BLAS vs
@@ -221,7 +223,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, args: tuple, context: str, rel
     8 * sqrt(K) * 2^-24 * S (a dropped or doubled term, ~S/K, still exceeds it for K <= 4096).
     A 16-bit output rounds each side's float32 once more: plus one unit in the last place of the
     output dtype. A bias adds its magnitude to S. ``relative`` adds relative * S (roundings of the
-    operands that the two sides do differently).
+    operands that the two sides do differently), ``absolute`` a bound per output.
     """
     A, B, shapeB, absmax, code, blocksize = args[:6]
     N, K = shapeB
@@ -232,6 +234,9 @@ def _close(got: torch.Tensor, want: torch.Tensor, args: tuple, context: str, rel
     if bias is not None:
         S = S + bias.double().abs()
     tol = (8 * math.sqrt(K) * 2.0**-24 + relative) * S
+    if isinstance(absolute, torch.Tensor):
+        absolute = absolute.reshape(-1, N)
+    tol = tol + absolute
     g, w = got.double().reshape(-1, N), want.double().reshape(-1, N)
     if got.dtype != torch.float32:
         # one ulp of the larger side: |x| in [2^e, 2^(e+1)) has ulp 2^(e - mantissa bits)
@@ -244,11 +249,18 @@ def _close(got: torch.Tensor, want: torch.Tensor, args: tuple, context: str, rel
 
 
 def _close_interleaved(got: torch.Tensor, want: torch.Tensor, args: tuple, context: str) -> None:
-    """_close on the standard layout. With exact=False either side may round each weight and each
-    element of A to bf16 once (2^-9 relative each) or not at all: 2^-7 of S covers both sides."""
+    """_close on the standard layout. With exact=False (the fast precision) the reference computes
+    the 16-bit fixed-point product, and a backend may compute that, float32 products, or round
+    each weight and element of A to bf16 once (2^-9 relative each): 2^-7 of S plus twice the fixed
+    point's bound covers any two of them."""
     A, B, shapeB, absmax, code, blocksize, bias, exact = args
     B, absmax = registry.get("reference").kernels.get("deinterleave_4bit")(B, absmax, shapeB, blocksize)
-    _close(got, want, (A, B, shapeB, absmax, code, blocksize, bias), context, 0.0 if exact else 2.0**-7)
+    standard = (A, B, shapeB, absmax, code, blocksize, bias)
+    if exact:
+        _close(got, want, standard, context)
+    else:
+        bound = fixed_point_bound(A, absmax, code, shapeB)
+        _close(got, want, standard, context, 2.0**-7, absolute=2 * bound.view(*got.shape[:-1], -1))
 
 
 #: How each float product is compared with the reference (default: _close).
@@ -853,3 +865,58 @@ def test_int8_bad_inputs_name_the_argument(monkeypatch):
             with pytest.raises((ValueError, TypeError), match=message):
                 call(*args)
     assert not kernel_calls
+
+
+def _fixed_point_modes() -> list[tuple[str, tuple[str, ...]]]:
+    """(isa, features) whose fast precision is the 16-bit fixed point for every row count: avx2,
+    and avx512 with VNNI but without AMX (which takes 6 rows and more in bf16)."""
+    if "cpu" not in NATIVE_CPU_BACKENDS:
+        return []
+    modes = [("avx2", ())] if "avx2" in CPU_ISAS else []
+    if "avx512" in CPU_ISAS and "avx512_vnni" in native.supported_cpu_features():
+        modes.append(("avx512", ("avx512_vnni",)))
+    return modes
+
+
+@pytest.mark.parametrize("isa, features", _fixed_point_modes())
+def test_fast_precision_is_the_fixed_point_product(isa, features):
+    """exact=False on avx2 and avx512-VNNI computes the reference's fixed-point definition
+    (formats.FIXED_*): the integer sums are exact, so the two differ only by the float32 rounding
+    of the scaling (within _close's tolerance, far below the fixed point's own error), for every
+    pass size of rows, blocksizes below, at and above the chunk, row tails, 16-bit activations,
+    a code whose largest magnitude is not 1, zero rows and outliers. NaN or infinity in a row's
+    activations makes that row's outputs NaN, and only that row's."""
+    g = torch.Generator().manual_seed(5)
+    reference, cpu = registry.get("reference").kernels, registry.get("cpu").kernels
+    half_nf4 = formats.code_tensor("nf4")[torch.randperm(16, generator=g)] * 0.5
+    ran_fixed = False
+    for case, (qt, bs, (N, K), dtype) in enumerate(
+        itertools.product(formats.QUANT_TYPES, (32, 64, 256), ((37, 256), (16, 512)), FLOAT_DTYPES)
+    ):
+        code = half_nf4 if case % 4 == 3 else formats.code_tensor(qt)
+        B, absmax = reference.get("quantize_4bit")(torch.randn(N, K, generator=g), bs, qt, torch.uint8)
+        Bi, absmax_i = reference.get("interleave_4bit")(B, absmax, [N, K], bs)
+        rows = 1 + case % 11
+        A = torch.randn(rows, K, generator=g)
+        A[0, 5] = 300.0  # an outlier: its chunk's other activations keep 13 bits less
+        if rows > 2:
+            A[1] = 0.0
+        A = A.to(dtype)
+        bias = torch.randn(N, generator=g).to(dtype) if case % 2 else None
+        args = (A, Bi, [N, K], absmax_i, code, bs, bias, False)
+        want = reference.get("matmul_4bit_interleaved")(*args)
+        with native.use_cpu_isa(isa), native.use_cpu_features(list(features)):
+            got = cpu.get("matmul_4bit_interleaved")(*args)
+            exact = cpu.get("matmul_4bit_interleaved")(*args[:-1], True)
+        context = f"[{isa}] {qt} bs={bs} N={N} K={K} rows={rows} {dtype}"
+        _close(got, want, (A, B, [N, K], absmax, code, bs, bias), context)
+        ran_fixed = ran_fixed or (dtype == torch.float32 and not torch.equal(got, exact))
+    assert ran_fixed, "exact=False computed float32 products: the fixed-point path did not run"
+
+    B, absmax = reference.get("quantize_4bit")(torch.randn(16, 256, generator=g), 64, "nf4", torch.uint8)
+    Bi, absmax_i = reference.get("interleave_4bit")(B, absmax, [16, 256], 64)
+    A = torch.randn(3, 256, generator=g)
+    A[1, 7], A[2, 200] = float("nan"), float("inf")
+    with native.use_cpu_isa(isa), native.use_cpu_features(list(features)):
+        got = cpu.get("matmul_4bit_interleaved")(A, Bi, [16, 256], absmax_i, formats.code_tensor("nf4"), 64, None, False)
+    assert got[1:].isnan().all() and got[0].isfinite().all()

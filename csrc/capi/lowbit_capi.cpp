@@ -135,8 +135,9 @@ LOWBIT_API int32_t lowbit_format_table(int32_t table, float *out, int32_t capaci
         copy_table(fmt::kBlocksizes, fmt::kNumBlocksizes, out, capacity, count);
         break;
     case LOWBIT_TABLE_INTERLEAVE: {
-        const int layout[] = {fmt::kInterleaveRows, fmt::kInterleaveWordWeights};
-        copy_table(layout, 2, out, capacity, count);
+        const int layout[] = {fmt::kInterleaveRows, fmt::kInterleaveWordWeights, fmt::kFixedChunk, fmt::kFixedCodeOne,
+                              fmt::kFixedActivationOne};
+        copy_table(layout, 5, out, capacity, count);
         break;
     }
     default: return refuse(c.enumeration("table", table, false, "0 .. 7 (lowbit_table)"));
@@ -274,8 +275,8 @@ LOWBIT_API int32_t lowbit_matmul_4bit_interleaved(int32_t a_dtype, const void *A
     check_dtype(c, "a_dtype", a_dtype);
     check_dtype(c, "out_dtype", out_dtype);
     if (bias != nullptr) check_dtype(c, "bias_dtype", bias_dtype);
-    c.enumeration("precision", precision, precision == LOWBIT_PRECISION_FLOAT32 || precision == LOWBIT_PRECISION_BF16,
-                  "0 (float32), 1 (bf16)");
+    c.enumeration("precision", precision, precision == LOWBIT_PRECISION_FLOAT32 || precision == LOWBIT_PRECISION_FAST,
+                  "0 (float32), 1 (fast)");
     if (check_interleaved_weight(c, N, K, blocksize).count("M", M).failed()) return refuse(c);
     if (c.product("M", M, "K", K).product("M", M, "N", N).failed()) return refuse(c);
     check_interleaved_lengths(c, "B_len", B_len, "absmax_len", absmax_len, N, K, blocksize)
@@ -287,7 +288,7 @@ LOWBIT_API int32_t lowbit_matmul_4bit_interleaved(int32_t a_dtype, const void *A
         return refuse(c);
     return guarded([&] {
         const bool ok = kernels().matmul_4bit_interleaved(a_dtype, A, M, K, B, absmax, code, N, blocksize, bias,
-                                                          bias_dtype, precision == LOWBIT_PRECISION_BF16, out_dtype,
+                                                          bias_dtype, precision == LOWBIT_PRECISION_FAST, out_dtype,
                                                           out, num_threads);
         return int32_t{ok ? LOWBIT_OK : LOWBIT_ERR_UNSUPPORTED};
     });

@@ -75,7 +75,8 @@ typedef enum lowbit_table {
     LOWBIT_TABLE_FP4_ORDER = 4,      /* 16 codes sorted by value (as float) */
     LOWBIT_TABLE_NF4_ORDER = 5,      /* identity (as float) */
     LOWBIT_TABLE_BLOCKSIZES = 6,     /* supported blocksizes (as float) */
-    LOWBIT_TABLE_INTERLEAVE = 7,     /* the interleaved layout: rows per group, weights per word */
+    LOWBIT_TABLE_INTERLEAVE = 7,     /* the interleaved layout: rows per group, weights per word, and the
+                                        fast product's fixed point: chunk, code one, activation one */
 } lowbit_table;
 
 /* Instruction sets the CPU kernels are built for; higher is wider. */
@@ -163,7 +164,7 @@ LOWBIT_API int32_t lowbit_interleave_4bit(const uint8_t *B, int64_t B_len, const
 /* How exact a product on the interleaved layout must be. */
 typedef enum lowbit_precision {
     LOWBIT_PRECISION_FLOAT32 = 0, /* float32 products and sums (the contract of lowbit_gemv_4bit) */
-    LOWBIT_PRECISION_BF16 = 1,    /* weights and A may be rounded once to bf16; sums in float32 */
+    LOWBIT_PRECISION_FAST = 1,    /* weights and A may be rounded: 16-bit fixed point or bf16 (docs/design.md) */
 } lowbit_precision;
 
 /* out = A @ W.T (+ bias) with W the (N, K) weight whose B and absmax are in the interleaved layout:

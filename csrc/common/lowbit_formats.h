@@ -242,6 +242,17 @@ LOWBIT_HD static inline float clamp_unit(float t) {
 constexpr int kInterleaveRows = 16;
 constexpr int kInterleaveWordWeights = 8; /* weights per 4-byte word */
 
+/* The fast product on this layout (docs/design.md section 10) may run in 16-bit fixed point:
+ * each code value as round(code / max|code| * kFixedCodeOne), each element of A as
+ * round(a * kFixedActivationOne / amax) with amax the largest magnitude among the kFixedChunk
+ * elements of its row it shares a chunk with (or the block, when smaller), products summed
+ * exactly per chunk: 64 products of 4096 * 8191 fit an int32. */
+constexpr int kFixedChunk = 64;
+constexpr int kFixedCodeOne = 4096;
+constexpr int kFixedActivationOne = 8191;
+static_assert(double{kFixedChunk} * kFixedCodeOne * kFixedActivationOne < 2147483648.0,
+              "a chunk's products must fit an int32");
+
 /* Offset of word d of row n (as above) in the interleaved layout of an N-row weight whose rows
  * hold `words` words (K/8; or blocks K/blocksize for the absmax: the same map). */
 LOWBIT_HD static inline int64_t interleaved_index(int64_t n, int64_t d, int64_t N, int64_t words) {

@@ -123,12 +123,14 @@ void interleave_4bit(const uint8_t *B, const float *absmax, int64_t N, int64_t K
 /* out[m, n] = sum_k A[m, k] * code[nibble(n, k)] * absmax[n, k / blocksize] (+ bias[n]), float32
  * products and sums rounded once to out_dtype, with B and absmax in the interleaved layout
  * (K % blocksize == 0). A: M x K of a_dtype; bias: N values of bias_dtype or null; out: M x N.
- * bf16: each weight (code * absmax) and each element of A may be rounded once to bf16 (AMX tiles
- * where the CPU has them, from a few rows of A on); sums stay float32. Returns false only when
- * the rearranged copy of A cannot be allocated (nothing written). */
+ * fast: the products may be computed in 16-bit fixed point (AVX512-VNNI, AVX2: code values to
+ * 2^-13 of the largest, A to 2^-14 of the largest magnitude in each 64 weights, exact integer
+ * sums) or, from a few rows of A on, in bf16 on AMX tiles (each weight code * absmax and each
+ * element of A rounded once to bf16, float32 sums). Returns false only when the rearranged copy
+ * of A cannot be allocated (nothing written). */
 bool matmul_4bit_interleaved(int32_t a_dtype, const void *A, int64_t M, int64_t K, const uint8_t *B,
                              const float *absmax, const float *code, int64_t N, int64_t blocksize, const void *bias,
-                             int32_t bias_dtype, bool bf16, int32_t out_dtype, void *out, int num_threads);
+                             int32_t bias_dtype, bool fast, int32_t out_dtype, void *out, int num_threads);
 
 /* ---- 8-bit blockwise (blockwise_8bit.cpp) ---- */
 

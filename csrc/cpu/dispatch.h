@@ -61,7 +61,7 @@ struct KernelTable {
                             bool inverse, uint8_t *B_out, float *absmax_out, int num_threads);
     bool (*matmul_4bit_interleaved)(int32_t a_dtype, const void *A, int64_t M, int64_t K, const uint8_t *B,
                                     const float *absmax, const float *code, int64_t N, int64_t blocksize,
-                                    const void *bias, int32_t bias_dtype, bool bf16, int32_t out_dtype, void *out,
+                                    const void *bias, int32_t bias_dtype, bool fast, int32_t out_dtype, void *out,
                                     int num_threads);
 };
 

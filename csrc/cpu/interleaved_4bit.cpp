@@ -23,6 +23,8 @@
 #include <stddef.h>
 #include <string.h>
 
+#include <cmath>
+
 #include <algorithm>
 #include <utility>
 
@@ -87,7 +89,7 @@ constexpr int kChains = M == 1 && kVecs == 1 ? 2 : 1;
  * loop is fast enough for DRAM latency to show past the hardware prefetchers: without it, 2-4 rows
  * of A through a stack larger than the LLC took 2-2.5x the time of one row, measured on Intel).
  * Past the end of B is fine: a prefetch never faults. */
-constexpr int64_t kPrefetchBytes = 2048;
+constexpr int64_t kPrefetchBytes = 4096;
 
 /* With AVX2's 16 registers, from 3 rows of A on the block sums do not fit beside the totals:
  * each decoded vector is then multiplied by its lanes' absmax first and the products go straight
@@ -167,7 +169,7 @@ void group_pass(const Gemm &g, int64_t n0, int64_t m0) {
         if (!kPrescale<M>) acc.clear();
         for (int64_t d = blk * g.words_per_block; d < (blk + 1) * g.words_per_block; ++d) {
             const uint8_t *bd = b + d * step;
-            prefetch(reinterpret_cast<uintptr_t>(bd) + kPrefetchBytes);
+            prefetch_l2(reinterpret_cast<uintptr_t>(bd) + kPrefetchBytes);
             for (int vec = 0; vec < kVecs; ++vec) {
                 if (kTail && lanes[vec] == 0) continue;
                 const I x = kTail ? Vec::load_dwords(bd + 4 * W * vec, lanes[vec]) : Vec::load_dwords(bd + 4 * W * vec);
@@ -236,7 +238,7 @@ void pack_rows(const typename E::T *A, int64_t M, int64_t K, float *out) {
 
 /* ---- AMX (bf16 precision) -------------------------------------------------------------------
  *
- * With bf16 rounding allowed (LOWBIT_PRECISION_BF16), from kAmxMinRows rows of A on, the product
+ * In the fast precision (LOWBIT_PRECISION_FAST), from kAmxMinRows rows of A on, the product
  * runs on AMX tiles: tdpbf16ps multiplies a 16 x 32 bf16 tile of A by a tile of 32 weights of the
  * group's 16 rows, 16 x 16 x 32 multiply-adds into float32 in one instruction, so the FMA work
  * that grows with M disappears and the cost is decoding the weights once per pass of up to 64
@@ -400,6 +402,271 @@ void groups_amx(const Gemm &g, const uint16_t *ap, int64_t M, int64_t g0, int64_
 }
 #endif
 
+
+#if (defined(LOWBIT_SIMD_AVX512) || defined(LOWBIT_SIMD_AVX2)) && (defined(__GNUC__) || defined(__clang__))
+#define LOWBIT_INTERLEAVED_FIXED 1
+
+/* ---- 16-bit fixed point (fast precision) -----------------------------------------------------
+ *
+ * The float32 path above decodes each weight to a float with a lookup and spends one FMA on it:
+ * 23 uops per 64 bytes of B and row of A on AVX-512 (7 shifts, 8 vpermps, 8 FMAs), 94 on AVX2
+ * (its 16-entry lookup is two vpermps and a blend). That runs at about one core's DRAM read rate,
+ * so memory stalls and compute add up instead of overlapping. In 16-bit integers one instruction
+ * multiplies twice as many weights and a lookup yields two weights per 32-bit lane:
+ *   - a code value is an int16, round(code / max|code| * 4096): error <= 2^-13 of the largest
+ *     code, fixed per table (NF4's 16 values move by at most 1.2e-4);
+ *   - A is rounded per row and chunk of kChunk weights to int16 against the chunk's largest
+ *     magnitude, round(a * 8191 / amax): error <= amax * 2^-14;
+ *   - int16 products summed exactly in int32 lanes per chunk (at most 64 products of
+ *     4096 * 8191 each: < 2^31), then converted to float32 and scaled by the chunk's factor,
+ *     and the block's sum by its absmax, as in the float32 path.
+ * NaN or infinity in a chunk of A makes its factor NaN: every output of that row is NaN.
+ * Each ISA's FixedWord below decodes a word of the group's rows into int16 pairs and multiplies
+ * them by pairs of A read in the order kPairOrder; the rest is shared.
+ */
+constexpr int64_t kChunk = fmt::kFixedChunk;                /* weights of A per scale (or the block) */
+constexpr float kCodeOne = fmt::kFixedCodeOne;               /* the largest code magnitude, as an int16 */
+constexpr float kActivationOne = fmt::kFixedActivationOne;   /* a chunk's largest |a|, as an int16 */
+
+inline int16_t to_int16(float v) { return static_cast<int16_t>(std::nearbyint(v)); }
+
+#if defined(LOWBIT_SIMD_AVX512)
+#define LOWBIT_TARGET_FIXED __attribute__((target("avx512vnni")))
+constexpr int kFixedPassRows = 4; /* 4 accumulators a row: 16 + 8 of the 32 registers */
+
+/* AVX512-VNNI. vpermw looks up the 16-bit halves of a word: shifted right by 4t, the low 5 bits
+ * of each half are slot t (low half) and slot 4 + t (high half) -- the table holds the 16 values
+ * twice, so the fifth bit does not matter -- and each lane then holds the pair (slot t,
+ * slot 4 + t) of its row: weights t ^ 1 and 4 + (t ^ 1). vpdpwssd multiplies it by the matching
+ * pair of A, broadcast from memory, and adds both products to the lane. Per 64 bytes: 3 shifts,
+ * 4 vpermw and 4 vpdpwssd per row of A (11 uops for one row). */
+constexpr int kPairOrder[8] = {1, 5, 0, 4, 3, 7, 2, 6};
+
+struct FixedTable {
+    __m512i v;
+};
+
+inline FixedTable fixed_table(const int16_t *w16) {
+    alignas(64) int16_t t[32];
+    for (int i = 0; i < 32; ++i) t[i] = w16[i & 15];
+    return {_mm512_load_si512(t)};
+}
+
+/* acc + both products of each int16 pair of w and the pair at p: asm, because GCC 12 neither
+ * folds the broadcast into vpdpwssd nor keeps the accumulators in place (a broadcast and a
+ * register copy per instruction, measured 1.3x slower). */
+LOWBIT_TARGET_FIXED LOWBIT_ALWAYS_INLINE __m512i dot_pairs(__m512i acc, __m512i w, const int16_t *p) {
+    __asm__("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const uint32_t *>(p)));
+    return acc;
+}
+
+struct FixedAcc {
+    __m512i v[4]; /* one per pair t */
+    LOWBIT_TARGET_FIXED LOWBIT_ALWAYS_INLINE void clear() {
+        for (auto &a : v) a = _mm512_setzero_si512();
+    }
+    /* The chunk's sum per lane (row), as float32. */
+    LOWBIT_TARGET_FIXED LOWBIT_ALWAYS_INLINE F total() const {
+        return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_add_epi32(v[0], v[1]), _mm512_add_epi32(v[2], v[3])));
+    }
+};
+
+/* acc[m] += the word x of the group's rows times the pairs of row m of A at a + 8m. */
+template <int M>
+LOWBIT_TARGET_FIXED LOWBIT_ALWAYS_INLINE void fixed_word(I x, const FixedTable &table, const int16_t *a, FixedAcc *acc) {
+    for (int t = 0; t < 4; ++t) {
+        const __m512i w = _mm512_permutexvar_epi16(t == 0 ? x : _mm512_srli_epi16(x, 4 * t), table.v);
+        for (int m = 0; m < M; ++m) acc[m].v[t] = dot_pairs(acc[m].v[t], w, a + 8 * m + 2 * t);
+    }
+}
+
+inline bool fixed_available() { return (cpu_features() & kFeatureAvx512Vnni) != 0; }
+
+#else /* AVX2 */
+#define LOWBIT_TARGET_FIXED
+constexpr int kFixedPassRows = 2; /* 4 accumulators a row (2 per vector of 8 rows) in 16 registers */
+
+/* AVX2. The nibbles of each byte, masked (low: slots 2b, high: slots 2b + 1 of byte b), index
+ * two vpshufb tables, the low and the high bytes of the int16 values; interleaving them
+ * (vpunpcklbw/hbw, within 128-bit lanes) makes int16 weights, dword pairs of one row: the low
+ * unpack holds rows 0, 1 (4, 5 in the upper lane), two dwords each, the high one rows 2, 3 (6, 7).
+ * Dword 2i of a row holds bytes 0-1, dword 2i + 1 bytes 2-3, so vpmaddwd meets them with A's
+ * 4 int16 (weights 1, 3, 5, 7 for low nibbles, 0, 2, 4, 6 for high ones: slot s is weight s ^ 1)
+ * broadcast as a qword. Per chunk, vphaddd of the two accumulators puts rows 0..7 in order.
+ * Per 32 bytes: 3 uops of nibbles, 8 shuffles, and 4 vpmaddwd + 4 vpaddd per row of A. */
+constexpr int kPairOrder[8] = {1, 3, 5, 7, 0, 2, 4, 6};
+
+struct FixedTable {
+    __m256i lo, hi, nibble;
+};
+
+inline FixedTable fixed_table(const int16_t *w16) {
+    alignas(32) uint8_t lo[32], hi[32];
+    for (int i = 0; i < 32; ++i) {
+        const uint16_t bits = static_cast<uint16_t>(w16[i & 15]);
+        lo[i] = static_cast<uint8_t>(bits & 0xff);
+        hi[i] = static_cast<uint8_t>(bits >> 8);
+    }
+    return {_mm256_load_si256(reinterpret_cast<const __m256i *>(lo)),
+            _mm256_load_si256(reinterpret_cast<const __m256i *>(hi)), _mm256_set1_epi8(0x0f)};
+}
+
+struct FixedAcc {
+    __m256i v[2]; /* rows 0, 1, 4, 5 and rows 2, 3, 6, 7, two lanes each */
+    LOWBIT_ALWAYS_INLINE void clear() { v[0] = v[1] = _mm256_setzero_si256(); }
+    LOWBIT_ALWAYS_INLINE F total() const { return _mm256_cvtepi32_ps(_mm256_hadd_epi32(v[0], v[1])); }
+};
+
+template <int M>
+LOWBIT_ALWAYS_INLINE void fixed_word(I x, const FixedTable &table, const int16_t *a, FixedAcc *acc) {
+    for (int half = 0; half < 2; ++half) {
+        const __m256i idx = _mm256_and_si256(half == 0 ? x : _mm256_srli_epi16(x, 4), table.nibble);
+        const __m256i lo = _mm256_shuffle_epi8(table.lo, idx), hi = _mm256_shuffle_epi8(table.hi, idx);
+        const __m256i rows01 = _mm256_unpacklo_epi8(lo, hi), rows23 = _mm256_unpackhi_epi8(lo, hi);
+        for (int m = 0; m < M; ++m) {
+            int64_t q;
+            memcpy(&q, a + 8 * m + 4 * half, 8);
+            const __m256i pairs = _mm256_set1_epi64x(q);
+            acc[m].v[0] = _mm256_add_epi32(acc[m].v[0], _mm256_madd_epi16(rows01, pairs));
+            acc[m].v[1] = _mm256_add_epi32(acc[m].v[1], _mm256_madd_epi16(rows23, pairs));
+        }
+    }
+}
+
+inline bool fixed_available() { return true; }
+#endif
+
+/* A (M rows) as int16 pairs and chunk factors, pass by pass (kFixedPassRows rows): the 8 int16
+ * of word d and row m of a pass at pairs[(d * rows + m) * 8] in kPairOrder, the factor of chunk
+ * c and row m at scale[c * rows + m] (amax / 8191 * max|code| / 4096); pass p starts at
+ * pairs + p * kFixedPassRows * K and scale + p * kFixedPassRows * K / chunk. */
+template <class E>
+void pack_fixed(const typename E::T *A, int64_t M, int64_t K, int64_t chunk, float code_max, int16_t *pairs,
+                float *scale) {
+    for (int64_t m0 = 0; m0 < M; m0 += kFixedPassRows) {
+        const int64_t rows = std::min<int64_t>(kFixedPassRows, M - m0);
+        int16_t *p = pairs + m0 * K;
+        float *s = scale + m0 * (K / chunk);
+        for (int64_t m = 0; m < rows; ++m) {
+            const typename E::T *a = A + (m0 + m) * K;
+            for (int64_t c = 0; c < K / chunk; ++c) {
+                float amax = 0.0f;
+                bool finite = true;
+                for (int64_t k = c * chunk; k < (c + 1) * chunk; ++k) {
+                    const float v = std::fabs(E::load(a[k]));
+                    finite = finite && v <= 3.4028235e38f; /* false for NaN and infinity */
+                    amax = std::max(amax, v);
+                }
+                const float inv = amax > 0.0f && finite ? kActivationOne / amax : 0.0f;
+                s[c * rows + m] = finite ? amax / kActivationOne * (code_max / kCodeOne) : std::nanf("");
+                for (int64_t d = c * chunk / 8; d < (c + 1) * chunk / 8; ++d)
+                    for (int i = 0; i < 8; ++i) p[(d * rows + m) * 8 + i] = to_int16(E::load(a[8 * d + kPairOrder[i]]) * inv);
+            }
+        }
+    }
+}
+
+/* GCC 12's induction-variable rewriting makes it copy each accumulator to another register and
+ * back around every vpdpwssd of the loop below (6 extra uops per 64 bytes, ~1.3x slower). */
+#if defined(__GNUC__) && !defined(__clang__)
+#define LOWBIT_NO_IVOPTS __attribute__((optimize("no-ivopts")))
+#else
+#define LOWBIT_NO_IVOPTS
+#endif
+
+/* Rows m0..m0+M-1 of A (one pass: pairs and scale at its start) times the group of rows n0.. of B. */
+template <int M, bool kTail>
+LOWBIT_TARGET_FIXED LOWBIT_NO_IVOPTS void group_fixed(const Gemm &g, const FixedTable &table, const int16_t *pairs, const float *scale,
+                                     int64_t chunk, int64_t n0, int64_t m0) {
+    const int r = kTail ? static_cast<int>(g.N - n0) : kGroup;
+    int lanes[kVecs];
+    for (int vec = 0; vec < kVecs; ++vec) lanes[vec] = std::max(0, std::min(W, r - vec * W));
+    const uint8_t *b = g.B + n0 * (g.K / 2);
+    const float *absmax = g.absmax + n0 * g.blocks;
+    const int64_t step = 4 * int64_t{r};
+    const int64_t words_per_chunk = chunk / 8, chunks_per_block = g.words_per_block / words_per_chunk;
+    F tot[M][kVecs];
+    for (auto &row : tot)
+        for (F &v : row) v = Vec::zero();
+    int64_t d = 0, c = 0;
+    FixedAcc acc[kVecs][M];
+    for (int64_t blk = 0; blk < g.blocks; ++blk) {
+        F sum[M][kVecs];
+        for (auto &row : sum)
+            for (F &v : row) v = Vec::zero();
+        for (int64_t cc = 0; cc < chunks_per_block; ++cc, ++c) {
+            for (auto &vec : acc)
+                for (FixedAcc &a : vec) a.clear();
+            for (const int64_t end = d + words_per_chunk; d < end; ++d) {
+                const uint8_t *bd = b + d * step;
+                prefetch_l2(reinterpret_cast<uintptr_t>(bd) + kPrefetchBytes);
+                for (int vec = 0; vec < kVecs; ++vec) {
+                    if (kTail && lanes[vec] == 0) continue;
+                    const I x = kTail ? Vec::load_dwords(bd + 4 * W * vec, lanes[vec]) : Vec::load_dwords(bd + 4 * W * vec);
+                    fixed_word<M>(x, table, pairs + d * M * 8, acc[vec]);
+                }
+            }
+            for (int m = 0; m < M; ++m)
+                for (int vec = 0; vec < kVecs; ++vec)
+                    sum[m][vec] = Vec::fmadd(acc[vec][m].total(), Vec::set1(scale[c * M + m]), sum[m][vec]);
+        }
+        for (int vec = 0; vec < kVecs; ++vec) {
+            const F block_scale = kTail ? Vec::load_floats(absmax + blk * r + vec * W, lanes[vec])
+                                        : Vec::loadu(absmax + blk * kGroup + vec * W);
+            for (int m = 0; m < M; ++m) tot[m][vec] = Vec::fmadd(sum[m][vec], block_scale, tot[m][vec]);
+        }
+    }
+    for (int m = 0; m < M; ++m)
+        for (int vec = 0; vec < kVecs; ++vec) {
+            float lane[W];
+            Vec::storeu(lane, tot[m][vec]);
+            for (int j = 0; j < lanes[vec]; ++j) store_out(g, m0 + m, n0 + vec * W + j, lane[j]);
+        }
+}
+
+/* Groups [g0, g1): every pass of rows of A over each group before the next group. */
+LOWBIT_TARGET_FIXED void groups_fixed(const Gemm &g, const FixedTable &table, const int16_t *pairs,
+                                      const float *scale, int64_t chunk, int64_t M, int64_t g0, int64_t g1) {
+    for (int64_t grp = g0; grp < g1; ++grp) {
+        const int64_t n0 = grp * kGroup;
+        const bool tail = g.N - n0 < kGroup;
+        for (int64_t m0 = 0; m0 < M; m0 += kFixedPassRows) {
+            const int16_t *p = pairs + m0 * g.K;
+            const float *s = scale + m0 * (g.K / chunk);
+            dispatch_pass_rows(static_cast<int>(std::min<int64_t>(kFixedPassRows, M - m0)), [&](auto rows) {
+                constexpr int R = decltype(rows)::value;
+                if constexpr (R <= kFixedPassRows)
+                    tail ? group_fixed<R, true>(g, table, p, s, chunk, n0, m0)
+                         : group_fixed<R, false>(g, table, p, s, chunk, n0, m0);
+            });
+        }
+    }
+}
+
+/* The fast-precision product (see above); false when the scratch for A cannot be allocated. */
+bool matmul_fixed(const Gemm &g, int32_t a_dtype, const void *A, int64_t M, const float *code, int64_t blocksize,
+                  int num_threads, int64_t grain) {
+    const int64_t K = g.K, chunk = std::min(blocksize, kChunk);
+    /* the int16 pairs (M * K halves of a float) and M * K / chunk factors */
+    float *scratch = thread_scratch(static_cast<size_t>((M * K + 1) / 2 + M * (K / chunk)));
+    if (scratch == nullptr) return false;
+    float *scale = scratch + (M * K + 1) / 2;
+    int16_t *pairs = reinterpret_cast<int16_t *>(scratch);
+    float code_max = 0.0f;
+    for (int i = 0; i < fmt::kCode4Size; ++i) code_max = std::max(code_max, std::fabs(code[i]));
+    int16_t w16[fmt::kCode4Size];
+    for (int i = 0; i < fmt::kCode4Size; ++i) w16[i] = code_max > 0.0f ? to_int16(code[i] / code_max * kCodeOne) : 0;
+    dispatch_dtype(a_dtype, [&](auto tag) {
+        using E = decltype(tag);
+        pack_fixed<E>(static_cast<const typename E::T *>(A), M, K, chunk, code_max, pairs, scale);
+    });
+    const FixedTable table = fixed_table(w16);
+    parallel_for(0, (g.N + kGroup - 1) / kGroup, num_threads, grain,
+                 [&](int64_t g0, int64_t g1) { groups_fixed(g, table, pairs, scale, chunk, M, g0, g1); });
+    return true;
+}
+#endif
+
 } // namespace
 
 void interleave_4bit(const uint8_t *B, const float *absmax, int64_t N, int64_t K, int64_t blocksize, bool inverse,
@@ -418,11 +685,13 @@ void interleave_4bit(const uint8_t *B, const float *absmax, int64_t N, int64_t K
 
 bool matmul_4bit_interleaved(int32_t a_dtype, const void *A, int64_t M, int64_t K, const uint8_t *B,
                              const float *absmax, const float *code, int64_t N, int64_t blocksize, const void *bias,
-                             int32_t bias_dtype, bool bf16, int32_t out_dtype, void *out, int num_threads) {
+                             int32_t bias_dtype, bool fast, int32_t out_dtype, void *out, int num_threads) {
     const int64_t grain = group_grain(M, K);
     const int64_t groups_total = (N + kGroup - 1) / kGroup;
+    Gemm g{B, absmax, N, K, K / blocksize, blocksize / fmt::kInterleaveWordWeights, nullptr, bias, bias_dtype,
+           out_dtype, out, Vec::table16(code)}; /* A: set below, for the float32 path */
 #if defined(LOWBIT_INTERLEAVED_AMX)
-    if (bf16 && M >= kAmxMinRows && (cpu_features() & kFeatureAmxBf16) != 0) {
+    if (fast && M >= kAmxMinRows && (cpu_features() & kFeatureAmxBf16) != 0) {
         const int64_t padded = (M + kTileRows - 1) / kTileRows * kTileRows;
         uint16_t *packed = reinterpret_cast<uint16_t *>(thread_scratch(static_cast<size_t>(padded * K / 2)));
         if (packed == nullptr) return false;
@@ -430,13 +699,14 @@ bool matmul_4bit_interleaved(int32_t a_dtype, const void *A, int64_t M, int64_t 
             using E = decltype(tag);
             pack_tiles<E>(static_cast<const typename E::T *>(A), M, K, packed);
         });
-        const Gemm g{B, absmax, N, K, K / blocksize, blocksize / fmt::kInterleaveWordWeights, nullptr, bias, bias_dtype,
-                     out_dtype, out, Vec::table16(code)};
         parallel_for(0, groups_total, num_threads, grain, [&](int64_t g0, int64_t g1) { groups_amx(g, packed, M, g0, g1); });
         return true;
     }
 #endif
-    (void)bf16; /* float32 products satisfy the bf16 contract too */
+#if defined(LOWBIT_INTERLEAVED_FIXED)
+    if (fast && fixed_available()) return matmul_fixed(g, a_dtype, A, M, code, blocksize, num_threads, grain);
+#endif
+    (void)fast; /* the scalar build has no fast path: float32 products satisfy that contract too */
     const float *a = static_cast<const float *>(A); /* one row: already in order */
     if (a_dtype != kFloat32 || M > 1) {
         float *packed = thread_scratch(static_cast<size_t>(M * K));
@@ -447,8 +717,7 @@ bool matmul_4bit_interleaved(int32_t a_dtype, const void *A, int64_t M, int64_t 
         });
         a = packed;
     }
-    const Gemm g{B, absmax, N, K, K / blocksize, blocksize / fmt::kInterleaveWordWeights, a, bias, bias_dtype,
-                 out_dtype, out, Vec::table16(code)};
+    g.A = a;
     parallel_for(0, groups_total, num_threads, grain, [&](int64_t g0, int64_t g1) { groups(g, M, g0, g1); });
     return true;
 }

@@ -273,8 +273,10 @@ static void test_capi_arguments() {
     t[3] = 123.0f;
     CHECK(lowbit_format_table(LOWBIT_TABLE_FP4_CODE, t, 3, &count) == LOWBIT_OK && count == 16 &&
               t[3] == 123.0f && fbits(t[2]) == fbits(fmt::kFP4Code[2]), "capacity respected");
-    CHECK(lowbit_format_table(LOWBIT_TABLE_INTERLEAVE, t, 32, &count) == LOWBIT_OK && count == 2 &&
-              t[0] == (float)fmt::kInterleaveRows && t[1] == (float)fmt::kInterleaveWordWeights,
+    CHECK(lowbit_format_table(LOWBIT_TABLE_INTERLEAVE, t, 32, &count) == LOWBIT_OK && count == 5 &&
+              t[0] == (float)fmt::kInterleaveRows && t[1] == (float)fmt::kInterleaveWordWeights &&
+              t[2] == (float)fmt::kFixedChunk && t[3] == (float)fmt::kFixedCodeOne &&
+              t[4] == (float)fmt::kFixedActivationOne,
           "interleave table");
     CHECK(lowbit_format_table(-1, t, 32, &count) == LOWBIT_ERR_ARGUMENT, "bad table");
     CHECK(lowbit_format_table(0, t, 32, nullptr) == LOWBIT_ERR_ARGUMENT, "null count");
@@ -748,7 +750,11 @@ static void test_interleaved_arguments() {
 
 /* One gemv problem with exactly sized heap buffers; checks every ISA against a double sum and the
  * thread count against itself. Tolerance: fp32 sums in any order, 8 sqrt(K) 2^-24 S with
- * S = sum |A W| (see tests/test_parity.py), plus one ulp of a 16-bit output. */
+ * S = sum |A W| (see tests/test_parity.py), plus one ulp of a 16-bit output. Where K % bs == 0,
+ * the same on the interleaved layout in both precisions, with and without the optional CPU
+ * features; the fast one may add the 16-bit fixed point's error (lowbit_formats.h: 2^-14 of
+ * max|A row| per activation, 2^-13 of the largest weight of the row per code value) or one bf16
+ * rounding of each weight and activation (2^-8 S). */
 static void check_gemv(std::mt19937_64 &rng, int64_t M, int64_t N, int64_t K, int64_t bs, int a_dt, int out_dt,
                        int qt) {
     std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -771,20 +777,27 @@ static void check_gemv(std::mt19937_64 &rng, int64_t M, int64_t N, int64_t K, in
         a64[i] = a_dt == 0 ? a32[i] : a_dt == 1 ? fmt::half_bits_to_float(fmt::float_to_half_bits(a32[i]))
                                                : fmt::bf16_bits_to_float(fmt::float_to_bf16_bits(a32[i]));
     }
-    std::vector<double> want((size_t)(M * N)), bound((size_t)(M * N));
+    std::vector<double> want((size_t)(M * N)), bound((size_t)(M * N)), fast_bound((size_t)(M * N));
     const float *code = code4(qt);
+    double code_max = 0;
+    for (int i = 0; i < 16; ++i) code_max = std::max(code_max, fabs((double)code[i]));
     for (int64_t n = 0; n < N; ++n)
         for (int64_t m = 0; m < M; ++m) {
-            double sum = 0, mag = 0;
+            double sum = 0, mag = 0, a_max = 0, a_sum = 0, w_sum = 0, w_max = 0;
             for (int64_t k = 0; k < K; ++k) {
                 const int64_t e = n * K + k;
                 const unsigned byte = B[(size_t)e / 2];
                 const double wv = (double)code[(e & 1) ? (byte & 15u) : (byte >> 4)] * absmax[e / bs];
                 sum += a64[m * K + k] * wv;
                 mag += fabs(a64[m * K + k] * wv);
+                a_max = std::max(a_max, fabs(a64[m * K + k]));
+                a_sum += fabs(a64[m * K + k]);
+                w_sum += code_max * fabs((double)absmax[e / bs]);
+                w_max = std::max(w_max, code_max * fabs((double)absmax[e / bs]));
             }
             want[m * N + n] = sum;
             bound[m * N + n] = 8.0 * sqrt((double)K) * ldexp(1.0, -24) * mag;
+            fast_bound[m * N + n] = bound[m * N + n] + ldexp(mag, -8) + ldexp(a_max * w_sum, -14) + ldexp(a_sum * w_max, -13);
         }
     auto value = [&](const uint8_t *o, int64_t i) -> double {
         uint16_t h;
@@ -812,6 +825,37 @@ static void check_gemv(std::mt19937_64 &rng, int64_t M, int64_t N, int64_t K, in
         }
         CHECK(bad == 0, "%s gemv M=%lld N=%lld K=%lld bs=%lld a=%d out=%d qt=%d: %d outputs off", isa_name(isa),
               (long long)M, (long long)N, (long long)K, (long long)bs, a_dt, out_dt, qt, bad);
+    }
+    if (K % bs == 0) {
+        std::unique_ptr<uint8_t[]> Bi(new uint8_t[(size_t)nw / 2]);
+        std::unique_ptr<float[]> absmax_i(new float[(size_t)nb]);
+        CHECK(lowbit_interleave_4bit(B.get(), nw / 2, absmax.get(), nb, N, K, bs, 0, Bi.get(), nw / 2, absmax_i.get(),
+                                     nb, 1) == LOWBIT_OK, "interleave");
+        for (int isa : supported_isas())
+            for (int features : {kAllCpuFeatures, 0})
+                for (int precision : {LOWBIT_PRECISION_FLOAT32, LOWBIT_PRECISION_FAST}) {
+                    lowbit_set_cpu_isa(isa);
+                    lowbit_set_cpu_features(features & lowbit_cpu_features_supported());
+                    std::unique_ptr<uint8_t[]> o1(new uint8_t[(size_t)(M * N) * o_size]), o2(new uint8_t[(size_t)(M * N) * o_size]);
+                    for (auto *o : {&o1, &o2})
+                        CHECK(lowbit_matmul_4bit_interleaved(a_dt, A.get(), M, K, Bi.get(), nw / 2, absmax_i.get(), nb,
+                                                             code, 16, N, bs, nullptr, 0, 0, precision, out_dt,
+                                                             o->get(), o == &o1 ? 1 : 7) == LOWBIT_OK,
+                              "interleaved product");
+                    CHECK(memcmp(o1.get(), o2.get(), (size_t)(M * N) * o_size) == 0,
+                          "%s interleaved product depends on threads", isa_name(isa));
+                    int bad = 0;
+                    for (int64_t i = 0; i < M * N; ++i) {
+                        const double got = value(o1.get(), i);
+                        double tol = precision == LOWBIT_PRECISION_FAST ? fast_bound[i] : bound[i];
+                        if (out_dt != 0) tol += ldexp(1.0, std::max(std::ilogb(std::max(fabs(got), fabs(want[i]))), -14) - mant);
+                        bad += !(fabs(got - want[i]) <= tol);
+                    }
+                    CHECK(bad == 0, "%s features=%d precision=%d interleaved M=%lld N=%lld K=%lld bs=%lld a=%d out=%d "
+                          "qt=%d: %d outputs off", isa_name(isa), features, precision, (long long)M, (long long)N,
+                          (long long)K, (long long)bs, a_dt, out_dt, qt, bad);
+                }
+        lowbit_set_cpu_features(kAllCpuFeatures);
     }
     lowbit_set_cpu_isa(supported_isas().back());
 }

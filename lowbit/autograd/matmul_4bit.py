@@ -4,8 +4,8 @@ Paths:
 
 * inference with the weight in the interleaved layout (a layer placed for CPU inference, see
   ``functional.interleave_4bit``), any number of rows: ``matmul_4bit_interleaved``, the fused
-  product on that layout (float32 products and sums, as ``gemv_4bit``, unless
-  :func:`set_cpu_precision` allows bf16 rounding);
+  product on that layout (16-bit fixed point or bf16 products by default, float32 ones as
+  ``gemv_4bit`` with :func:`set_cpu_precision` ``("float32")``);
 * inference on a few rows (up to :func:`gemv_max_rows` rows of ``A``, no gradient needed: decoding,
   small batches): ``gemv_4bit``, the fused dequantize-dot op that backends implement without
   materializing the weight (float32 products and sums, one rounding to ``A``'s dtype; bitsandbytes
@@ -43,15 +43,16 @@ def gemv_max_rows(device: torch.device) -> int:
     """Rows up to which inference on ``device`` takes the fused ``gemv_4bit`` path."""
     return GPU_GEMV_MAX_ROWS if device.type == "cuda" else GEMV_MAX_ROWS
 
-#: How exact the products on the interleaved layout (CPU inference) are:
-#:   "auto": bfloat16 activations may have each weight (code * absmax) rounded once to bfloat16,
-#:           with float32 sums -- what a bf16 dense layer computes, run on AMX tiles where the CPU
-#:           has them; float32 and float16 activations get float32 products;
-#:   "float32": float32 products and sums whatever A's dtype (reference parity, as gemv_4bit);
-#:   "bf16": weights and activations may be rounded once to bfloat16 whatever A's dtype.
-CPU_PRECISIONS = ("auto", "float32", "bf16")
+#: How exact the products on the interleaved layout (CPU inference) are (docs/design.md §10):
+#:   "fast" (default): the product may run in 16-bit fixed point -- each code value to 2^-13 of
+#:           the largest, each activation to 2^-14 of the largest magnitude among its 64 weights'
+#:           worth of A, exact integer sums scaled in float32 (AVX512-VNNI, AVX2) -- or, from 6
+#:           rows on CPUs with AMX, with each weight (code * absmax) and activation rounded once
+#:           to bf16 and float32 sums: errors ~100x below the 4-bit quantization's own;
+#:   "float32": float32 products and sums whatever A's dtype (reference parity, as gemv_4bit).
+CPU_PRECISIONS = ("fast", "float32")
 ENV_CPU_PRECISION = "LOWBIT_CPU_PRECISION"
-_cpu_precision = ["auto"]
+_cpu_precision = ["fast"]
 
 
 def set_cpu_precision(precision: str) -> str:
@@ -63,9 +64,8 @@ def set_cpu_precision(precision: str) -> str:
     return previous
 
 
-def _exact(dtype: torch.dtype) -> bool:
-    precision = _cpu_precision[0]
-    return precision == "float32" or (precision == "auto" and dtype != torch.bfloat16)
+def _exact() -> bool:
+    return _cpu_precision[0] == "float32"
 
 
 def dense_weight(B: torch.Tensor, quant_state: QuantState, dtype: torch.dtype) -> torch.Tensor:
@@ -132,7 +132,7 @@ def _interleaved_product(A, B, quant_state: QuantState, bias) -> torch.Tensor:
         if bias.numel() != n_out:
             raise ValueError(f"matmul_4bit: bias must have {n_out} values, got {bias.numel()}")
         bias = bias.contiguous()
-    args = (A, B, [n_out, k_in], quant_state.absmax, code, quant_state.blocksize, bias, _exact(A.dtype))
+    args = (A, B, [n_out, k_in], quant_state.absmax, code, quant_state.blocksize, bias, _exact())
     if compiling:
         return torch.ops.lowbit.matmul_4bit_interleaved(*args)
     return registry.kernel_for("matmul_4bit_interleaved", A.device.type)(*args)

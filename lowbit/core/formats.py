@@ -115,6 +115,13 @@ LAYOUT_INTERLEAVED = "interleaved"
 LAYOUTS: tuple[str, ...] = (LAYOUT_STANDARD, LAYOUT_INTERLEAVED)
 INTERLEAVE_ROWS = 16
 INTERLEAVE_WORD_WEIGHTS = 8
+# The fast product on that layout may run in 16-bit fixed point (docs/design.md §10): each code
+# value as round(code / max|code| * FIXED_CODE_ONE), each element of A as
+# round(a * FIXED_ACTIVATION_ONE / amax), amax the largest magnitude in its row's chunk of
+# FIXED_CHUNK elements (or of the block, when smaller), products summed exactly per chunk.
+FIXED_CHUNK = 64
+FIXED_CODE_ONE = 4096
+FIXED_ACTIVATION_ONE = 8191
 
 
 def can_interleave(shape, blocksize: int) -> bool:

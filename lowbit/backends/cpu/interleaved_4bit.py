@@ -39,7 +39,7 @@ def matmul_4bit_interleaved(A, B, shapeB, absmax, code, blocksize, bias=None, ex
             native.DTYPES[A.dtype], A.data_ptr(), A.numel() // K, K, B.data_ptr(), B.nbytes, absmax.data_ptr(),
             absmax.numel(), code.data_ptr(), code.numel(), N, blocksize, None if bias is None else bias.data_ptr(),
             0 if bias is None else bias.numel(), 0 if bias is None else native.DTYPES[bias.dtype],
-            native.PRECISIONS["float32" if exact else "bf16"],
+            native.PRECISIONS["float32" if exact else "fast"],
             native.DTYPES[out.dtype], out.data_ptr(), native.num_threads(),
         ),
         "lowbit_matmul_4bit_interleaved",

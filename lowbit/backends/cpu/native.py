@@ -37,7 +37,7 @@ _STATUS = {0: "ok", 1: "invalid argument", 2: "unsupported"}
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 QUANT_TYPES = {"fp4": 0, "nf4": 1}
 #: lowbit_precision: how exact a product on the interleaved layout must be.
-PRECISIONS = {"float32": 0, "bf16": 1}
+PRECISIONS = {"float32": 0, "fast": 1}
 #: lowbit_isa, narrowest first (the numbering orders them).
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 #: lowbit_cpu_feature: optional extensions an ISA build uses where the CPU has them (bit flags).

@@ -37,11 +37,15 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str, quant_storag
     return packed.view(quant_storage).unsqueeze(1), torch.cat(absmaxes)
 
 
+def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` code indices of a packed 4-bit tensor (element 2i is byte i's high nibble)."""
+    data = packed.reshape(-1).view(torch.uint8)
+    return torch.stack((data >> 4, data & 0x0F), dim=1).reshape(-1)[:n]
+
+
 def decode_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, n: int) -> torch.Tensor:
     """The first ``n`` values of a packed 4-bit tensor as float32: ``code[nibble] * absmax[block]``."""
-    data = packed.reshape(-1).view(torch.uint8)
-    nibbles = torch.stack((data >> 4, data & 0x0F), dim=1).reshape(-1)[:n]
-    values = code.to(absmax.device)[nibbles.long()]
+    values = code.to(absmax.device)[unpack_nibbles(packed, n).long()]
     n_blocks = absmax.numel()
     padded = torch.nn.functional.pad(values, (0, n_blocks * blocksize - n))
     return (padded.view(n_blocks, blocksize) * absmax.unsqueeze(1)).reshape(-1)[:n]
