@@ -681,32 +681,37 @@ def resident_bytes(libs: Libs) -> list[tuple[str, int]]:
     return found
 
 
-def precision_errors(libs: Libs, rows: int = 16) -> list[tuple[str, float, float]]:
+def precision_errors(libs: Libs) -> list[tuple[str, float, float]]:
     """Error of each product against the float64 product of the same (dequantized) NF4 weight,
-    4096x4096, ``rows`` activations of N(0, 1): (what, max |error| / max |product|, mean |error| /
-    mean |product|). lowbit in its two precisions, and torch's F.linear on the weight in the same
-    dtype (bf16: the weight rounded to bf16 once, as the bf16 contract does)."""
-    packed, state = libs.F.quantize_4bit(weight(torch.float32), quant_type="nf4")
+    4096x4096, 1 and 16 rows of N(0, 1) activations: (what, max |error| / max |product|, mean
+    |error| / mean |product|). lowbit in each CPU precision (1 row: the fixed point on AVX2 /
+    AVX512-VNNI; 16 rows: bf16 on AMX where the CPU has it), torch's F.linear on the weight in
+    the activations' dtype, and for scale the NF4 quantization itself (the float32 weight's
+    product against its NF4 dequantization's)."""
+    float_weight = weight(torch.float32)
+    packed, state = libs.F.quantize_4bit(float_weight, quant_type="nf4")
     dense = libs.F.dequantize_4bit(packed, state)
     set_precision = getattr(libs.lowbit, "set_cpu_precision", None)
+    precisions = getattr(libs.lowbit, "CPU_PRECISIONS", ())
     placed = lowbit_layer(libs, packed, state)
     found = []
-    for dtype in (torch.bfloat16, torch.float32):
-        x = activations(rows, dtype)
-        exact = x.double() @ dense.double().T
-
-
-        for precision in ("auto", "float32", "bf16"):
-            if set_precision is None:
-                break
-            previous = set_precision(precision)
-            try:
-                out = libs.lowbit.matmul_4bit(x, *placed)
-            finally:
-                set_precision(previous)
-            found.append((f"lowbit {dtype_name(dtype)} activations, precision {precision!r}", *_errors(out, exact)))
-        torch_out = TF.linear(x, dense.to(dtype))
-        found.append((f"torch F.linear {dtype_name(dtype)} (weight in {dtype_name(dtype)})", *_errors(torch_out, exact)))
+    for rows in (1, 16):
+        for dtype in (torch.bfloat16, torch.float32):
+            x = activations(rows, dtype)
+            exact = x.double() @ dense.double().T
+            tokens = f"{rows} row{'s' if rows > 1 else ''} of {dtype_name(dtype)} activations"
+            for precision in precisions if set_precision is not None else ():
+                previous = set_precision(precision)
+                try:
+                    out = libs.lowbit.matmul_4bit(x, *placed)
+                finally:
+                    set_precision(previous)
+                found.append((f"lowbit, {tokens}, precision {precision!r}", *_errors(out, exact)))
+            torch_out = TF.linear(x, dense.to(dtype))
+            found.append((f"torch F.linear, {tokens} (weight in {dtype_name(dtype)})", *_errors(torch_out, exact)))
+    x = activations(1, torch.float32).double()
+    found.append(("NF4 itself: float32 weight vs its NF4 dequantization, 1 row",
+                  *_errors(x @ float_weight.double().T, x @ dense.double().T)))  # fmt: skip
     return found
 
 
