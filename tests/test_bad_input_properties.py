@@ -359,8 +359,8 @@ def _build_interleave_4bit(name, p, g):
 
 
 def _build_4bit_matmul_interleaved(name, p, g):
-    # exact=True: exact=False only allows a bf16 rounding, which backends take where it pays off
-    # (tests/test_interleaved.py bounds its error)
+    # exact=True: exact=False allows the fast precision's roundings, which backends take where
+    # they pay off (tests/test_parity.py bounds their error)
     (m, N, k_blocks), bs, qt, dtype, with_bias = p
     K = k_blocks * bs
     packed, absmax = torch.ops.lowbit.interleave_4bit(*_quantized_4bit(N * K, bs, qt, g), [N, K], bs)
