@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import pickle
 
 import pytest
 import torch
@@ -258,3 +259,139 @@ def test_amx_and_fma_paths_agree_within_the_bf16_contract(rows):
     scale = x.double().abs() @ dense.abs().t() + bias.double().abs()
     assert ((amx - fma).abs() <= 2.0**-7 * scale).all()
     assert not torch.equal(amx, fma)
+
+
+
+# ---- the plan an eval-mode call keeps for the next (Linear4bit._planned_forward) ----------------
+def _fresh_output(layer: Linear4bit, x: torch.Tensor) -> torch.Tensor:
+    """What a newly built layer holding ``layer``'s parameters computes for ``x`` on its first,
+    fully checked call (the same kernel, so the same bits)."""
+    fresh = Linear4bit(
+        layer.in_features, layer.out_features, bias=layer.bias is not None, quant_type=layer.weight.quant_type
+    )
+    fresh.load_state_dict(layer.state_dict())
+    fresh.compute_dtype = layer.compute_dtype
+    with torch.no_grad():
+        return fresh.eval()(x)
+
+
+@pytest.fixture
+def full_path_calls(monkeypatch) -> list:
+    """Records the calls that took the fully checked path (those the plan did not cover)."""
+    calls = []
+    original = Linear4bit._check_input
+    monkeypatch.setattr(Linear4bit, "_check_input", lambda self, x: calls.append(x) or original(self, x))
+    return calls
+
+
+def test_decode_calls_reuse_the_plan_and_compute_the_same_bits(full_path_calls):
+    layer = _layer().eval()
+    with torch.no_grad():
+        layer(torch.randn(1, 1, 576))  # places the weight, keeps the plan
+        assert len(full_path_calls) == 1
+        for rows in (1, 3):
+            x = torch.randn(1, rows, 576)
+            got = layer(x)
+            want = lowbit.matmul_4bit(x, layer.weight, layer.weight.quant_state, bias=layer.bias)
+            assert got.shape == (1, rows, 200) and torch.equal(got, want)
+    assert len(full_path_calls) == 1  # the later calls took the plan
+
+
+def test_the_plan_follows_every_change_of_the_layer(full_path_calls):
+    layer, other = _layer(seed=0).eval(), _layer(seed=1).eval()
+    x = torch.randn(2, 576)
+    with torch.no_grad():
+        layer(x)
+        # a quantized state dict loaded from another layer
+        layer.load_state_dict(other.state_dict())
+        assert layer._inference_plan is None  # dropped at once: it keeps no old bytes alive
+        assert torch.equal(layer(x), _fresh_output(other, x))
+        # the weight replaced by another layer's placed weight
+        other(x)
+        layer.weight = other.weight
+        assert torch.equal(layer(x), other(x))
+        # train() and back: the layout goes and comes back, the output stays
+        layer.weight = _layer(seed=2).weight
+        want = layer(x)
+        layer.train()
+        assert layer._inference_plan is None and not layer.weight.interleaved
+        layer.eval()
+        assert torch.equal(layer(x), want)
+        # a cast to another precision and back (Module._apply): the same 4-bit bytes, a rounded bias
+        layer.to(torch.bfloat16).float()
+        want = layer(x)
+        assert torch.equal(want, _fresh_output(layer, x))
+        # a bias of another dtype: cast in place on first use, as bitsandbytes does
+        layer.bias.data = layer.bias.data.bfloat16()
+        assert torch.equal(layer(x), want) and layer.bias.dtype == torch.float32
+        # the bias changed in place, replaced, removed
+        layer.bias.add_(1.0)
+        torch.testing.assert_close(layer(x), want + 1.0)
+        layer.bias = torch.nn.Parameter(torch.randn(200))
+        assert torch.equal(layer(x), _fresh_output(layer, x))
+        layer.bias = None
+        no_bias = layer(x)
+        assert torch.equal(no_bias, _fresh_output(layer, x))
+        del layer.bias
+        layer.bias = torch.ones(200)  # a plain attribute now, no parameter
+        torch.testing.assert_close(layer(x), no_bias + 1.0)
+        del layer.bias
+        layer.register_parameter("bias", None)
+        # another input dtype, another compute dtype: the full path casts; bfloat16 input to a
+        # bfloat16 layer needs no cast and takes the plan of the call before it
+        calls = len(full_path_calls)
+        assert layer(x.bfloat16()).dtype == torch.bfloat16
+        layer.compute_dtype = torch.bfloat16
+        assert torch.equal(layer(x), layer(x.bfloat16()).float())
+        assert len(full_path_calls) == calls + 2
+        layer.compute_dtype = torch.float32
+        # another backend for a block: its kernel
+        want = layer(x)
+        with registry.use("reference"):
+            reference = layer(x)
+        assert not torch.equal(reference, want)
+        torch.testing.assert_close(reference, want, rtol=1e-5, atol=1e-5)
+    # a gradient wanted: autograd's product of the same weight
+    x.requires_grad_(True)
+    layer(x).sum().backward()
+    dense = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    torch.testing.assert_close(x.grad, dense.sum(0).expand(2, -1))
+    # the weight's bytes and state swapped for another's, under the same parameter object
+    other = _layer(seed=4).eval()
+    with torch.no_grad():
+        want = other(x)
+        layer.weight.data, layer.weight.quant_state = other.weight.data, other.weight.quant_state
+        layer.bias = other.bias
+        assert torch.equal(layer(x), want)
+
+
+def test_bad_input_after_the_plan_is_refused_as_before():
+    layer = _layer().eval()
+    bad_inputs = [
+        (torch.randn(1, 575), ValueError, r"A has shape \(1, 575\).*last dimension must be 576"),
+        (torch.ones(1, 576, dtype=torch.int64), ValueError, "input must be a floating-point tensor"),
+        ([0.0] * 576, TypeError, "input must be a torch.Tensor"),
+        (torch.randn(1, 576, device="meta"), ValueError, "input is on meta, expected cpu"),
+    ]
+    with torch.no_grad():
+        for x, error, message in bad_inputs:
+            layer(torch.randn(1, 576))  # a good call first: the next one meets the plan
+            with pytest.raises(error, match=message):
+                layer(x)
+        assert layer(torch.randn(0, 576)).shape == (0, 200)  # no rows: no product, an empty output
+        layer(torch.randn(1, 576))
+        layer.bias.data = torch.randn(199)
+        with pytest.raises(ValueError, match="bias must have 200 values, got 199"):
+            layer(torch.randn(1, 576))
+
+
+def test_copies_of_a_layer_do_not_share_its_plan():
+    layer = _layer().eval()
+    x = torch.randn(1, 576)
+    with torch.no_grad():
+        want = layer(x)
+        for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            assert copied._inference_plan is None
+            copied.load_state_dict(_layer(seed=3).state_dict())
+            assert not torch.equal(copied(x), want)
+            assert torch.equal(layer(x), want)

@@ -82,6 +82,20 @@ def test_int8_layer_and_embeddings_read_no_values():
         assert emb4(index).shape == emb8(index).shape == (2, 3, 64)
 
 
+def test_layer_placed_for_cpu_inference_reads_no_values():
+    """Eager calls on the interleaved layout call the kernel directly, with pointers; fake
+    tensors go through the op instead (its fake kernel), before and after the layer's plan."""
+    base = _qlora_layer()[0].eval()
+    with torch.no_grad():
+        real = base(torch.randn(3, 64))  # places the weight, keeps the plan
+        assert base.weight.interleaved
+        with _fake_mode():
+            for rows in (1, 3):
+                out = base(torch.randn(rows, 64))
+                assert out.shape == (rows, 48) and checks.is_fake(out)
+        assert torch.equal(base(torch.zeros(3, 64)), torch.zeros_like(real))
+
+
 @pytest.mark.parametrize("cls", [O.AdamW8bit, O.Lion8bit, O.AdEMAMix8bit, O.AdamW], ids=lambda c: c.__name__)
 def test_optimizer_step_reads_no_values(cls):
     with _fake_mode():

@@ -114,28 +114,45 @@ class MatMul4Bit(torch.autograd.Function):
         return grad_A, None, None, grad_bias, None
 
 
-def _interleaved_product(A, B, quant_state: QuantState, bias) -> torch.Tensor:
-    """``matmul_4bit_interleaved`` for a layer's weight in the interleaved layout.
+class InterleavedProduct:
+    """``matmul_4bit_interleaved`` for a layer's weight in the interleaved layout, its weight-side
+    arguments read once (``Linear4bit`` keeps one per placed weight for the calls that follow).
 
     Decoding a token runs one such product per layer, a few microseconds of kernel each on small
     models, so in eager mode the backend's kernel is called directly: the op's own checks would
-    cost more than the product (B is the parameter subclass, whose every attribute read passes
-    through __torch_function__). What they check holds by construction -- B and the state (its code
+    cost more than the product. What they check holds by construction -- B and the state (its code
     checked when it was built) came out of ``interleave_4bit`` together, A and bias passed
     ``_check_arguments`` -- but the bias's size, checked here, and its layout, made contiguous as
-    the op's dispatcher would. Traced code goes through the op.
+    the op's dispatcher would. Traced code and fake tensors go through the op.
     """
-    n_out, k_in = quant_state.shape
-    code = formats.code_tensor(quant_state.quant_type, A.device) if quant_state.code is None else quant_state.code
-    compiling = torch.compiler.is_compiling()
-    if bias is not None and not compiling:
-        if bias.numel() != n_out:
-            raise ValueError(f"matmul_4bit: bias must have {n_out} values, got {bias.numel()}")
-        bias = bias.contiguous()
-    args = (A, B, [n_out, k_in], quant_state.absmax, code, quant_state.blocksize, bias, _exact())
-    if compiling:
-        return torch.ops.lowbit.matmul_4bit_interleaved(*args)
-    return registry.kernel_for("matmul_4bit_interleaved", A.device.type)(*args)
+
+    __slots__ = ("B", "shapeB", "absmax", "code", "blocksize", "device_type")
+
+    def __init__(self, B: torch.Tensor, quant_state: QuantState):
+        # Eager calls get B's bytes as a plain tensor: every attribute read of the parameter
+        # subclass (data_ptr, nbytes) passes through __torch_function__, ~1 us each.
+        self.B = B if torch.compiler.is_compiling() else B.data
+        self.shapeB = list(quant_state.shape)
+        self.absmax = quant_state.absmax
+        code = quant_state.code
+        self.code = formats.code_tensor(quant_state.quant_type, B.device) if code is None else code
+        self.blocksize = quant_state.blocksize
+        self.device_type = self.B.device.type  # A's (_check_arguments); reading A.device costs 0.3 us
+
+    def __call__(self, A: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if not checks.has_data(A):  # traced, or fake tensors: the op (its fake kernel), no pointers
+            args = (A, self.B, self.shapeB, self.absmax, self.code, self.blocksize, bias, _exact())
+            return torch.ops.lowbit.matmul_4bit_interleaved(*args)
+        return self.on_values(A, bias)
+
+    def on_values(self, A: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The product for an ``A`` that holds values (``Linear4bit``'s plan checked that itself)."""
+        if bias is not None:
+            if bias.numel() != self.shapeB[0]:
+                raise ValueError(f"matmul_4bit: bias must have {self.shapeB[0]} values, got {bias.numel()}")
+            bias = bias.contiguous()
+        kernel = registry.kernel_for("matmul_4bit_interleaved", self.device_type)
+        return kernel(A, self.B, self.shapeB, self.absmax, self.code, self.blocksize, bias, _exact())
 
 
 def _check_arguments(A, B, quant_state, bias) -> None:
@@ -210,7 +227,7 @@ def matmul_4bit(
         # as a new tensor object
         return to_out(MatMul4Bit.apply(A, B, None, bias, quant_state), out)
     if quant_state.interleaved and A.numel() > 0:
-        return to_out(_interleaved_product(A.contiguous(), B, quant_state, bias), out)
+        return to_out(InterleavedProduct(B, quant_state)(A.contiguous(), bias), out)
     if 0 < A.numel() <= gemv_max_rows(A.device) * k_in:  # a few tokens: fused dequantize-dot, no dense weight
         # bias joins the float32 sums before the one rounding to A's dtype
         return to_out(product_4bit(A.contiguous(), B, quant_state, bias), out)

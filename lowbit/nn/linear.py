@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..autograd import MatmulLtState, matmul, matmul_4bit
+from ..autograd.matmul_4bit import InterleavedProduct
 from ..core import checks, formats, registry
 from .checkpoint import QuantizedWeightMixin
 from .int8params import Int8Params
@@ -51,6 +52,27 @@ def _bias_in(bias: Optional[torch.Tensor], dtype: torch.dtype) -> Iterator[Optio
         raise
 
 
+class _InferencePlan:
+    """What a ``Linear4bit`` call on its interleaved weight established, kept for the calls after it.
+
+    Decoding calls each layer once per token with the same kind of input; there the full path's
+    checks, attribute reads of the weight (a parameter subclass: each passes through
+    ``__torch_function__``) and lookups cost more than the product of a small layer. The plan
+    holds the product's arguments and what they were computed from; a call reuses them only while
+    the layer still holds that weight object with that state (every layout change, load or
+    requantization installs a new state), and the input needs no check, cast or gradient.
+    """
+
+    __slots__ = ("weight", "state", "dtype", "in_shape", "product")
+
+    def __init__(self, weight: Params4bit, dtype: torch.dtype, in_features: int):
+        self.weight = weight
+        self.state = weight.quant_state
+        self.dtype = dtype
+        self.in_shape = torch.Size([in_features])
+        self.product = InterleavedProduct(weight, self.state)
+
+
 class Linear4bit(QuantizedWeightMixin, nn.Linear):
     """A linear layer with a 4-bit (NF4 or FP4) weight, computed in ``compute_dtype``.
 
@@ -66,6 +88,9 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
     """
 
     weight_class = Params4bit
+    #: set by a call on the interleaved weight (a class default: layers pickled before it existed
+    #: load without it)
+    _inference_plan: Optional[_InferencePlan] = None
 
     def __init__(
         self,
@@ -145,11 +170,55 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
 
     def train(self, mode: bool = True):
         weight = self.weight
-        if mode and isinstance(weight, Params4bit) and weight.interleaved:
-            weight._deinterleave()  # training dequantizes the standard bytes
+        if mode:
+            self._inference_plan = None  # it would keep the interleaved bytes alive
+            if isinstance(weight, Params4bit) and weight.interleaved:
+                weight._deinterleave()  # training dequantizes the standard bytes
         return super().train(mode)
 
+    # A device move or a load replaces the weight's bytes or the weight: drop the plan at once
+    # rather than at the next call, so that it keeps no old bytes alive.
+    def _apply(self, fn, *args, **kwargs):
+        self._inference_plan = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._inference_plan = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_inference_plan"] = None  # rebuilt by the first call (copies get their own weight)
+        return state
+
+    def _planned_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The output through the plan of an earlier call, or None where this call needs the full path."""
+        plan = self._inference_plan
+        if plan is None:
+            return None
+        params = self._parameters
+        bias = params.get("bias")
+        if not (
+            params.get("weight") is plan.weight
+            and plan.weight.quant_state is plan.state
+            and type(x) is torch.Tensor  # subclasses (fake tensors, ...) take the full path
+            and x.dtype is plan.dtype is self.compute_dtype  # no casts, no compute-type choice
+            and x.is_cpu
+            and x.shape[-1:] == plan.in_shape
+            and x.numel() > 0  # as matmul_4bit routes it: no rows, no product
+            and "bias" in params  # else self.bias may be a plain attribute
+            and (bias is None or bias.dtype is plan.dtype)
+            and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
+        ):
+            return None
+        return plan.product.on_values(x.contiguous(), bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():  # traced code takes the full path to the op
+            out = self._planned_forward(x)
+            if out is not None:
+                return out
+            self._inference_plan = None  # the full path may change what it was computed from
         self._check_input(x)
         weight = self._weight_for_forward()
         self._place_for_cpu_inference(x, weight)
@@ -161,6 +230,8 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
             x = x.to(self.compute_dtype)
         with _bias_in(self.bias, x.dtype) as bias:
             out = matmul_4bit(x, weight, quant_state=weight.quant_state, bias=bias)
+        if isinstance(weight, Params4bit) and weight.interleaved and checks.has_data(out):  # not traced, not fake
+            self._inference_plan = _InferencePlan(weight, self.compute_dtype, self.in_features)
         return out.to(input_dtype)
 
 
