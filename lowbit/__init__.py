@@ -9,8 +9,8 @@ import os as _os
 
 from . import autograd, backends, functional, nn, optim
 from .autograd import MatmulLtState, matmul, matmul_4bit
-from .autograd.matmul_4bit import ENV_CPU_PRECISION as _ENV_CPU_PRECISION
 from .autograd.matmul_4bit import CPU_PRECISIONS, set_cpu_precision
+from .autograd.matmul_4bit import ENV_CPU_PRECISION as _ENV_CPU_PRECISION
 from .core import registry as _registry
 from .core.quant_state import QuantState
 
