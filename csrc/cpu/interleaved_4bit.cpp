@@ -422,8 +422,11 @@ void groups_amx(const Gemm &g, const uint16_t *ap, int64_t M, int64_t g0, int64_
  *     4096 * 8191 each: < 2^31), then converted to float32 and scaled by the chunk's factor,
  *     and the block's sum by its absmax, as in the float32 path.
  * NaN or infinity in a chunk of A makes its factor NaN: every output of that row is NaN.
- * Each ISA's FixedWord below decodes a word of the group's rows into int16 pairs and multiplies
- * them by pairs of A read in the order kPairOrder; the rest is shared.
+ * Each ISA's fixed_word below decodes a word of the group's rows into int16 pairs and multiplies
+ * them by pairs of A, which pack_fixed lays out in the ISA's kPairOrder; the rest is shared.
+ * Measured on Intel SPR, one row in L2: 6.95 cycles per 64 bytes (AVX-512) against 11.8 for
+ * float32 products; AVX2 2.65x faster than its float32 products. Both then stream B from DRAM at
+ * the read bandwidth.
  */
 constexpr int64_t kChunk = fmt::kFixedChunk;                /* weights of A per scale (or the block) */
 constexpr float kCodeOne = fmt::kFixedCodeOne;               /* the largest code magnitude, as an int16 */

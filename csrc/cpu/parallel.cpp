@@ -1,11 +1,13 @@
 /* parallel.cpp -- the thread part of parallel_for (see parallel.h).
  *
- * Chunks are contiguous: chunk k covers begin + base*k + min(k, rem) ... so the first `rem`
- * chunks hold one extra item. There are up to kChunksPerThread chunks per thread, and the threads
- * (the caller among them) take them one by one from a shared counter: on a machine where other
- * processes compete for the cores, a thread that is descheduled holds up the call only for the
- * chunk it is running, not for a fixed share of the work; the caller returns as soon as every
- * chunk is done, without waiting for workers that never got to run.
+ * The threads (the caller among them) take contiguous chunks from a shared counter, each
+ * 1 / (kGuidedShare * threads) of what is left (guided scheduling), down to grain /
+ * kChunksPerThread items: on a machine where other processes compete for the cores, a thread
+ * that is descheduled holds up the call only for the chunk it is running, not for a fixed share
+ * of the work, and the last chunks are small, so the threads finish together (with 8 equal
+ * chunks, one per ~100 us of a 4096 x 4096 NF4 product, a thread idled ~50 us per call at the
+ * end); the caller returns as soon as every item is done, without waiting for workers that never
+ * got to run.
  *
  * Workers are persistent: a pool that grows to the largest thread count asked for and whose
  * threads sleep on a condition variable between calls. Waking a sleeping thread costs a few
@@ -45,9 +47,16 @@ namespace {
 
 /* Hard ceiling, whatever the caller asks for. */
 constexpr int64_t kMaxThreads = 256;
-/* Chunks per thread (each still at least `grain` items): small enough that a thread which lost
- * its core leaves little behind it, large enough that taking a chunk costs nothing. */
+/* The smallest chunk is grain / kChunksPerThread items: small enough that the threads finish
+ * together, large enough that taking a chunk costs nothing. */
 constexpr int64_t kChunksPerThread = 4;
+/* Each chunk takes 1 / (kGuidedShare * threads) of the items left. */
+constexpr int64_t kGuidedShare = 2;
+/* The shared counter: job generation (low bits) in the top kGenerationBits bits, items taken
+ * below. A late worker's compare-exchange then fails once a newer job is published. */
+constexpr int kGenerationBits = 24;
+constexpr int kItemBits = 64 - kGenerationBits;
+constexpr uint64_t kItemMask = (uint64_t{1} << kItemBits) - 1;
 /* How long a worker stays awake for the next job, and the caller for the last chunks, before
  * sleeping on a condition variable. */
 constexpr std::chrono::microseconds kSpin{200};
@@ -73,37 +82,44 @@ struct Chunk {
     }
 };
 
-/* One parallel_for: how to cut [begin, end) into `chunks` pieces. */
+/* One parallel_for over [begin, begin + items) on `threads` threads. */
 struct Job {
     RangeFn fn = nullptr;
     void *ctx = nullptr;
-    int64_t begin = 0, base = 0, rem = 0, chunks = 0;
+    int64_t begin = 0, items = 0, threads = 1, min_chunk = 1;
 
-    Chunk chunk(int64_t k) const {
+    /* Chunk k of `threads` equal ones (the first items % threads one item longer). */
+    Chunk equal_chunk(int64_t k) const {
+        const int64_t base = items / threads, rem = items % threads;
         const int64_t lo = begin + base * k + std::min(k, rem);
         return Chunk{fn, ctx, lo, lo + base + (k < rem ? 1 : 0)};
     }
+    /* Items of the guided chunk that starts `taken` items in. */
+    int64_t guided_size(int64_t taken) const {
+        const int64_t left = items - taken;
+        return std::min(left, std::max(min_chunk, left / (kGuidedShare * threads)));
+    }
 };
 
-/* Runs chunks 1..chunks-1 on short-lived threads (those that fail to start run here) and chunk 0
- * here. */
+/* Runs equal chunks 1..threads-1 on short-lived threads (those that fail to start run here) and
+ * chunk 0 here. */
 void run_on_new_threads(const Job &job) {
     std::vector<std::thread> workers;
     try {
-        workers.reserve(static_cast<size_t>(job.chunks - 1));
+        workers.reserve(static_cast<size_t>(job.threads - 1));
     } catch (...) {
-        for (int64_t k = 0; k < job.chunks; ++k) job.chunk(k)(); /* cannot even allocate */
+        for (int64_t k = 0; k < job.threads; ++k) job.equal_chunk(k)(); /* cannot even allocate */
         return;
     }
-    for (int64_t k = 1; k < job.chunks; ++k) {
-        const Chunk c = job.chunk(k);
+    for (int64_t k = 1; k < job.threads; ++k) {
+        const Chunk c = job.equal_chunk(k);
         try {
             workers.emplace_back(c);
         } catch (...) {
             c(); /* thread could not start (resource limits): do this chunk here */
         }
     }
-    job.chunk(0)();
+    job.equal_chunk(0)();
     for (std::thread &t : workers) t.join();
 }
 
@@ -120,13 +136,13 @@ class Pool {
             job_ = job;
             job_workers_ = workers;
             generation = generation_.load(std::memory_order_relaxed) + 1;
-            done_chunks_.store(0, std::memory_order_relaxed);
-            next_.store(generation << 32, std::memory_order_release);
+            done_items_.store(0, std::memory_order_relaxed);
+            next_.store(generation << kItemBits, std::memory_order_release);
             generation_.store(generation, std::memory_order_release); /* last: spinning workers start */
         }
         wake_.notify_all();
         run_chunks(job, generation);
-        const auto done = [&] { return done_chunks_.load(std::memory_order_acquire) == job.chunks; };
+        const auto done = [&] { return done_items_.load(std::memory_order_acquire) == job.items; };
         if (spin_until(done)) return true;
         std::unique_lock<std::mutex> lock(mutex_);
         done_.wait(lock, done);
@@ -156,13 +172,16 @@ class Pool {
     /* Takes chunks of the job of `generation` until none is left (or a newer job started: a
      * worker that wakes late must not take the next job's chunks with this job's function). */
     void run_chunks(const Job &job, uint64_t generation) {
+        const uint64_t tag = generation & ((uint64_t{1} << kGenerationBits) - 1);
         uint64_t next = next_.load(std::memory_order_acquire);
         for (;;) {
-            if ((next >> 32) != (generation & 0xFFFFFFFFu) || static_cast<int64_t>(next & 0xFFFFFFFFu) >= job.chunks)
-                return;
-            if (!next_.compare_exchange_weak(next, next + 1, std::memory_order_acq_rel)) continue;
-            job.chunk(static_cast<int64_t>(next & 0xFFFFFFFFu))();
-            if (done_chunks_.fetch_add(1, std::memory_order_acq_rel) + 1 == job.chunks) {
+            const int64_t taken = static_cast<int64_t>(next & kItemMask);
+            if ((next >> kItemBits) != tag || taken >= job.items) return;
+            const int64_t size = job.guided_size(taken);
+            if (!next_.compare_exchange_weak(next, next + static_cast<uint64_t>(size), std::memory_order_acq_rel))
+                continue;
+            Chunk{job.fn, job.ctx, job.begin + taken, job.begin + taken + size}();
+            if (done_items_.fetch_add(size, std::memory_order_acq_rel) + size == job.items) {
                 std::lock_guard<std::mutex> lock(mutex_); /* the caller checks under it: no lost wake-up */
                 done_.notify_one();
             }
@@ -193,8 +212,8 @@ class Pool {
     std::atomic<uint64_t> generation_{0};   /* written under mutex_, read by spinning workers too */
     Job job_;
     int64_t job_workers_ = 0;
-    std::atomic<uint64_t> next_{0};         /* generation << 32 | next chunk to take */
-    std::atomic<int64_t> done_chunks_{0};   /* chunks of the current job finished */
+    std::atomic<uint64_t> next_{0};         /* generation << kItemBits | items taken */
+    std::atomic<int64_t> done_items_{0};    /* items of the current job finished */
     int64_t started_ = 0;                   /* written under busy_ only */
 };
 
@@ -234,20 +253,15 @@ void parallel_for_impl(int64_t begin, int64_t end, int num_threads, int64_t grai
     job.fn = fn;
     job.ctx = ctx;
     job.begin = begin;
-    job.chunks = std::max<int64_t>(threads, 1);
-    if (job.chunks == 1) {
-        job.base = items;
-        job.chunk(0)();
+    job.items = items;
+    job.threads = std::max<int64_t>(threads, 1);
+    if (job.threads == 1) {
+        job.equal_chunk(0)();
         return;
     }
-    Job pooled = job; /* the pool's threads take finer chunks from a counter */
-    pooled.chunks = std::min<int64_t>(threads * kChunksPerThread, items / grain);
-    pooled.base = items / pooled.chunks;
-    pooled.rem = items % pooled.chunks;
+    job.min_chunk = std::max<int64_t>(1, grain / kChunksPerThread);
     Pool *p = pool();
-    if (p != nullptr && p->run(pooled, threads - 1)) return;
-    job.base = items / job.chunks;
-    job.rem = items % job.chunks;
+    if (items <= static_cast<int64_t>(kItemMask) && p != nullptr && p->run(job, threads - 1)) return;
     run_on_new_threads(job);
 }
 
