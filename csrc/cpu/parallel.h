@@ -3,9 +3,9 @@
  * parallel_for(begin, end, num_threads, grain, fn) calls fn(lo, hi) on contiguous, disjoint
  * chunks that cover [begin, end) exactly once. It stays on the calling thread when
  * num_threads <= 1 or there is too little work (fewer than 2 * grain items); otherwise it uses
- * at most num_threads threads (the caller among them), never more threads than items, and every
- * chunk holds at least `grain` items (a few chunks per thread, taken dynamically: see
- * parallel.cpp). Each chunk runs under FpEnvGuard.
+ * at most num_threads threads (the caller among them) and at most items / grain of them; the
+ * threads take chunks dynamically, shrinking as the range runs out, to no fewer than grain / 4
+ * items (see parallel.cpp). Each chunk runs under FpEnvGuard.
  *
  * The thread management itself lives in parallel.cpp (a persistent pool of workers), compiled
  * once for the baseline ISA: the template below only wraps `fn` in a plain function pointer, so a
