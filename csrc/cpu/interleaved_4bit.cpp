@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "block_absmax.h"
 #include "cpu_kernels.h"
 #include "dispatch.h"
 #include "parallel.h"
@@ -554,13 +555,9 @@ void pack_fixed(const typename E::T *A, int64_t M, int64_t K, int64_t chunk, flo
         for (int64_t m = 0; m < rows; ++m) {
             const typename E::T *a = A + (m0 + m) * K;
             for (int64_t c = 0; c < K / chunk; ++c) {
-                float amax = 0.0f;
-                bool finite = true;
-                for (int64_t k = c * chunk; k < (c + 1) * chunk; ++k) {
-                    const float v = std::fabs(E::load(a[k]));
-                    finite = finite && v <= 3.4028235e38f; /* false for NaN and infinity */
-                    amax = std::max(amax, v);
-                }
+                bool nan;
+                const float amax = block_absmax<E>(a + c * chunk, chunk, &nan);
+                const bool finite = !nan && amax <= 3.4028235e38f;
                 const float inv = amax > 0.0f && finite ? kActivationOne / amax : 0.0f;
                 s[c * rows + m] = finite ? amax / kActivationOne * (code_max / kCodeOne) : std::nanf("");
                 for (int64_t d = c * chunk / 8; d < (c + 1) * chunk / 8; ++d)
