@@ -63,7 +63,7 @@ def test_eval_forward_places_the_layout_and_computes_the_same_product(quant_type
             assert layer.weight.interleaved
             bias = layer.bias.to(dtype).double()  # the layer adds the bias in the compute dtype
             want = x.double() @ dense.t() + bias
-            # the fast precision (the default): 16-bit fixed point, or from 6 rows with AMX each
+            # the fast precision (the default): 16-bit fixed point, or from 8 rows with AMX each
             # weight and activation rounded to bf16 once; float32 sums; one rounding to dtype
             scale = x.double().abs() @ dense.abs().t() + bias.abs()
             state = F.deinterleave_4bit(layer.weight.data, layer.weight.quant_state)[1]
@@ -244,7 +244,7 @@ def test_cpu_precision_float32_is_reference_parity_and_fast_is_the_default():
 
 
 @pytest.mark.skipif(not NATIVE_CPU_BACKENDS or "amx_bf16" not in native.supported_cpu_features(), reason="no AMX")
-@pytest.mark.parametrize("rows", [6, 16, 33, 64, 65])
+@pytest.mark.parametrize("rows", [8, 16, 33, 64, 65])
 def test_amx_and_fma_paths_agree_within_the_bf16_contract(rows):
     W = torch.randn(40, 512)
     packed, state = F.interleave_4bit(*F.quantize_4bit(W, quant_type="nf4"))

@@ -869,7 +869,7 @@ def test_int8_bad_inputs_name_the_argument(monkeypatch):
 
 def _fixed_point_modes() -> list[tuple[str, tuple[str, ...]]]:
     """(isa, features) whose fast precision is the 16-bit fixed point for every row count: avx2,
-    and avx512 with VNNI but without AMX (which takes 6 rows and more in bf16)."""
+    and avx512 with VNNI but without AMX (which takes 8 rows and more in bf16)."""
     if "cpu" not in NATIVE_CPU_BACKENDS:
         return []
     modes = [("avx2", ())] if "avx2" in CPU_ISAS else []

@@ -46,7 +46,7 @@ def gemv_max_rows(device: torch.device) -> int:
 #: How exact the products on the interleaved layout (CPU inference) are (docs/design.md §10):
 #:   "fast" (default): the product may run in 16-bit fixed point -- each code value to 2^-13 of
 #:           the largest, each activation to 2^-14 of the largest magnitude among its 64 weights'
-#:           worth of A, exact integer sums scaled in float32 (AVX512-VNNI, AVX2) -- or, from 6
+#:           worth of A, exact integer sums scaled in float32 (AVX512-VNNI, AVX2) -- or, from 8
 #:           rows on CPUs with AMX, with each weight (code * absmax) and activation rounded once
 #:           to bf16 and float32 sums: errors ~100x below the 4-bit quantization's own;
 #:   "float32": float32 products and sums whatever A's dtype (reference parity, as gemv_4bit).
