@@ -139,7 +139,11 @@ def markdown(results: list[CaseResult], read: CaseResult, copy: CaseResult, info
             lines.append(f"| {row.label} | error {notes.ref(row.case.name + ': ' + row.case.error)} |||||||")
             continue
         lowbit, bnb, torch_ = (row.cells[lib] for lib in LIBS)
-        lowbit_cell = cell(lowbit, notes) if not row.extra else (fmt_ms(row.lowbit.median_ms) if row.lowbit else "")
+        # an extra row shows its own time in its library's column, else lowbit's primary time
+        if lowbit is not None or not row.extra:
+            lowbit_cell = cell(lowbit, notes)
+        else:
+            lowbit_cell = fmt_ms(row.lowbit.median_ms) if row.lowbit else ""
         checked = row.cells[next(lib for lib in LIBS if row.cells[lib] is not None)] if row.extra else lowbit
         torch_op = torch_.label if torch_ is not None and not row.extra else ""
         lines.append(
