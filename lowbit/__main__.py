@@ -95,6 +95,26 @@ def _library_note(package_dir: Path) -> str | None:
     )
 
 
+def cpu_products() -> str:
+    """What the CPU inference products compute here: the precision and the kernels that serve it."""
+    from lowbit.autograd.matmul_4bit import ENV_CPU_PRECISION, cpu_precision
+    from lowbit.backends.cpu import native
+
+    precision = cpu_precision()
+    source = f"{ENV_CPU_PRECISION}={os.environ[ENV_CPU_PRECISION]}" if os.environ.get(ENV_CPU_PRECISION) else "default"
+    if native.load_error() is not None:
+        kernels = "the reference backend's products (no native CPU library)"
+    elif precision == "float32":
+        kernels = "float32 products"
+    else:
+        features = native.cpu_features()
+        fixed = native.cpu_isa() == "avx2" or "avx512_vnni" in features
+        kernels = "16-bit fixed point" if fixed else "float32 products (this ISA has no fixed-point kernel)"
+        if native.cpu_isa() == "avx512" and "amx_bf16" in features:  # the avx512 build's AMX kernel
+            kernels += "; bf16 on AMX tiles from 8 rows"
+    return f"CPU inference precision: {precision} ({source}): {kernels}"
+
+
 def report() -> int:
     package_dir = Path(lowbit.__file__).resolve().parent
     print(f"lowbit {lowbit.__version__} from {package_dir}")
@@ -108,6 +128,7 @@ def report() -> int:
         print(note)
     forced = registry.forced()
     print(f"LOWBIT_BACKEND: {os.environ.get(registry.ENV_BACKEND) or '(unset)'}" + (f" -> {forced} forced" if forced else ""))
+    print(cpu_products())
     print(f"Triton: {triton_backend.describe()}")
     print(f"IPEX: {ipex.describe()}")
     print()

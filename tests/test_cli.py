@@ -108,6 +108,23 @@ def test_report_names_cpu_model_and_one_location(capsys):
         assert f"library: {package_dir / '_native'}" in out and "native CPU library:" not in out
 
 
+def test_report_says_what_cpu_inference_products_compute(capsys, monkeypatch):
+    from lowbit.backends.cpu import native
+
+    monkeypatch.delenv("LOWBIT_CPU_PRECISION", raising=False)
+    assert cli.main(["report"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("CPU inference"))
+    assert line.startswith("CPU inference precision: fast (default): ")
+    if NATIVE_CPU_BACKENDS and native.cpu_isa() in ("avx2", "avx512"):
+        fixed = native.cpu_isa() == "avx2" or "avx512_vnni" in native.cpu_features()
+        assert ("16-bit fixed point" in line) == fixed
+    previous = lowbit.set_cpu_precision("float32")
+    try:
+        assert "float32" in cli.cpu_products()
+    finally:
+        lowbit.set_cpu_precision(previous)
+
+
 def test_report_explains_a_library_from_elsewhere(monkeypatch, tmp_path, capsys):
     from lowbit.backends.cpu import native
 

@@ -64,6 +64,11 @@ def set_cpu_precision(precision: str) -> str:
     return previous
 
 
+def cpu_precision() -> str:
+    """The current :data:`CPU_PRECISIONS` choice."""
+    return _cpu_precision[0]
+
+
 def _exact() -> bool:
     return _cpu_precision[0] == "float32"
 
