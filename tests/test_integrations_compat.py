@@ -35,7 +35,8 @@ def _run(scenario: str, tmp_path) -> dict:
     result_file = tmp_path / "result.json"
     completed = subprocess.run(
         [sys.executable, SCRIPT, scenario, str(tmp_path), str(result_file)],
-        capture_output=True, text=True, timeout=1200, env=subprocess_env(),
+        # reference parity: the pinned figures below are LowbitConfig's with float32 products
+        capture_output=True, text=True, timeout=1200, env=subprocess_env(LOWBIT_CPU_PRECISION="float32"),
     )  # fmt: skip
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-6000:]
     return json.loads(result_file.read_text())

@@ -34,6 +34,7 @@ safetensors_torch = need("safetensors.torch")
 
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+import lowbit  # noqa: E402
 import lowbit.integrations.transformers as lt  # noqa: E402
 from lowbit.integrations.transformers import LowbitConfig, LowbitHfQuantizer  # noqa: E402
 from lowbit.nn import Int8Params, Linear4bit, Linear8bitLt, Params4bit  # noqa: E402
@@ -45,6 +46,16 @@ BNB_NESTED_KEYS = {"weight.nested_absmax", "weight.nested_quant_map"}
 
 
 pytestmark = pytest.mark.usefixtures("hf_quiet")
+
+
+@pytest.fixture(autouse=True)
+def _reference_parity_precision():
+    """These tests hold lowbit's layers to float references and to bitsandbytes' outputs within
+    float32 rounding: the CPU inference products' reference-parity precision. The default "fast"
+    precision is tested in test_parity.py, test_interleaved.py and tests/compat (perplexity)."""
+    previous = lowbit.set_cpu_precision("float32")
+    yield
+    lowbit.set_cpu_precision(previous)
 
 
 @pytest.fixture(scope="module")
