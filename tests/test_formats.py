@@ -149,7 +149,7 @@ def test_fp4_threshold_values():
         ("nf4_midpoints", tuple(formats.sorted_midpoints("nf4").tolist())),
         ("fp4_midpoints", tuple(formats.sorted_midpoints("fp4").tolist())),
         ("interleave", (formats.INTERLEAVE_ROWS, formats.INTERLEAVE_WORD_WEIGHTS, formats.FIXED_CHUNK,
-                        formats.FIXED_CODE_ONE, formats.FIXED_ACTIVATION_ONE)),
+                        formats.FIXED_CODE_ONE, formats.FIXED_ACTIVATION_ONE, formats.FIXED_TINY_CHUNK)),
     ],
 )
 def test_c_constants_match_python(table, expected):

@@ -917,6 +917,23 @@ def test_fast_precision_is_the_fixed_point_product(isa, features):
     Bi, absmax_i = reference.get("interleave_4bit")(B, absmax, [16, 256], 64)
     A = torch.randn(3, 256, generator=g)
     A[1, 7], A[2, 200] = float("nan"), float("inf")
+    nf4 = formats.code_tensor("nf4")
     with native.use_cpu_isa(isa), native.use_cpu_features(list(features)):
-        got = cpu.get("matmul_4bit_interleaved")(A, Bi, [16, 256], absmax_i, formats.code_tensor("nf4"), 64, None, False)
+        got = cpu.get("matmul_4bit_interleaved")(A, Bi, [16, 256], absmax_i, nf4, 64, None, False)
     assert got[1:].isnan().all() and got[0].isfinite().all()
+
+    # chunks below 2^-64 (scaled by 2^64 first, exactly; subnormal ones would overflow 8191 / amax,
+    # and their factors may underflow to zero) and a NaN code value (no fixed-point form: float32
+    # products, which carry it)
+    A = torch.randn(2, 256, generator=g) * 1e-25
+    A[1, :64] *= 1e-15
+    bad_code = nf4.clone()
+    bad_code[3] = float("nan")
+    reference_nan = reference.get("matmul_4bit_interleaved")(A, Bi, [16, 256], absmax_i, bad_code, 64, None, True)
+    with native.use_cpu_isa(isa), native.use_cpu_features(list(features)):
+        tiny = cpu.get("matmul_4bit_interleaved")(A, Bi, [16, 256], absmax_i, nf4, 64, None, False)
+        with_nan = cpu.get("matmul_4bit_interleaved")(A, Bi, [16, 256], absmax_i, bad_code, 64, None, False)
+    want = reference.get("matmul_4bit_interleaved")(A, Bi, [16, 256], absmax_i, nf4, 64, None, False)
+    assert tiny.isfinite().all() and (tiny != 0).any()
+    _close(tiny, want, (A, B, [16, 256], absmax, nf4, 64, None), f"[{isa}] subnormal activations")
+    assert torch.equal(with_nan.isnan(), reference_nan.isnan()) and with_nan.isnan().any()

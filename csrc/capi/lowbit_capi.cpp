@@ -135,9 +135,9 @@ LOWBIT_API int32_t lowbit_format_table(int32_t table, float *out, int32_t capaci
         copy_table(fmt::kBlocksizes, fmt::kNumBlocksizes, out, capacity, count);
         break;
     case LOWBIT_TABLE_INTERLEAVE: {
-        const int layout[] = {fmt::kInterleaveRows, fmt::kInterleaveWordWeights, fmt::kFixedChunk, fmt::kFixedCodeOne,
-                              fmt::kFixedActivationOne};
-        copy_table(layout, 5, out, capacity, count);
+        const float layout[] = {fmt::kInterleaveRows, fmt::kInterleaveWordWeights, fmt::kFixedChunk,
+                                fmt::kFixedCodeOne,  fmt::kFixedActivationOne,   fmt::kFixedTinyChunk};
+        copy_table(layout, 6, out, capacity, count);
         break;
     }
     default: return refuse(c.enumeration("table", table, false, "0 .. 7 (lowbit_table)"));

@@ -76,7 +76,7 @@ typedef enum lowbit_table {
     LOWBIT_TABLE_NF4_ORDER = 5,      /* identity (as float) */
     LOWBIT_TABLE_BLOCKSIZES = 6,     /* supported blocksizes (as float) */
     LOWBIT_TABLE_INTERLEAVE = 7,     /* the interleaved layout: rows per group, weights per word, and the
-                                        fast product's fixed point: chunk, code one, activation one */
+                                        fast product's fixed point: chunk, code one, activation one, tiny chunk */
 } lowbit_table;
 
 /* Instruction sets the CPU kernels are built for; higher is wider. */

@@ -250,6 +250,10 @@ constexpr int kInterleaveWordWeights = 8; /* weights per 4-byte word */
 constexpr int kFixedChunk = 64;
 constexpr int kFixedCodeOne = 4096;
 constexpr int kFixedActivationOne = 8191;
+/* A chunk whose amax is below this is multiplied by its inverse (2^64, exact) before rounding:
+ * 8191 / amax would overflow float32 for subnormal amax. */
+constexpr float kFixedTinyChunk = 5.42101086242752217e-20f; /* 2^-64 */
+static_assert(kFixedTinyChunk * 18446744073709551616.0f == 1.0f, "2^-64");
 static_assert(double{kFixedChunk} * kFixedCodeOne * kFixedActivationOne < 2147483648.0,
               "a chunk's products must fit an int32");
 

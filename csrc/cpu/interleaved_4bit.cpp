@@ -434,6 +434,7 @@ void groups_amx(const Gemm &g, const uint16_t *ap, int64_t M, int64_t g0, int64_
 constexpr int64_t kChunk = fmt::kFixedChunk;                /* weights of A per scale (or the block) */
 constexpr float kCodeOne = fmt::kFixedCodeOne;               /* the largest code magnitude, as an int16 */
 constexpr float kActivationOne = fmt::kFixedActivationOne;   /* a chunk's largest |a|, as an int16 */
+constexpr float kTinyChunk = fmt::kFixedTinyChunk;           /* 2^-64 */
 
 inline int16_t to_int16(float v) { return static_cast<int16_t>(std::nearbyint(v)); }
 
@@ -560,10 +561,13 @@ void pack_fixed(const typename E::T *A, int64_t M, int64_t K, int64_t chunk, flo
                 bool nan;
                 const float amax = block_absmax<E>(a + c * chunk, chunk, &nan);
                 const bool finite = !nan && amax <= 3.4028235e38f;
-                const float inv = amax > 0.0f && finite ? kActivationOne / amax : 0.0f;
+                /* below 2^-64, 8191 / amax could overflow: the chunk is scaled by 2^64 first (exactly) */
+                const float pre = amax < kTinyChunk ? 1.0f / kTinyChunk : 1.0f;
+                const float inv = amax > 0.0f && finite ? kActivationOne / (amax * pre) : 0.0f;
                 s[c * rows + m] = finite ? amax / kActivationOne * (code_max / kCodeOne) : std::nanf("");
                 for (int64_t d = c * chunk / 8; d < (c + 1) * chunk / 8; ++d)
-                    for (int i = 0; i < 8; ++i) p[(d * rows + m) * 8 + i] = to_int16(E::load(a[8 * d + kPairOrder[i]]) * inv);
+                    for (int i = 0; i < 8; ++i) /* not finite: zeros (the factor carries the NaN) */
+                        p[(d * rows + m) * 8 + i] = finite ? to_int16(E::load(a[8 * d + kPairOrder[i]]) * pre * inv) : 0;
             }
         }
     }
@@ -646,7 +650,16 @@ LOWBIT_TARGET_FIXED void groups_fixed(const Gemm &g, const FixedTable &table, co
     }
 }
 
-/* The fast-precision product (see above); false when the scratch for A cannot be allocated. */
+/* Whether every code value is finite: a NaN or infinite one has no fixed-point form (the float32
+ * products then serve the fast precision, and carry it into the outputs). */
+inline bool finite_code(const float *code) {
+    for (int i = 0; i < fmt::kCode4Size; ++i)
+        if (!(std::fabs(code[i]) <= 3.4028235e38f)) return false;
+    return true;
+}
+
+/* The fast-precision product (see above) for a finite code; false when the scratch for A cannot
+ * be allocated. */
 bool matmul_fixed(const Gemm &g, int32_t a_dtype, const void *A, int64_t M, const float *code, int64_t blocksize,
                   int num_threads, int64_t grain) {
     const int64_t K = g.K, chunk = std::min(blocksize, kChunk);
@@ -707,7 +720,8 @@ bool matmul_4bit_interleaved(int32_t a_dtype, const void *A, int64_t M, int64_t 
     }
 #endif
 #if defined(LOWBIT_INTERLEAVED_FIXED)
-    if (fast && fixed_available()) return matmul_fixed(g, a_dtype, A, M, code, blocksize, num_threads, grain);
+    if (fast && fixed_available() && finite_code(code))
+        return matmul_fixed(g, a_dtype, A, M, code, blocksize, num_threads, grain);
 #endif
     (void)fast; /* the scalar build has no fast path: float32 products satisfy that contract too */
     const float *a = static_cast<const float *>(A); /* one row: already in order */

@@ -273,10 +273,10 @@ static void test_capi_arguments() {
     t[3] = 123.0f;
     CHECK(lowbit_format_table(LOWBIT_TABLE_FP4_CODE, t, 3, &count) == LOWBIT_OK && count == 16 &&
               t[3] == 123.0f && fbits(t[2]) == fbits(fmt::kFP4Code[2]), "capacity respected");
-    CHECK(lowbit_format_table(LOWBIT_TABLE_INTERLEAVE, t, 32, &count) == LOWBIT_OK && count == 5 &&
+    CHECK(lowbit_format_table(LOWBIT_TABLE_INTERLEAVE, t, 32, &count) == LOWBIT_OK && count == 6 &&
               t[0] == (float)fmt::kInterleaveRows && t[1] == (float)fmt::kInterleaveWordWeights &&
               t[2] == (float)fmt::kFixedChunk && t[3] == (float)fmt::kFixedCodeOne &&
-              t[4] == (float)fmt::kFixedActivationOne,
+              t[4] == (float)fmt::kFixedActivationOne && t[5] == fmt::kFixedTinyChunk,
           "interleave table");
     CHECK(lowbit_format_table(-1, t, 32, &count) == LOWBIT_ERR_ARGUMENT, "bad table");
     CHECK(lowbit_format_table(0, t, 32, nullptr) == LOWBIT_ERR_ARGUMENT, "null count");

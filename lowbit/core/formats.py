@@ -122,6 +122,9 @@ INTERLEAVE_WORD_WEIGHTS = 8
 FIXED_CHUNK = 64
 FIXED_CODE_ONE = 4096
 FIXED_ACTIVATION_ONE = 8191
+# a chunk whose amax is below this is scaled by its inverse first (exact): 8191 / amax would
+# overflow float32 for subnormal amax
+FIXED_TINY_CHUNK = 2.0**-64
 
 
 def can_interleave(shape, blocksize: int) -> bool:

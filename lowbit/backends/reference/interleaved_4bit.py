@@ -51,8 +51,9 @@ def _fixed_point_product(A, B, shapeB, absmax, code, blocksize, bias):
     amax = rows.abs().amax(-1, keepdim=True)
     finite = amax.isfinite()
     active = torch.tensor(formats.FIXED_ACTIVATION_ONE, dtype=torch.float32)
-    inverse = torch.where(finite & (amax > 0), active / amax, torch.zeros_like(amax))
-    a16 = torch.round(torch.where(finite, rows, torch.zeros_like(rows)) * inverse).double()
+    pre = torch.where(amax < formats.FIXED_TINY_CHUNK, 1 / formats.FIXED_TINY_CHUNK, 1.0).float()
+    inverse = torch.where(finite & (amax > 0), active / (amax * pre), torch.zeros_like(amax))
+    a16 = torch.round(torch.where(finite, rows, torch.zeros_like(rows)) * pre * inverse).double()
     factor = torch.where(finite, amax / active * (code_max / one), torch.full_like(amax, float("nan")))
     chunk_sums = torch.einsum("mci,nci->mnc", a16, w16)  # exact: integers below 2^31
     scaled = chunk_sums * factor.double().squeeze(-1)[:, None, :]
