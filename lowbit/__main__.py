@@ -107,10 +107,9 @@ def cpu_products() -> str:
     elif precision == "float32":
         kernels = "float32 products"
     else:
-        features = native.cpu_features()
-        fixed = native.cpu_isa() == "avx2" or "avx512_vnni" in features
+        fixed = native.fixed_point_products()
         kernels = "16-bit fixed point" if fixed else "float32 products (this ISA has no fixed-point kernel)"
-        if native.cpu_isa() == "avx512" and "amx_bf16" in features:  # the avx512 build's AMX kernel
+        if native.cpu_isa() == "avx512" and "amx_bf16" in native.cpu_features():  # the avx512 build's AMX kernel
             kernels += "; bf16 on AMX tiles from 8 rows"
     return f"CPU inference precision: {precision} ({source}): {kernels}"
 

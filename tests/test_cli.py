@@ -116,8 +116,7 @@ def test_report_says_what_cpu_inference_products_compute(capsys, monkeypatch):
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("CPU inference"))
     assert line.startswith("CPU inference precision: fast (default): ")
     if NATIVE_CPU_BACKENDS and native.cpu_isa() in ("avx2", "avx512"):
-        fixed = native.cpu_isa() == "avx2" or "avx512_vnni" in native.cpu_features()
-        assert ("16-bit fixed point" in line) == fixed
+        assert ("16-bit fixed point" in line) == native.fixed_point_products()
     previous = lowbit.set_cpu_precision("float32")
     try:
         assert "float32" in cli.cpu_products()

@@ -198,6 +198,12 @@ def cpu_features() -> list[str]:
     return [name for name, bit in CPU_FEATURES.items() if mask & bit]
 
 
+def fixed_point_products() -> bool:
+    """Whether the kernels in use compute the fast precision in 16-bit fixed point (avx2, or avx512
+    with VNNI; csrc/cpu/interleaved_4bit.cpp ``fixed_available``) rather than in float32."""
+    return cpu_isa() == "avx2" or (cpu_isa() == "avx512" and "avx512_vnni" in cpu_features())
+
+
 @contextlib.contextmanager
 def use_cpu_features(names: list[str]) -> Iterator[None]:
     """Let the native kernels use only the extensions ``names`` inside the block (tests reach the
