@@ -209,6 +209,39 @@ def test_layout_change_is_a_transpose_of_words_within_groups_of_16_rows():
     assert torch.equal(state_i.absmax.view(-1)[16:19], state.absmax.view(N)[16:19])  # tail group, 1 block
 
 
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds ``address`` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):  # a mapping's first line: "start-end perms ..."
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def _transparent_huge_pages() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[", 1)[1].split("]", 1)[0]  # "always [madvise] never" -> "madvise"
+    except (OSError, IndexError):
+        return "unavailable"
+
+
+@pytest.mark.skipif(_transparent_huge_pages() not in ("always", "madvise"), reason="no transparent huge pages here")
+def test_the_interleaved_layout_is_advised_to_be_huge_pages():
+    # docs/design.md §4: a decode streams it once per token, ~10% faster in 2 MiB pages. 8 MiB of
+    # packed weight holds at least three whole 2 MiB pages, whichever address it starts at.
+    packed, state = F.quantize_4bit(torch.randn(4096, 4096), compress_statistics=False)
+    interleaved, _ = F.interleave_4bit(packed, state)
+    middle = interleaved.data_ptr() + interleaved.nbytes // 2
+    assert "hg" in _vm_flags(middle)  # MADV_HUGEPAGE: the kernel gives these pages huge ones
+    assert "hg" not in _vm_flags(packed.data_ptr() + packed.nbytes // 2)  # the standard bytes: untouched
+
+
 def test_lowbit_reports_its_layout_in_repr():
     layer = _layer().eval()
     with torch.no_grad():

@@ -16,6 +16,7 @@
 
 #include "dispatch.h"
 #include "fp_env.h"
+#include "huge_pages.h"
 #include "lowbit_capi_checks.h"
 #include "lowbit_formats.h"
 #include "lowbit_int8.h"
@@ -29,6 +30,7 @@ namespace {
 
 namespace fmt = lowbit::fmt;
 using namespace lowbit::capi;
+using lowbit::cpu::advise_huge_pages;
 using lowbit::cpu::kernels;
 
 static_assert(int{LOWBIT_ISA_SCALAR} == int{lowbit::cpu::kIsaScalar} &&
@@ -260,6 +262,10 @@ LOWBIT_API int32_t lowbit_interleave_4bit(const uint8_t *B, int64_t B_len, const
     if (c.pointer("B", B).pointer("absmax", absmax).pointer("B_out", B_out).pointer("absmax_out", absmax_out).failed())
         return refuse(c);
     return guarded([&] {
+        if (inverse == 0) { /* the layout products stream: before the writes below touch its pages */
+            advise_huge_pages(B_out, static_cast<size_t>(B_out_len));
+            advise_huge_pages(absmax_out, static_cast<size_t>(absmax_out_len) * sizeof(float));
+        }
         kernels().interleave_4bit(B, absmax, N, K, blocksize, inverse != 0, B_out, absmax_out, num_threads);
         return int32_t{LOWBIT_OK};
     });

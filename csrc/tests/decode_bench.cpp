@@ -19,9 +19,11 @@
 
 #include <algorithm>
 #include <chrono>
+#include <memory>
 #include <thread>
 #include <vector>
 
+#include "huge_pages.h"
 #include "lowbit_capi.h"
 
 namespace {
@@ -54,11 +56,11 @@ double best_of_5(Fn &&fn) {
 }
 
 /* `threads` threads xor-summing their share of `words`: the rate a stream can be read at. */
-double read_bandwidth(const std::vector<uint64_t> &words, int threads) {
+double read_bandwidth(const uint64_t *words, size_t count, int threads) {
     std::vector<uint64_t> sums((size_t)threads * 8);
     const double t = best_of_5([&] {
         std::vector<std::thread> pool;
-        const size_t share = words.size() / (size_t)threads;
+        const size_t share = count / (size_t)threads;
         for (int i = 0; i < threads; ++i)
             pool.emplace_back([&, i] {
                 uint64_t a = 0, b = 0, c = 0, d = 0;
@@ -72,7 +74,7 @@ double read_bandwidth(const std::vector<uint64_t> &words, int threads) {
             });
         for (auto &th : pool) th.join();
     });
-    return (double)words.size() * 8 / t;
+    return (double)count * 8 / t;
 }
 
 } // namespace
@@ -101,21 +103,30 @@ int main(int argc, char **argv) {
     if (lowbit_quantize_4bit(LOWBIT_FLOAT32, weight.data(), kN * kK, kBlocksize, LOWBIT_NF4, packed.data(),
                              (int64_t)packed.size(), absmax.data(), (int64_t)absmax.size(), threads) != LOWBIT_OK)
         return 1;
-    std::vector<std::vector<uint8_t>> B((size_t)layers, std::vector<uint8_t>(packed.size()));
-    std::vector<std::vector<float>> S((size_t)layers, std::vector<float>(absmax.size()));
-    for (int64_t l = 0; l < layers; ++l)
+    /* not yet written (new[] without initializer), as torch.empty gives them: the layout change
+     * asks for huge pages (csrc/cpu/huge_pages.h) before its writes touch the pages */
+    std::vector<std::unique_ptr<uint8_t[]>> B;
+    std::vector<std::unique_ptr<float[]>> S;
+    for (int64_t l = 0; l < layers; ++l) {
+        B.emplace_back(new uint8_t[packed.size()]);
+        S.emplace_back(new float[absmax.size()]);
         if (lowbit_interleave_4bit(packed.data(), (int64_t)packed.size(), absmax.data(), (int64_t)absmax.size(), kN,
-                                   kK, kBlocksize, 0, B[(size_t)l].data(), (int64_t)packed.size(), S[(size_t)l].data(),
+                                   kK, kBlocksize, 0, B.back().get(), (int64_t)packed.size(), S.back().get(),
                                    (int64_t)absmax.size(), threads) != LOWBIT_OK)
             return 1;
+    }
     float code[16];
     int32_t count = 0;
     lowbit_format_table(LOWBIT_TABLE_NF4_CODE, code, 16, &count);
 
     /* measured twice, the faster taken: the machine's capability, which load only lowers */
-    std::vector<uint64_t> words((size_t)std::max<int64_t>(int64_t{1} << 30, 5 * llc_bytes() / 2) / 8, 1);
-    const double read = std::max(read_bandwidth(words, threads), read_bandwidth(words, threads));
-    words = std::vector<uint64_t>();
+    /* in huge pages like the weights: the best stream the machine can read */
+    const size_t words_count = (size_t)std::max<int64_t>(int64_t{1} << 30, 5 * llc_bytes() / 2) / 8;
+    std::unique_ptr<uint64_t[]> words(new uint64_t[words_count]);
+    lowbit::cpu::advise_huge_pages(words.get(), words_count * sizeof(uint64_t));
+    std::fill(words.get(), words.get() + words_count, uint64_t{1});
+    const double read = std::max(read_bandwidth(words.get(), words_count, threads), read_bandwidth(words.get(), words_count, threads));
+    words.reset();
     printf("read bandwidth: %.1f GB/s\n", read / 1e9);
 
     std::vector<float> x32((size_t)kK, 0.01f), out32((size_t)kN);
@@ -128,7 +139,7 @@ int main(int argc, char **argv) {
             const double t = best_of_5([&] {
                 for (int64_t l = 0; l < layers; ++l)
                     status |= lowbit_matmul_4bit_interleaved(
-                        dtype, x, 1, kK, B[(size_t)l].data(), (int64_t)packed.size(), S[(size_t)l].data(),
+                        dtype, x, 1, kK, B[(size_t)l].get(), (int64_t)packed.size(), S[(size_t)l].get(),
                         (int64_t)absmax.size(), code, 16, kN, kBlocksize, nullptr, 0, 0, precision, dtype, out, threads);
             });
             if (status != LOWBIT_OK) return 1;
