@@ -261,7 +261,8 @@ def notes_text(results: list[CaseResult], read: CaseResult, copy: CaseResult, in
         "nf4-dq, bf16 for bitsandbytes' CPU layout; dense weights for F.linear; int4 weights + scales/zeros for "
         "int4pack_mm) ÷ time per token; activations are negligible.",
         f"- Read bandwidth: `src.sum()` over {read.impls[0].bytes_read >> 20 if read.impls else '?'} MiB of float32 "
-        "(≥ 4× LLC), torch's vectorized reduction on the same threads: the rate at which a stream of weights can be "
+        "(≥ 4× LLC, advised to be huge pages as lowbit's interleaved weights are), torch's vectorized reduction on the "
+        "same threads: the rate at which a stream of weights can be "
         "read, taken at its fastest call (the machine's capability, which load only lowers). '% of read' compares "
         "each decode's median with it; copy bandwidth is taken the same way.",
         f"- Copy bandwidth: `dst.copy_(src)` on {copy.impls[0].bytes_read // 2 >> 20 if copy.impls else '?'} MiB "
