@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import torch
+from torch._C._functorch import is_functorch_wrapped_tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -35,6 +36,10 @@ def has_data(t: torch.Tensor) -> bool:
     traces Python code nothing has values; the ops' own checks read them when the graph runs."""
     if torch.compiler.is_compiling():
         return False
+    if type(t) is torch.Tensor and not torch._is_functional_tensor(t) and not is_functorch_wrapped_tensor(t):
+        # a plain tensor wraps no other (fake tensors are a subclass): is_fake's search, which
+        # costs more than a decode step's product of a small layer, has nothing to find
+        return t.device.type != "meta"
     return t.device.type != "meta" and not is_fake(t)
 
 
