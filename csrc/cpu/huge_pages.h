@@ -1,10 +1,10 @@
 /* huge_pages.h -- asking the OS to back a buffer that kernels stream with huge pages.
  *
  * A decode step reads every weight once, front to back, at the memory's full rate: through 4 KiB
- * pages that is a page walk every 4 KiB, and the walks' own cache and TLB traffic costs ~10% of
- * the stream (a 150-layer 4096 x 4096 NF4 stack through Python: 76 ms in 4 KiB pages, 69 ms with
- * 2 MiB ones, measured on Intel SPR with the kernel's transparent huge pages in "madvise" mode).
- * Compiled once (baseline ISA).
+ * pages that is a page walk every 4 KiB, whose cache and TLB traffic also evicts what the Python
+ * between two layers needs (a 150-layer 4096 x 4096 NF4 stack through lowbit.matmul_4bit: 88 ms
+ * a token in 4 KiB pages, 84 ms with the interior 2 MiB pages huge, medians of 4 alternating runs
+ * on Intel SPR with transparent huge pages in "madvise" mode). Compiled once (baseline ISA).
  */
 #ifndef LOWBIT_CPU_HUGE_PAGES_H
 #define LOWBIT_CPU_HUGE_PAGES_H
