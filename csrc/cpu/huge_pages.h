@@ -1,10 +1,11 @@
 /* huge_pages.h -- asking the OS to back a buffer that kernels stream with huge pages.
  *
- * A decode step reads every weight once, front to back, at the memory's full rate: through 4 KiB
- * pages that is a page walk every 4 KiB, whose cache and TLB traffic also evicts what the Python
- * between two layers needs (a 150-layer 4096 x 4096 NF4 stack through lowbit.matmul_4bit: 88 ms
- * a token in 4 KiB pages, 84 ms with the interior 2 MiB pages huge, medians of 4 alternating runs
- * on Intel SPR with transparent huge pages in "madvise" mode). Compiled once (baseline ISA).
+ * A decode step reads every weight once, front to back: through 4 KiB pages that is a page walk
+ * and a TLB entry every 4 KiB, which also push out the entries and lines the Python between two
+ * layers needs. A 150-layer 4096 x 4096 NF4 stack through lowbit.matmul_4bit took 88 ms a token in
+ * 4 KiB pages and 84 ms with the interior 2 MiB pages huge (medians of 4 alternating runs, Intel
+ * SPR, transparent huge pages in "madvise" mode); the same kernels with no Python between layers
+ * were no faster, so the gain is in the calls around them. Compiled once (baseline ISA).
  */
 #ifndef LOWBIT_CPU_HUGE_PAGES_H
 #define LOWBIT_CPU_HUGE_PAGES_H
