@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import mmap
 import os
 import platform
 import re
@@ -94,12 +95,11 @@ def huge_page_ones(numel: int) -> torch.Tensor:
     (csrc/cpu/huge_pages.h): a stream through 4 KiB pages reads measurably slower, and the read
     bandwidth is the best the machine can do. Elsewhere, plain ones."""
     src = torch.empty(numel, dtype=torch.float32)
-    if sys.platform.startswith("linux"):
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux
         huge, start = 2 << 20, src.data_ptr()
         first, last = -(-start // huge) * huge, (start + src.nbytes) // huge * huge
-        if last > first:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 14)  # MADV_HUGEPAGE; a hint
+        if last > first:  # a hint: its result does not matter
+            ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_HUGEPAGE)
     return src.fill_(1.0)
 
 

@@ -233,7 +233,7 @@ def _transparent_huge_pages() -> str:
 
 @pytest.mark.skipif(_transparent_huge_pages() not in ("always", "madvise"), reason="no transparent huge pages here")
 def test_the_interleaved_layout_is_advised_to_be_huge_pages():
-    # docs/design.md §4: a decode streams it once per token, ~10% faster in 2 MiB pages. 8 MiB of
+    # docs/design.md §4: a decode streams it once per token, 4-5% faster in 2 MiB pages. 8 MiB of
     # packed weight holds at least three whole 2 MiB pages, whichever address it starts at.
     packed, state = F.quantize_4bit(torch.randn(4096, 4096), compress_statistics=False)
     interleaved, _ = F.interleave_4bit(packed, state)
