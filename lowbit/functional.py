@@ -140,9 +140,49 @@ def block_absmax_of(state: QuantState) -> torch.Tensor:
         raise ValueError("block_absmax_of: the state is in the interleaved layout; deinterleave_4bit it first")
     if not state.nested:
         return state.absmax
-    absmax = dequantize_blockwise(state.absmax, state.state2)
-    absmax += state.offset
+    return _decode_nested_absmax(state.absmax, state.state2, state.offset)
+
+
+def _decode_nested_absmax(codes: torch.Tensor, state2: QuantState, offset: torch.Tensor) -> torch.Tensor:
+    """The float32 absmax that the uint8 ``codes`` of double quantization stand for."""
+    absmax = dequantize_blockwise(codes, state2)
+    absmax += offset
     return absmax.float()
+
+
+def _every_code_value(state: QuantState) -> torch.Tensor:
+    """(nested blocks, 256): the float32 absmax that each uint8 code of the double-quantized
+    ``state`` decodes to, in each nested block (its state2 and offset)."""
+    state2, size = state.state2, formats.CODE8_SIZE
+    nested_blocks = state2.absmax.numel()
+    every_code = torch.arange(size, dtype=torch.uint8, device=state2.absmax.device).repeat(nested_blocks)
+    # one nested block of all 256 codes each: 256 is an 8-bit blocksize too
+    return _decode_nested_absmax(every_code, state2.replace(blocksize=size), state.offset).view(nested_blocks, size)
+
+
+def _absmax_codes_recoverable(state: QuantState) -> bool:
+    """Whether the codes of the double-quantized ``state`` can be read back from the absmax they
+    decode to by _recover_absmax_codes: true when in each nested block the codes' values do not
+    decrease with the code (bitsandbytes' dynamic map is sorted) and each block's code decodes
+    to more than the code below it; false for NaN, a zero or negative scale, or a used code whose
+    value rounds to its neighbour's (a nested scale ~1e-6 of the offset or less)."""
+    values = _every_code_value(state)
+    if not bool((values[:, 1:] >= values[:, :-1]).all()):
+        return False
+    codes = state.absmax.reshape(-1).long()  # by nested block; the padding (code 0) passes
+    codes = torch.nn.functional.pad(codes, (0, values.shape[0] * state.state2.blocksize - codes.numel()))
+    codes = codes.view(values.shape[0], -1)
+    below = values.gather(1, (codes - 1).clamp_(min=0))
+    return bool(((codes == 0) | (below < values.gather(1, codes))).all())
+
+
+def _recover_absmax_codes(absmax: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """The uint8 codes of the double-quantized ``state`` that decode to the float32 ``absmax``:
+    in each nested block, the smallest code of that value (the code itself where
+    _absmax_codes_recoverable holds)."""
+    values, n, per_block = _every_code_value(state), absmax.numel(), state.state2.blocksize
+    wanted = torch.nn.functional.pad(absmax.reshape(-1), (0, values.shape[0] * per_block - n))
+    return torch.searchsorted(values, wanted.view(-1, per_block)).reshape(-1)[:n].to(torch.uint8)
 
 
 def nested_absmax_args(state: QuantState, device: torch.device) -> Optional[tuple]:
@@ -343,10 +383,13 @@ def interleave_4bit(A: torch.Tensor, quant_state: QuantState) -> tuple[torch.Ten
         raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
     if quant_state.interleaved:
         raise ValueError("interleave_4bit: the weight is already in the interleaved layout")
-    packed, absmax = torch.ops.lowbit.interleave_4bit(
-        A, block_absmax_of(quant_state), list(quant_state.shape), quant_state.blocksize
-    )
+    decoded = block_absmax_of(quant_state)
+    packed, absmax = torch.ops.lowbit.interleave_4bit(A, decoded, list(quant_state.shape), quant_state.blocksize)
+    # the codes of double quantization go when deinterleave_4bit can read them back from their
+    # decoded values (checked once here, on the 256 values per nested block); else they stay
     codes = quant_state.absmax if quant_state.nested else None
+    if codes is not None and _absmax_codes_recoverable(quant_state):
+        codes = None
     return packed, quant_state.replace(absmax=absmax, layout=formats.LAYOUT_INTERLEAVED, absmax_codes=codes)
 
 
@@ -359,7 +402,10 @@ def deinterleave_4bit(A: torch.Tensor, quant_state: QuantState) -> tuple[torch.T
     packed, absmax = torch.ops.lowbit.deinterleave_4bit(
         A, quant_state.absmax, list(quant_state.shape), quant_state.blocksize
     )
-    standard = quant_state.absmax_codes if quant_state.nested else absmax
+    standard = absmax
+    if quant_state.nested:
+        codes = quant_state.absmax_codes
+        standard = codes if codes is not None else _recover_absmax_codes(absmax, quant_state)
     return packed, quant_state.replace(absmax=standard, layout=formats.LAYOUT_STANDARD, absmax_codes=None)
 
 

@@ -83,9 +83,9 @@ def test_layout_replaces_the_standard_bytes_and_state_dict_stays_bitsandbytes(ne
     weight = layer.weight
     assert weight.interleaved and weight.data.shape == saved["weight"].shape
     # one copy of the weight: the same packed size; the float32 absmax replaces the standard one,
-    # or with double quantization is added once, decoded (4 bytes per block) beside the codes
+    # and with double quantization replaces the uint8 codes, decoded (4 bytes per block, not 1)
     blocks = 576 * 200 // 64
-    assert _resident_bytes(weight) == standard_bytes + (4 * blocks if nested else 0)
+    assert _resident_bytes(weight) == standard_bytes + (3 * blocks if nested else 0)
     assert not torch.equal(weight.data, saved["weight"])  # really rearranged
     _assert_same_state_dict(_state_dict(layer), saved)
     assert weight.interleaved  # saving converted a copy, not the layer
@@ -103,7 +103,39 @@ def test_nested_absmax_is_decoded_once_at_placement():
         layer(torch.randn(1, 576))
     state = layer.weight.quant_state
     assert state.absmax.dtype == torch.float32 and torch.equal(state.absmax, want.reshape(-1))
-    assert torch.equal(state.absmax_codes, standard.absmax)  # the checkpoint's codes, kept
+    assert state.absmax_codes is None  # read back from the decoded values on the way back
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
+@pytest.mark.parametrize("quant_type", formats.QUANT_TYPES)
+def test_nested_codes_are_read_back_bit_exactly_from_their_values(blocksize, quant_type):
+    """The uint8 codes of double quantization leave memory at placement and come back from the
+    float32 absmax: for weights whose block scales span orders of magnitude, nested blocks
+    left partial (N * K / blocksize not a multiple of 256) and every blocksize."""
+    torch.manual_seed(blocksize)
+    for N, K in ((200, 4096), (37, 4096 * 3)):
+        W = torch.randn(N, K) * torch.logspace(-3, 3, N).unsqueeze(1)  # absmax over six decades
+        packed, state = F.quantize_4bit(W, blocksize=blocksize, compress_statistics=True, quant_type=quant_type)
+        packed_i, state_i = F.interleave_4bit(packed, state)
+        assert state_i.absmax_codes is None
+        back, state_back = F.deinterleave_4bit(packed_i, state_i)
+        assert torch.equal(back, packed) and torch.equal(state_back.absmax, state.absmax) and state_back == state
+
+
+def test_nested_codes_that_share_a_value_are_kept():
+    """Block scales a few float32 steps apart: neighbouring codes of a nested block decode to one
+    float32, so the values cannot give the codes back and the layout keeps them."""
+    torch.manual_seed(0)
+    W = 0.1 * torch.rand(64, 1024)
+    W.view(-1, 64)[:, 0] = 1 + 2.0**-23 * torch.randint(0, 9, (1024,))  # absmax 1 + 0..8 steps
+    W.view(-1, 64)[::256, 0] = 1 + 2.0**-23 * 1000  # one per nested block: its scale is ~1000 steps
+    packed, state = F.quantize_4bit(W, compress_statistics=True)
+    values = F.block_absmax_of(state)
+    assert not torch.equal(F._recover_absmax_codes(values, state), state.absmax)  # codes really collide
+    packed_i, state_i = F.interleave_4bit(packed, state)
+    assert torch.equal(state_i.absmax_codes, state.absmax)
+    back, state_back = F.deinterleave_4bit(packed_i, state_i)
+    assert torch.equal(back, packed) and state_back == state
 
 
 def test_functional_api_reads_the_interleaved_layout():

@@ -76,8 +76,10 @@ class QuantState:
     standard layout (bitsandbytes', what checkpoints hold) ``absmax`` is float32, or the uint8 codes
     of double quantization. In the interleaved layout (CPU inference, see
     ``functional.interleave_4bit``) ``absmax`` is always float32, in the layout's order, decoded
-    once if the weight was double-quantized; ``absmax_codes`` then keeps the standard uint8 codes
-    (with ``state2`` and ``offset``) so that the standard state comes back bit for bit.
+    once if the weight was double-quantized. The standard uint8 codes of double quantization are
+    then read back from those values (with ``state2`` and ``offset``) so that the standard state
+    comes back bit for bit; ``absmax_codes`` keeps them only where two codes of a nested block
+    decode to the same float32 and the values cannot tell them apart.
     """
 
     valid_quant_types = formats.QUANT_TYPES
