@@ -1,7 +1,7 @@
 /* decode_bench.cpp -- the native decode product against the machine's read bandwidth, with no
  * Python between layers.
  *
- *   lowbit_decode_bench [threads] [layers]
+ *   [LOWBIT_CPU_ISA=scalar|avx2|avx512] lowbit_decode_bench [threads] [layers]
  *
  * One token (M = 1) through `layers` 4096 x 4096 NF4 layers in the interleaved layout (default:
  * enough for 2.5x the last-level cache, at least 20), float32 and bf16 activations, both
@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -77,6 +78,17 @@ double read_bandwidth(const uint64_t *words, size_t count, int threads) {
     return (double)count * 8 / t;
 }
 
+/* The ISA LOWBIT_CPU_ISA names, as the Python package takes it (lowbit/backends/cpu/native.py),
+ * else the best one; -1 for an unknown name. */
+int32_t isa_from_env() {
+    const char *name = getenv("LOWBIT_CPU_ISA");
+    if (name == nullptr || *name == '\0') return lowbit_cpu_isa();
+    const char *names[] = {"scalar", "avx2", "avx512"};
+    for (int32_t isa = LOWBIT_ISA_AVX512; isa >= LOWBIT_ISA_SCALAR; --isa)
+        if (strcmp(name, names[isa]) == 0) return isa;
+    return -1;
+}
+
 } // namespace
 
 int main(int argc, char **argv) {
@@ -87,10 +99,16 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: lowbit_decode_bench [threads >= 1] [layers >= 1]\n");
         return 2;
     }
-    printf("lowbit decode bench: %s; %lld layers of %lldx%lld NF4 (%.0f MiB read per token), %d threads, "
-           "LLC %.0f MiB\n",
-           lowbit_build_info(), (long long)layers, (long long)kN, (long long)kK, layers * per_layer / 1048576.0,
-           threads, llc_bytes() / 1048576.0);
+    const int32_t isa = isa_from_env();
+    if (isa < 0 || lowbit_set_cpu_isa(isa) != LOWBIT_OK) {
+        fprintf(stderr, "LOWBIT_CPU_ISA=%s: not an ISA this library and CPU run (scalar, avx2, avx512)\n",
+                getenv("LOWBIT_CPU_ISA"));
+        return 2;
+    }
+    printf("lowbit decode bench: %s; ISA %d (0 scalar, 1 avx2, 2 avx512); %lld layers of %lldx%lld NF4 "
+           "(%.0f MiB read per token), %d threads, LLC %.0f MiB\n",
+           lowbit_build_info(), isa, (long long)layers, (long long)kN, (long long)kK,
+           layers * per_layer / 1048576.0, threads, llc_bytes() / 1048576.0);
 
     std::vector<float> weight((size_t)(kN * kK));
     uint64_t state = 88172645463325252ull; /* xorshift: uniform in [-1, 1) */
