@@ -13,6 +13,7 @@ import importlib
 import math
 from typing import Any, Callable, Optional
 
+import bench_machine
 import torch
 import torch.nn.functional as TF
 from bench_core import Case, Check, Impl, Verdict, all_of, close_to, equals, rel_err, same_as, unavailable
@@ -215,6 +216,8 @@ class Int4Pack:
 
 
 INT4PACK_LABEL = f"aten._weight_int4pack_mm_for_cpu (int4 g{INT4PACK_GROUP}, timing only)"
+#: The read stream timed beside each decode (bench_report's '% of read' divides by its rate).
+SIDE_READ_LABEL = "src.sum() over lowbit's bytes in huge pages: the read bandwidth, side by side"
 
 
 def int4pack_impl(libs: Libs, x: torch.Tensor) -> Impl:
@@ -639,6 +642,10 @@ def decode_stack(libs: Libs, stack: DecodeStack, with_standard_bnb: bool = False
                                                             for _ in range(stack.layers)]),
                   bytes_read=stack.layers * int4.nbytes),
     ]  # fmt: skip
+    # the machine's read rate in the same rotation as the decodes: a shared host's bandwidth moves
+    # between cases (2x within minutes on a 2-vCPU EPYC), so a rate taken once would not compare
+    src = bench_machine.huge_page_ones(stack.layers * lowbit_per_layer // 4)
+    impls.append(Impl("torch", SIDE_READ_LABEL, lambda: src.sum(), bytes_read=src.nbytes))
     return impls
 
 

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+from bench_cases import SIDE_READ_LABEL
 from bench_core import LIBS, CaseResult, ImplResult
 from bench_machine import isa_of
 
@@ -213,14 +214,15 @@ def bandwidth_table(results: list[CaseResult], read: CaseResult, copy: CaseResul
     for case in results:
         if case.group != "bandwidth":
             continue
+        side = next((r.gbps for r in case.impls if r.label == SIDE_READ_LABEL and r.gbps), None)
         for result in case.impls:
-            if result.gbps is None:
+            if result.gbps is None or result.label == SIDE_READ_LABEL:
                 continue
             lines.append(
                 f"| {short_case(case.name)}: {SHORT[result.lib]} {result.label}"
                 f"{' ✗' if wrong(result) else ''} "
                 f"| {result.bytes_read / 2**20:.0f} | {fmt_ms(result.median_ms)} | {result.gbps:.1f} "
-                f"| {share(result.gbps, read_gbps)} | {share(result.gbps, copy_gbps)} |"
+                f"| {share(result.gbps, side or read_gbps)} | {share(result.gbps, copy_gbps)} |"
             )
     return "\n".join(lines)
 
@@ -263,8 +265,11 @@ def notes_text(results: list[CaseResult], read: CaseResult, copy: CaseResult, in
         f"- Read bandwidth: `src.sum()` over {read.impls[0].bytes_read >> 20 if read.impls else '?'} MiB of float32 "
         "(≥ 4× LLC, advised to be huge pages as lowbit's interleaved weights are), torch's vectorized reduction on the "
         "same threads: the rate at which a stream of weights can be "
-        "read, taken at its fastest call (the machine's capability, which load only lowers). '% of read' compares "
-        "each decode's median with it; copy bandwidth is taken the same way.",
+        "read, taken at its fastest call (the machine's capability, which load only lowers). Each decode case also "
+        "times `src.sum()` over as many bytes as lowbit's stack, in huge pages, in the same rotation as the decodes "
+        f"(the '{SIDE_READ_LABEL}' rows: torch ÷ lowbit there is lowbit's share of it): a shared host's bandwidth "
+        "moves between cases, so '% of read' compares each decode's median with that median, the rate of the same "
+        "minutes; copy bandwidth is taken once, at its fastest call.",
         f"- Copy bandwidth: `dst.copy_(src)` on {copy.impls[0].bytes_read // 2 >> 20 if copy.impls else '?'} MiB "
         "buffers (≥ 4× LLC), counted as bytes read + bytes written (2× the buffer) per second. Write-allocate "
         "caches also read the destination before overwriting it, so the memory bus carries up to 3× the buffer; "
