@@ -265,11 +265,12 @@ def notes_text(results: list[CaseResult], read: CaseResult, copy: CaseResult, in
         f"- Read bandwidth: `src.sum()` over {read.impls[0].bytes_read >> 20 if read.impls else '?'} MiB of float32 "
         "(≥ 4× LLC, advised to be huge pages as lowbit's interleaved weights are), torch's vectorized reduction on the "
         "same threads: the rate at which a stream of weights can be "
-        "read, taken at its fastest call (the machine's capability, which load only lowers). Each decode case also "
-        "times `src.sum()` over as many bytes as lowbit's stack, in huge pages, in the same rotation as the decodes "
-        f"(the '{SIDE_READ_LABEL}' rows: torch ÷ lowbit there is lowbit's share of it): a shared host's bandwidth "
-        "moves between cases, so '% of read' compares each decode's median with that median, the rate of the same "
-        "minutes; copy bandwidth is taken once, at its fastest call.",
+        "read, taken at its fastest call (the machine's capability, which load only lowers). Each 1-token decode case "
+        "also times `src.sum()` over as many bytes as lowbit's stack, in huge pages, in the same rotation as the "
+        f"decodes (the '{SIDE_READ_LABEL}' rows: torch ÷ lowbit there is lowbit's share of it): a shared host's "
+        "bandwidth moves between cases, so there '% of read' compares each decode's median with that median, the "
+        "rate of the same minutes (elsewhere with the fastest call); copy bandwidth is taken once, at its fastest "
+        "call.",
         f"- Copy bandwidth: `dst.copy_(src)` on {copy.impls[0].bytes_read // 2 >> 20 if copy.impls else '?'} MiB "
         "buffers (≥ 4× LLC), counted as bytes read + bytes written (2× the buffer) per second. Write-allocate "
         "caches also read the destination before overwriting it, so the memory bus carries up to 3× the buffer; "
