@@ -171,7 +171,7 @@ def tiny(workdir: str) -> dict:
 
 def smollm2(workdir: str) -> dict:
     """SmolLM2-135M-Instruct through BitsAndBytesConfig in 4 and 8 bits: layers, and the perplexity of
-    Hamlet's first SMOLLM2_TOKENS tokens."""
+    Hamlet's first SMOLLM2_TOKENS tokens, beside the same model's through lowbit's LowbitConfig."""
     from transformers import AutoTokenizer
 
     from lowbit.integrations import assets
@@ -185,12 +185,14 @@ def smollm2(workdir: str) -> dict:
     ):
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(**settings)).eval()
         layer = lowbit.nn.Linear4bit if settings.get("load_in_4bit") else lowbit.nn.Linear8bitLt
+        own = AutoModelForCausalLM.from_pretrained(path, quantization_config=LowbitConfig(**settings)).eval()
         out[name] = {
             "quantizer": type(model.hf_quantizer).__name__,
             "quantized_layers": sum(isinstance(m, layer) for m in model.modules()),
             "perplexity": assets.perplexity(model, hamlet[:SMOLLM2_TOKENS], window=SMOLLM2_TOKENS)[0],
+            "lowbitconfig_perplexity": assets.perplexity(own, hamlet[:SMOLLM2_TOKENS], window=SMOLLM2_TOKENS)[0],
         }
-        del model
+        del model, own
     return out
 
 

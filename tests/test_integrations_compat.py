@@ -90,7 +90,12 @@ def test_smollm2_in_4_and_8_bits_with_bitsandbytes_config(tmp_path):
     nf4, int8 = result["nf4-dq"], result["int8"]
     assert nf4["quantizer"] == "Bnb4BitHfQuantizer" and int8["quantizer"] == "Bnb8BitHfQuantizer"
     assert nf4["quantized_layers"] == 210 and int8["quantized_layers"] == 210  # 30 layers x 7, lm_head kept
-    # Hamlet's first 256 tokens: what LowbitConfig gives with the same settings (the same layers, so
-    # the same number; on the first 1024-token window both give 25.158 and 20.850, fp32 20.095)
+    # Hamlet's first 256 tokens: what LowbitConfig gives with the same settings, on this machine
+    # (the same layers, so the same number; on the first 1024-token window both give 25.158 and
+    # 20.850, fp32 20.095)
+    for result in (nf4, int8):
+        assert result["perplexity"] == pytest.approx(result["lowbitconfig_perplexity"], abs=1e-6)
     assert nf4["perplexity"] == pytest.approx(22.013, abs=0.005)
-    assert int8["perplexity"] == pytest.approx(16.487, abs=0.005)
+    # int8's outlier columns go through torch's float16 product, whose CPU kernels round differently
+    # between CPUs: 16.487 on an Intel Xeon (SPR), 16.473 on an AMD EPYC (Zen 5)
+    assert int8["perplexity"] == pytest.approx(16.48, abs=0.03)
