@@ -86,9 +86,10 @@ inline int64_t group_grain(int64_t M, int64_t K) {
 template <int M>
 constexpr int kChains = M == 1 && kVecs == 1 ? 2 : 1;
 
-/* Bytes of B fetched (into L2) ahead of a pass: each thread's groups are one sequential stream,
- * and the loop is fast enough for DRAM latency to show past the hardware prefetchers (without it,
- * 2-4 rows of A through a stack larger than the LLC took 2-2.5x the time of one row). Measured
+/* Bytes of B fetched ahead of a pass (into L2; see kFixedPrefetchLevel): each thread's groups are
+ * one sequential stream, and the loop is fast enough for DRAM latency to show past the hardware
+ * prefetchers (without it, 2-4 rows of A through a stack larger than the LLC took 2-2.5x the time
+ * of one row; with it on every other line only, -10%: each line needs its prefetch). Measured
  * one token through 20-150 NF4 4096 x 4096 layers, 2 threads: on Intel SPR 4-16 KiB stream alike
  * and 2 KiB ~10% slower; on AMD Zen 5 (EPYC 9005) 16 KiB streams 66-69 GB/s where 4 KiB streams
  * 61-63 when the host's memory reads ~90 GB/s (alike at ~55), and 32-64 KiB are slower. Past the
@@ -575,6 +576,13 @@ void pack_fixed(const typename E::T *A, int64_t M, int64_t K, int64_t chunk, flo
     }
 }
 
+/* The cache level the fixed-point loop prefetches B into: L1 for one row of A, whose int16 pairs
+ * (2 bytes a weight of a row) leave room in L1 for 16 KiB of B in flight (AMD Zen 5, 1 token
+ * through 20 NF4 layers: 70-72 GB/s against 61-69 into L2 when memory reads ~90 GB/s, alike at
+ * ~55); L2 for more rows, whose activations fill L1. */
+template <int M>
+constexpr int kFixedPrefetchLevel = M == 1 ? 1 : 2;
+
 /* GCC 12's induction-variable rewriting makes it copy each accumulator to another register and
  * back around every vpdpwssd of the loop below (6 extra uops per 64 bytes, ~1.3x slower). */
 #if defined(__GNUC__) && !defined(__clang__)
@@ -608,7 +616,7 @@ LOWBIT_TARGET_FIXED LOWBIT_NO_IVOPTS void group_fixed(const Gemm &g, const Fixed
                 for (FixedAcc &a : vec) a.clear();
             for (const int64_t end = d + words_per_chunk; d < end; ++d) {
                 const uint8_t *bd = b + d * step;
-                prefetch<2>(reinterpret_cast<uintptr_t>(bd) + kPrefetchBytes);
+                prefetch<kFixedPrefetchLevel<M>>(reinterpret_cast<uintptr_t>(bd) + kPrefetchBytes);
                 for (int vec = 0; vec < kVecs; ++vec) {
                     if (kTail && lanes[vec] == 0) continue;
                     const I x = kTail ? Vec::load_dwords(bd + 4 * W * vec, lanes[vec]) : Vec::load_dwords(bd + 4 * W * vec);
