@@ -169,9 +169,7 @@ def _absmax_codes_recoverable(state: QuantState) -> bool:
     values = _every_code_value(state)
     if not bool((values[:, 1:] >= values[:, :-1]).all()):
         return False
-    codes = state.absmax.reshape(-1).long()  # by nested block; the padding (code 0) passes
-    codes = torch.nn.functional.pad(codes, (0, values.shape[0] * state.state2.blocksize - codes.numel()))
-    codes = codes.view(values.shape[0], -1)
+    codes = _by_nested_block(state.absmax.long(), state)  # the padding (code 0) passes
     below = values.gather(1, (codes - 1).clamp_(min=0))
     return bool(((codes == 0) | (below < values.gather(1, codes))).all())
 
@@ -180,9 +178,16 @@ def _recover_absmax_codes(absmax: torch.Tensor, state: QuantState) -> torch.Tens
     """The uint8 codes of the double-quantized ``state`` that decode to the float32 ``absmax``:
     in each nested block, the smallest code of that value (the code itself where
     _absmax_codes_recoverable holds)."""
-    values, n, per_block = _every_code_value(state), absmax.numel(), state.state2.blocksize
-    wanted = torch.nn.functional.pad(absmax.reshape(-1), (0, values.shape[0] * per_block - n))
-    return torch.searchsorted(values, wanted.view(-1, per_block)).reshape(-1)[:n].to(torch.uint8)
+    codes = torch.searchsorted(_every_code_value(state), _by_nested_block(absmax, state))
+    return codes.reshape(-1)[: absmax.numel()].to(torch.uint8)
+
+
+def _by_nested_block(per_block: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """One value per block of the double-quantized ``state`` as (nested blocks, state2.blocksize),
+    the last nested block padded with zeros."""
+    nested_blocks, size = state.state2.absmax.numel(), state.state2.blocksize
+    flat = per_block.reshape(-1)
+    return torch.nn.functional.pad(flat, (0, nested_blocks * size - flat.numel())).view(nested_blocks, size)
 
 
 def nested_absmax_args(state: QuantState, device: torch.device) -> Optional[tuple]:
