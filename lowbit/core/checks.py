@@ -34,13 +34,12 @@ from . import formats
 def has_data(t: torch.Tensor) -> bool:
     """Whether ``t`` holds real values (not a fake or meta tensor of a trace). While torch.compile
     traces Python code nothing has values; the ops' own checks read them when the graph runs."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or t.device.type == "meta":
         return False
-    if type(t) is torch.Tensor and not torch._is_functional_tensor(t) and not is_functorch_wrapped_tensor(t):
-        # a plain tensor wraps no other (fake tensors are a subclass): is_fake's search, which
-        # costs more than a decode step's product of a small layer, has nothing to find
-        return t.device.type != "meta"
-    return t.device.type != "meta" and not is_fake(t)
+    # a plain tensor wraps no other (fake tensors are a subclass): is_fake's search, which costs
+    # more than a decode step's product of a small layer, has nothing to find
+    plain = type(t) is torch.Tensor and not torch._is_functional_tensor(t) and not is_functorch_wrapped_tensor(t)
+    return plain or not is_fake(t)
 
 
 def on_host(t: torch.Tensor) -> bool:
