@@ -78,8 +78,9 @@ double read_bandwidth(const uint64_t *words, size_t count, int threads) {
     return (double)count * 8 / t;
 }
 
-/* The ISA LOWBIT_CPU_ISA names, as the Python package takes it (lowbit/backends/cpu/native.py),
- * else the best one; -1 for an unknown name. */
+/* The ISA LOWBIT_CPU_ISA names (the names of lowbit/backends/cpu/native.py), else the best one;
+ * -1 for an unknown name. Unlike the package, which takes the name as a cap, main() refuses an
+ * ISA this library or CPU cannot run: a bench should measure what it says. */
 int32_t isa_from_env() {
     const char *name = getenv("LOWBIT_CPU_ISA");
     if (name == nullptr || *name == '\0') return lowbit_cpu_isa();
