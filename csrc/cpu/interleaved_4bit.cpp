@@ -86,14 +86,14 @@ inline int64_t group_grain(int64_t M, int64_t K) {
 template <int M>
 constexpr int kChains = M == 1 && kVecs == 1 ? 2 : 1;
 
-/* Bytes of B fetched ahead of a pass (into L2; see kFixedPrefetchLevel): each thread's groups are
- * one sequential stream, and the loop is fast enough for DRAM latency to show past the hardware
- * prefetchers (without it, 2-4 rows of A through a stack larger than the LLC took 2-2.5x the time
- * of one row; with it on every other line only, -10%: each line needs its prefetch). Measured
- * one token through 20-150 NF4 4096 x 4096 layers, 2 threads: on Intel SPR 4-16 KiB stream alike
- * and 2 KiB ~10% slower; on AMD Zen 5 (EPYC 9005) 16 KiB streams 66-69 GB/s where 4 KiB streams
- * 61-63 when the host's memory reads ~90 GB/s (alike at ~55), and 32-64 KiB are slower. Past the
- * end of B is fine: a prefetch never faults. */
+/* Bytes of B fetched ahead of a pass (into L2 by the float32 products, non-temporally by the
+ * fixed-point ones: see group_fixed): each thread's groups are one sequential stream, and the loop
+ * is fast enough for DRAM latency to show past the hardware prefetchers (without it, 2-4 rows of A
+ * through a stack larger than the LLC took 2-2.5x the time of one row; with it on every other line
+ * only, -10%: each line needs its prefetch). Measured one token through 20-150 NF4 4096 x 4096
+ * layers, 2 threads: on Intel SPR 4-16 KiB stream alike and 2 KiB ~10% slower; on AMD Zen 5 (EPYC
+ * 9005) 16 KiB streams 66-69 GB/s where 4 KiB streams 61-63 when the host's memory reads ~90 GB/s
+ * (alike at ~55), and 32-64 KiB are slower. Past the end of B is fine: a prefetch never faults. */
 constexpr int64_t kPrefetchBytes = 16384;
 
 /* With AVX2's 16 registers, from 3 rows of A on the block sums do not fit beside the totals:
@@ -174,7 +174,7 @@ void group_pass(const Gemm &g, int64_t n0, int64_t m0) {
         if (!kPrescale<M>) acc.clear();
         for (int64_t d = blk * g.words_per_block; d < (blk + 1) * g.words_per_block; ++d) {
             const uint8_t *bd = b + d * step;
-            prefetch<2>(reinterpret_cast<uintptr_t>(bd) + kPrefetchBytes);
+            prefetch<Cache::kL2>(reinterpret_cast<uintptr_t>(bd) + kPrefetchBytes);
             for (int vec = 0; vec < kVecs; ++vec) {
                 if (kTail && lanes[vec] == 0) continue;
                 const I x = kTail ? Vec::load_dwords(bd + 4 * W * vec, lanes[vec]) : Vec::load_dwords(bd + 4 * W * vec);
@@ -576,13 +576,10 @@ void pack_fixed(const typename E::T *A, int64_t M, int64_t K, int64_t chunk, flo
     }
 }
 
-/* The cache level the fixed-point loop prefetches B into: L1 for one row of A, whose int16 pairs
- * (2 bytes a weight of a row) leave room in L1 for 16 KiB of B in flight (AMD Zen 5, 1 token
- * through 20 NF4 layers: 70-72 GB/s against 61-69 into L2 when memory reads ~90 GB/s, alike at
- * ~55); L2 for more rows, whose activations fill L1. */
-template <int M>
-constexpr int kFixedPrefetchLevel = M == 1 ? 1 : 2;
-
+/* The fixed-point loop prefetches B non-temporally: each line is read once, and prefetched so it
+ * displaces less of the caches (AMD Zen 5, 20 NF4 layers, 2 threads, libraries rotated round by
+ * round in one process: one row 115 us a layer against 118 prefetching into L1, four rows 188
+ * against 195 into L2, two rows alike). */
 /* GCC 12's induction-variable rewriting makes it copy each accumulator to another register and
  * back around every vpdpwssd of the loop below (6 extra uops per 64 bytes, ~1.3x slower). */
 #if defined(__GNUC__) && !defined(__clang__)
@@ -616,7 +613,7 @@ LOWBIT_TARGET_FIXED LOWBIT_NO_IVOPTS void group_fixed(const Gemm &g, const Fixed
                 for (FixedAcc &a : vec) a.clear();
             for (const int64_t end = d + words_per_chunk; d < end; ++d) {
                 const uint8_t *bd = b + d * step;
-                prefetch<kFixedPrefetchLevel<M>>(reinterpret_cast<uintptr_t>(bd) + kPrefetchBytes);
+                prefetch<Cache::kNonTemporal>(reinterpret_cast<uintptr_t>(bd) + kPrefetchBytes);
                 for (int vec = 0; vec < kVecs; ++vec) {
                     if (kTail && lanes[vec] == 0) continue;
                     const I x = kTail ? Vec::load_dwords(bd + 4 * W * vec, lanes[vec]) : Vec::load_dwords(bd + 4 * W * vec);
