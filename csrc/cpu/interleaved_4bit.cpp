@@ -493,6 +493,15 @@ LOWBIT_TARGET_FIXED LOWBIT_ALWAYS_INLINE void fixed_word(I x, const FixedTable &
 
 inline bool fixed_available() { return (cpu_features() & kFeatureAvx512Vnni) != 0; }
 
+/* The int16 values of A's words d and d + 1 (lanes 0-7, 8-15 of v, rounded in the current
+ * rounding mode, as nearbyint) stored in kPairOrder at word and word + stride. */
+LOWBIT_ALWAYS_INLINE void store_pairs(F v, __m128i order, int16_t *word, int64_t stride) {
+    const __m256i q = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(v)); /* |v| <= kActivationOne: no saturation */
+    const __m256i ordered = _mm256_shuffle_epi8(q, _mm256_broadcastsi128_si256(order));
+    _mm_storeu_si128(reinterpret_cast<__m128i *>(word), _mm256_castsi256_si128(ordered));
+    _mm_storeu_si128(reinterpret_cast<__m128i *>(word + stride), _mm256_extracti128_si256(ordered, 1));
+}
+
 #else /* AVX2 */
 #define LOWBIT_TARGET_FIXED
 constexpr int kFixedPassRows = 2; /* 4 accumulators a row (2 per vector of 8 rows) in 16 registers */
@@ -545,15 +554,36 @@ LOWBIT_ALWAYS_INLINE void fixed_word(I x, const FixedTable &table, const int16_t
 }
 
 inline bool fixed_available() { return true; }
+
+/* The int16 values of A's word d (the lanes of v, rounded in the current rounding mode, as
+ * nearbyint) stored in kPairOrder at word. */
+LOWBIT_ALWAYS_INLINE void store_pairs(F v, __m128i order, int16_t *word, int64_t) {
+    const __m256i q = _mm256_cvtps_epi32(v);
+    const __m128i h = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i *>(word), _mm_shuffle_epi8(h, order));
+}
 #endif
+
+/* The byte shuffle that puts a word's 8 int16 in kPairOrder. */
+inline __m128i pair_order_bytes() {
+    alignas(16) int8_t bytes[16];
+    for (int i = 0; i < 8; ++i) {
+        bytes[2 * i] = static_cast<int8_t>(2 * kPairOrder[i]);
+        bytes[2 * i + 1] = static_cast<int8_t>(2 * kPairOrder[i] + 1);
+    }
+    return _mm_load_si128(reinterpret_cast<const __m128i *>(bytes));
+}
 
 /* A (M rows) as int16 pairs and chunk factors, pass by pass (kFixedPassRows rows): the 8 int16
  * of word d and row m of a pass at pairs[(d * rows + m) * 8] in kPairOrder, the factor of chunk
  * c and row m at scale[c * rows + m] (amax / 8191 * max|code| / 4096); pass p starts at
- * pairs + p * kFixedPassRows * K and scale + p * kFixedPassRows * K / chunk. */
+ * pairs + p * kFixedPassRows * K and scale + p * kFixedPassRows * K / chunk. A chunk (32 or 64
+ * weights) is a whole number of vectors. */
 template <class E>
 void pack_fixed(const typename E::T *A, int64_t M, int64_t K, int64_t chunk, float code_max, int16_t *pairs,
                 float *scale) {
+    static_assert(W % 8 == 0, "a vector of A is whole words");
+    const __m128i order = pair_order_bytes();
     for (int64_t m0 = 0; m0 < M; m0 += kFixedPassRows) {
         const int64_t rows = std::min<int64_t>(kFixedPassRows, M - m0);
         int16_t *p = pairs + m0 * K;
@@ -568,9 +598,11 @@ void pack_fixed(const typename E::T *A, int64_t M, int64_t K, int64_t chunk, flo
                 const float pre = amax < kTinyChunk ? 1.0f / kTinyChunk : 1.0f;
                 const float inv = amax > 0.0f && finite ? kActivationOne / (amax * pre) : 0.0f;
                 s[c * rows + m] = finite ? amax / kActivationOne * (code_max / kCodeOne) : std::nanf("");
-                for (int64_t d = c * chunk / 8; d < (c + 1) * chunk / 8; ++d)
-                    for (int i = 0; i < 8; ++i) /* not finite: zeros (the factor carries the NaN) */
-                        p[(d * rows + m) * 8 + i] = finite ? to_int16(E::load(a[8 * d + kPairOrder[i]]) * pre * inv) : 0;
+                const F vpre = Vec::set1(pre), vinv = Vec::set1(inv);
+                for (int64_t k = c * chunk; k < (c + 1) * chunk; k += W)
+                    /* not finite: zeros (the factor carries the NaN) */
+                    store_pairs(finite ? Vec::mul(Vec::mul(Vec::load(E{}, a + k), vpre), vinv) : Vec::zero(), order,
+                                p + (k / 8 * rows + m) * 8, rows * 8);
             }
         }
     }
