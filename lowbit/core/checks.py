@@ -34,7 +34,7 @@ from . import formats
 def has_data(t: torch.Tensor) -> bool:
     """Whether ``t`` holds real values (not a fake or meta tensor of a trace). While torch.compile
     traces Python code nothing has values; the ops' own checks read them when the graph runs."""
-    if torch.compiler.is_compiling() or t.device.type == "meta":
+    if torch.compiler.is_compiling() or t.is_meta:  # is_meta: t.device builds an object (0.2 us)
         return False
     # a plain tensor wraps no other (fake tensors are a subclass): is_fake's search, which costs
     # more than a decode step's product of a small layer, has nothing to find
@@ -44,7 +44,7 @@ def has_data(t: torch.Tensor) -> bool:
 
 def on_host(t: torch.Tensor) -> bool:
     """Whether reading ``t``'s values costs no device synchronization."""
-    return t.device.type == "cpu" and has_data(t)
+    return t.is_cpu and has_data(t)
 
 
 def tensor(
