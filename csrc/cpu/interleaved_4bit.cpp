@@ -631,6 +631,7 @@ LOWBIT_TARGET_FIXED LOWBIT_NO_IVOPTS void group_fixed(const Gemm &g, const Fixed
     const float *absmax = g.absmax + n0 * g.blocks;
     const int64_t step = 4 * int64_t{r};
     const int64_t words_per_chunk = chunk / 8, chunks_per_block = g.words_per_block / words_per_chunk;
+    const int64_t absmax_lead = kPrefetchBytes / g.words_per_block; /* B: 4 * r bytes a word, absmax: 4 * r a block */
     F tot[M][kVecs];
     for (auto &row : tot)
         for (F &v : row) v = Vec::zero();
@@ -656,6 +657,8 @@ LOWBIT_TARGET_FIXED LOWBIT_NO_IVOPTS void group_fixed(const Gemm &g, const Fixed
                 for (int vec = 0; vec < kVecs; ++vec)
                     sum[m][vec] = Vec::fmadd(acc[vec][m].total(), Vec::set1(scale[c * M + m]), sum[m][vec]);
         }
+        /* the absmax stream too (one line a block for a whole group), as far ahead in time as B's */
+        prefetch<Cache::kNonTemporal>(reinterpret_cast<uintptr_t>(absmax + blk * r) + absmax_lead);
         for (int vec = 0; vec < kVecs; ++vec) {
             const F block_scale = kTail ? Vec::load_floats(absmax + blk * r + vec * W, lanes[vec])
                                         : Vec::loadu(absmax + blk * kGroup + vec * W);
