@@ -125,7 +125,7 @@ def markdown(results: list[CaseResult], read: CaseResult, copy: CaseResult, info
         f"LLC {machine['llc_bytes'] >> 20} MiB ({machine['llc_source']}); "
         f"lowbit {info['versions']['lowbit'].split()[0]} (cpu backend: {details['active_cpu_backend']}), "
         f"bitsandbytes {info['versions']['bitsandbytes']}, torch {info['versions']['torch']}; "
-        f"{info['mode']} run of {info['wall_s']:.0f} s on {info['started']}.",
+        f"{info['mode']} run of {info['wall_s']:.0f} s on {info['started']}{load_text(info)}.",
         "",
         *load_warning(info),
         "Times are medians in ms (lower is better). Ratios are **other ÷ lowbit**: above 1× lowbit is faster, "
@@ -158,6 +158,14 @@ def markdown(results: list[CaseResult], read: CaseResult, copy: CaseResult, info
               precision_table(info.get("precision", [])), ""]  # fmt: skip
     lines += ["## Notes", "", *notes_text(results, read, copy, info), "", *notes.render()]
     return "\n".join(lines) + "\n"
+
+
+def load_text(info: dict[str, Any]) -> str:
+    """The 1-minute load average at the run's start and end, where the OS reports one."""
+    start, end = info["load_start"], info.get("load_end")
+    if start is None:
+        return ""
+    return f"; 1-minute load average {start:.1f} at its start" + (f", {end:.1f} at its end" if end is not None else "")
 
 
 def load_warning(info: dict[str, Any]) -> list[str]:
