@@ -608,10 +608,6 @@ void pack_fixed(const typename E::T *A, int64_t M, int64_t K, int64_t chunk, flo
     }
 }
 
-/* The fixed-point loop prefetches B non-temporally: each line is read once, and prefetched so it
- * displaces less of the caches (AMD Zen 5, 20 NF4 layers, 2 threads, libraries rotated round by
- * round in one process: one row 115 us a layer against 118 prefetching into L1, four rows 188
- * against 195 into L2, two rows alike). */
 /* GCC 12's induction-variable rewriting makes it copy each accumulator to another register and
  * back around every vpdpwssd of the loop below (6 extra uops per 64 bytes, ~1.3x slower). */
 #if defined(__GNUC__) && !defined(__clang__)
@@ -646,6 +642,10 @@ LOWBIT_TARGET_FIXED LOWBIT_NO_IVOPTS void group_fixed(const Gemm &g, const Fixed
                 for (FixedAcc &a : vec) a.clear();
             for (const int64_t end = d + words_per_chunk; d < end; ++d) {
                 const uint8_t *bd = b + d * step;
+                /* non-temporally: each line is read once, and displaces less of the caches (AMD Zen 5,
+                 * benchmarks/native_ab.py: one row 115 us a layer against 118 into L1, four rows 188
+                 * against 195 into L2, two rows alike; not measured on Intel, where an L1 hint held
+                 * the fill buffers of gemv_4bit's stream: see Cache) */
                 prefetch<Cache::kNonTemporal>(reinterpret_cast<uintptr_t>(bd) + kPrefetchBytes);
                 for (int vec = 0; vec < kVecs; ++vec) {
                     if (kTail && lanes[vec] == 0) continue;
