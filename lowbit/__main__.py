@@ -21,7 +21,7 @@ from lowbit.backends import triton as triton_backend
 from lowbit.backends.xpu import ipex
 from lowbit.core import registry
 
-_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_bf16")
+_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_bf16")
 
 
 def _cpuinfo(key: str) -> str | None:

@@ -868,11 +868,14 @@ def test_int8_bad_inputs_name_the_argument(monkeypatch):
 
 
 def _fixed_point_modes() -> list[tuple[str, tuple[str, ...]]]:
-    """(isa, features) whose fast precision is the 16-bit fixed point for every row count: avx2,
-    and avx512 with VNNI but without AMX (which takes 8 rows and more in bf16)."""
+    """(isa, features) whose fast precision is the 16-bit fixed point for every row count: avx2
+    (with AVX-VNNI's vpdpwssd too where the CPU has it), and avx512 with VNNI but without AMX
+    (which takes 8 rows and more in bf16)."""
     if "cpu" not in NATIVE_CPU_BACKENDS:
         return []
     modes = [("avx2", ())] if "avx2" in CPU_ISAS else []
+    if modes and "avx_vnni" in native.supported_cpu_features():
+        modes.append(("avx2", ("avx_vnni",)))
     if "avx512" in CPU_ISAS and "avx512_vnni" in native.supported_cpu_features():
         modes.append(("avx512", ("avx512_vnni",)))
     return modes

@@ -44,7 +44,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature below changes; Python refuses a library with another value. */
-#define LOWBIT_ABI_VERSION 3
+#define LOWBIT_ABI_VERSION 4
 
 typedef enum lowbit_status {
     LOWBIT_OK = 0,
@@ -188,6 +188,7 @@ LOWBIT_API int32_t lowbit_matmul_4bit_interleaved(int32_t a_dtype, const void *A
 typedef enum lowbit_cpu_feature {
     LOWBIT_CPU_FEATURE_AVX512_VNNI = 1, /* vpdpbusd in the avx512 int8 GEMM */
     LOWBIT_CPU_FEATURE_AMX_BF16 = 2,    /* AMX tiles in the avx512 interleaved 4-bit product (bf16 precision) */
+    LOWBIT_CPU_FEATURE_AVX_VNNI = 4,    /* vpdpwssd on ymm in the avx2 interleaved 4-bit product (fast precision) */
 } lowbit_cpu_feature;
 
 /* The features this CPU supports (for an ISA build compiled in). */

@@ -56,6 +56,14 @@ bool has_f16c() {
 }
 #endif
 
+#if defined(LOWBIT_CPU_HAVE_AVX2)
+/* CPUID.(EAX=7,ECX=1):EAX.AVX_VNNI[bit 4] (the OS support it needs is that of AVX, checked with avx2). */
+bool has_avx_vnni() {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax & (1u << 4)) != 0;
+}
+#endif
+
 #if defined(LOWBIT_CPU_HAVE_AVX512)
 /* CPUID.(EAX=7,ECX=0):ECX.AVX512_VNNI[bit 11] (the OS support it needs is that of AVX-512). */
 bool has_avx512_vnni() {
@@ -136,6 +144,9 @@ const KernelTable &kernels() { return *table_of(current_isa()); }
 
 uint32_t cpu_features_supported() {
     uint32_t features = 0;
+#if defined(LOWBIT_CPU_HAVE_AVX2)
+    if (isa_supported(kIsaAvx2) && has_avx_vnni()) features |= kFeatureAvxVnni;
+#endif
 #if defined(LOWBIT_CPU_HAVE_AVX512)
     if (isa_supported(kIsaAvx512) && has_avx512_vnni()) features |= kFeatureAvx512Vnni;
     if (isa_supported(kIsaAvx512) && has_amx_bf16()) features |= kFeatureAmxBf16;

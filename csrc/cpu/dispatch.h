@@ -81,11 +81,15 @@ const KernelTable &kernels();
  *                       product on the interleaved 4-bit layout, where bf16 rounding is allowed
  *                       (CPUID.(7,0):EDX[22,24], CPUID.(7,1):EAX[5], XCR0 tile state, and on
  *                       Linux the process's permission to use it, requested once).
+ *   kFeatureAvxVnni     AVX-VNNI (vpdpwssd on ymm, VEX-encoded) in the avx2 build's fixed-point
+ *                       product on the interleaved 4-bit layout (CPUID.(7,1):EAX[4]): CPUs without
+ *                       AVX-512 that have it (Intel's since Alder Lake) skip a vpaddd per vpmaddwd.
  * A kernel asks cpu_features() at each call. */
 enum Feature : uint32_t {
     kFeatureAvx512Vnni = 1u << 0,
     kFeatureAmxBf16 = 1u << 1,
-    kAllFeatures = kFeatureAvx512Vnni | kFeatureAmxBf16,
+    kFeatureAvxVnni = 1u << 2,
+    kAllFeatures = kFeatureAvx512Vnni | kFeatureAmxBf16 | kFeatureAvxVnni,
 };
 /* The features this CPU and OS support (with the ISA build that uses them compiled in). */
 uint32_t cpu_features_supported();

@@ -425,7 +425,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     /* the kernels of one of the ISAs (scalar when this CPU cannot run it), with or without the
      * optional extensions: each execution depends on its input only */
     if (lowbit_set_cpu_isa(data[1] % 3) != LOWBIT_OK) lowbit_set_cpu_isa(LOWBIT_ISA_SCALAR);
-    lowbit_set_cpu_features((data[1] >> 2) & (LOWBIT_CPU_FEATURE_AVX512_VNNI | LOWBIT_CPU_FEATURE_AMX_BF16));
+    lowbit_set_cpu_features((data[1] >> 2) &
+                            (LOWBIT_CPU_FEATURE_AVX512_VNNI | LOWBIT_CPU_FEATURE_AMX_BF16 | LOWBIT_CPU_FEATURE_AVX_VNNI));
     Fuzz f(data + 2, size - 2);
     lowbit_last_error();
     const int32_t status = run(entry, f);

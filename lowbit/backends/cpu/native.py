@@ -27,7 +27,7 @@ import torch
 
 from .. import native_library
 
-ABI_VERSION = 3  # must equal LOWBIT_ABI_VERSION in csrc/capi/lowbit_capi.h
+ABI_VERSION = 4  # must equal LOWBIT_ABI_VERSION in csrc/capi/lowbit_capi.h
 LIBRARY_NAME = "liblowbit_cpu.so"
 ENV_LIBRARY = "LOWBIT_CPU_LIBRARY"
 ENV_ISA = "LOWBIT_CPU_ISA"
@@ -41,7 +41,7 @@ PRECISIONS = {"float32": 0, "fast": 1}
 #: lowbit_isa, narrowest first (the numbering orders them).
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 #: lowbit_cpu_feature: optional extensions an ISA build uses where the CPU has them (bit flags).
-CPU_FEATURES = {"avx512_vnni": 1, "amx_bf16": 2}
+CPU_FEATURES = {"avx512_vnni": 1, "amx_bf16": 2, "avx_vnni": 4}
 TABLES = {
     "nf4_code": 0,
     "fp4_code": 1,
