@@ -76,11 +76,10 @@ def main() -> None:
         for a, (B, s), out in zip([x, *outs[:-1]], layers, outs)
     ]  # fmt: skip
     src = bench_machine.huge_page_ones(sum(B.nbytes + s.absmax.nbytes for B, s in layers) // 4)
-    names = [Path(p).name if Path(p).name not in [Path(q).name for q in args.libraries if q != p] else p
-             for p in args.libraries]  # fmt: skip
+    names = args.libraries  # as given: builds of one library share its file name
     stacks = {}
-    for name, path in zip(names, args.libraries):
-        fn = load(path, args.isa)
+    for name in names:
+        fn = load(name, args.isa)
 
         def stack(fn=fn) -> None:
             for call in calls:
@@ -88,15 +87,16 @@ def main() -> None:
 
         stacks[name] = stack
     times: dict[str, list[float]] = {name: [] for name in [*names, "src.sum()"]}
-    print("  ".join(f"{name:>12}" for name in times), "   (us per layer)")
+    widths = [max(12, len(name)) for name in times]
+    print("  ".join(f"{name:>{w}}" for name, w in zip(times, widths)), "   (us per layer)")
     for r in range(args.rounds):
         turn = r % len(names)
         for name in names[turn:] + names[:turn]:
             stacks[name]()  # untimed: this library's workers awake, the previous threads settled
             times[name].append(per_layer_us(stacks[name]))
         times["src.sum()"].append(per_layer_us(src.sum))
-        print("  ".join(f"{t[-1]:12.1f}" for t in times.values()), flush=True)
-    print("  ".join(f"{statistics.median(t):12.1f}" for t in times.values()), "   medians")
+        print("  ".join(f"{t[-1]:{w}.1f}" for t, w in zip(times.values(), widths)), flush=True)
+    print("  ".join(f"{statistics.median(t):{w}.1f}" for t, w in zip(times.values(), widths)), "   medians")
 
 
 if __name__ == "__main__":
