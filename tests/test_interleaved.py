@@ -416,6 +416,7 @@ def test_the_plan_follows_every_change_of_the_layer(full_path_calls):
             reference = layer(x)
         assert not torch.equal(reference, want)
         torch.testing.assert_close(reference, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(layer(x), want)  # and the cpu backend's again after the block
     # a gradient wanted: autograd's product of the same weight
     x.requires_grad_(True)
     layer(x).sum().backward()
@@ -427,6 +428,25 @@ def test_the_plan_follows_every_change_of_the_layer(full_path_calls):
         want = other(x)
         layer.weight.data, layer.weight.quant_state = other.weight.data, other.weight.quant_state
         layer.bias = other.bias
+        assert torch.equal(layer(x), want)
+
+
+def test_the_plan_reads_the_weight_where_its_storage_is_now():
+    """FSDP frees a parameter's storage after a forward and re-allocates it for the next, under the
+    same parameter object and state: the plan must not keep the old address."""
+    layer = _layer().eval()
+    x = torch.randn(1, 576)
+    with torch.no_grad():
+        layer(x)
+        want = layer(x)  # through the plan, its product bound to the weight
+        saved = layer.weight.data.clone()
+        storage = layer.weight.untyped_storage()
+        old = storage.data_ptr()
+        storage.resize_(0)
+        hold = torch.full((saved.nbytes,), 0xFF, dtype=torch.uint8)  # takes the freed bytes
+        storage.resize_(saved.nbytes)
+        layer.weight.data.copy_(saved)
+        assert storage.data_ptr() != old and hold.data_ptr() != storage.data_ptr()
         assert torch.equal(layer(x), want)
 
 

@@ -124,14 +124,15 @@ class InterleavedProduct:
     arguments read once (``Linear4bit`` keeps one per placed weight for the calls that follow).
 
     Decoding a token runs one such product per layer, a few microseconds of kernel each on small
-    models, so in eager mode the backend's kernel is called directly: the op's own checks would
-    cost more than the product. What they check holds by construction -- B and the state (its code
-    checked when it was built) came out of ``interleave_4bit`` together, A and bias passed
-    ``_check_arguments`` -- but the bias's size, checked here, and its layout, made contiguous as
-    the op's dispatcher would. Traced code and fake tensors go through the op.
+    models, so in eager mode the backend's kernel is called directly, bound to the weight
+    (``registry.bind_weight``): the op's own checks would cost more than the product. What they
+    check holds by construction -- B and the state (its code checked when it was built) came out
+    of ``interleave_4bit`` together, A and bias passed ``_check_arguments`` -- but the bias's size,
+    checked here, and its layout, made contiguous as the op's dispatcher would. Traced code and
+    fake tensors go through the op.
     """
 
-    __slots__ = ("B", "shapeB", "absmax", "code", "blocksize", "device_type")
+    __slots__ = ("B", "shapeB", "absmax", "code", "blocksize", "device_type", "kernel", "bound")
 
     def __init__(self, B: torch.Tensor, quant_state: QuantState):
         # Eager calls get B's bytes as a plain tensor: every attribute read of the parameter
@@ -144,6 +145,7 @@ class InterleavedProduct:
         self.blocksize = quant_state.blocksize
         # A's (_check_arguments); building a device object costs 0.2 us
         self.device_type = "cpu" if self.B.is_cpu else self.B.device.type
+        self.kernel = self.bound = None  # bound on the first call, to the backend that runs it
 
     def __call__(self, A: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         if not checks.has_data(A):  # traced, or fake tensors: the op (its fake kernel), no pointers
@@ -158,7 +160,10 @@ class InterleavedProduct:
                 raise ValueError(f"matmul_4bit: bias must have {self.shapeB[0]} values, got {bias.numel()}")
             bias = bias.contiguous()
         kernel = registry.kernel_for("matmul_4bit_interleaved", self.device_type)
-        return kernel(A, self.B, self.shapeB, self.absmax, self.code, self.blocksize, bias, _exact())
+        if kernel is not self.kernel:  # the first call, or another backend runs the device now
+            self.bound = registry.bind_weight(kernel, self.B, self.shapeB, self.absmax, self.code, self.blocksize)
+            self.kernel = kernel
+        return self.bound(A, bias, _cpu_precision[0] == "float32")
 
 
 def _check_arguments(A, B, quant_state, bias) -> None:

@@ -230,6 +230,17 @@ def kernel_for(op_name: str, device_type: str) -> Callable[..., Any]:
     return kernel
 
 
+def bind_weight(kernel: Callable[..., Any], *weight_args: Any) -> Callable[..., Any]:
+    """``kernel`` of a product op (activation first, then the weight's arguments) with the weight's
+    arguments given once: ``bind_weight(k, B, ...)(A, *rest) == k(A, B, ..., *rest)``. A kernel
+    with a ``bind`` attribute prepares them itself, once (the CPU backend: a placed layer's product
+    runs once per token, where each argument read costs a share of the layer)."""
+    bind = getattr(kernel, "bind", None)
+    if bind is not None:
+        return bind(*weight_args)
+    return lambda A, *rest: kernel(A, *weight_args, *rest)
+
+
 def has_native_kernel(op_name: str, device_type: str) -> bool:
     """Whether the backend running ``device_type`` has its own kernel for ``op_name`` (so the op
     does not run the pure-torch reference)."""

@@ -27,21 +27,57 @@ kernels.register("interleave_4bit")(functools.partial(_permute, inverse=False))
 kernels.register("deinterleave_4bit")(functools.partial(_permute, inverse=True))
 
 
+#: lowbit_precision of the ``exact`` argument
+_PRECISION = {True: native.PRECISIONS["float32"], False: native.PRECISIONS["fast"]}
+
+
+class BoundProduct:
+    """``matmul_4bit_interleaved`` on one weight, what can be read of its arguments read once.
+
+    Decoding runs one product per layer and token, after the previous layer's weights have flushed
+    the caches, so every attribute read, call and object of the Python between two kernels costs a
+    share of the layer (docs/design.md, "Per-call cost"). The weight's sizes and constants are read
+    here, once; its data pointers are read per call: the storage may move between calls (FSDP
+    frees and re-allocates it), and a stale address would read freed memory.
+    """
+
+    __slots__ = ("B", "absmax", "code", "N", "K", "blocksize", "B_len", "absmax_len", "code_len", "function")
+
+    def __init__(self, B, shapeB, absmax, code, blocksize):
+        self.B, self.absmax, self.code, self.blocksize = B, absmax, code, blocksize
+        self.N, self.K = shapeB
+        self.B_len, self.absmax_len, self.code_len = B.nbytes, absmax.numel(), code.numel()
+        self.function = native.lib().lowbit_matmul_4bit_interleaved
+
+    def __call__(self, A, bias=None, exact=True):
+        N, K = self.N, self.K
+        shape, dtype = A.shape, A.dtype
+        if bias is None:
+            bias_ptr = bias_len = bias_dtype = 0  # NULL, "not given"
+        else:
+            if bias.dtype not in native.DTYPES:
+                bias = bias.float()
+            bias_ptr, bias_len, bias_dtype = bias.data_ptr(), bias.numel(), native.DTYPES[bias.dtype]
+        # sizes as arguments: a tuple costs half as much again
+        if len(shape) == 2:
+            rows, out = shape[0], torch.empty(shape[0], N, dtype=dtype)
+        else:
+            rows, out = shape.numel() // K, torch.empty(*shape[:-1], N, dtype=dtype)
+        dtype_code = native.DTYPES[dtype]
+        # plain addresses: ctypes converts ints for void* arguments
+        status = self.function(
+            dtype_code, A.data_ptr(), rows, K, self.B.data_ptr(), self.B_len,
+            self.absmax.data_ptr(), self.absmax_len, self.code.data_ptr(), self.code_len, N, self.blocksize,
+            bias_ptr, bias_len, bias_dtype, _PRECISION[exact], dtype_code, out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            native.check(status, "lowbit_matmul_4bit_interleaved")
+        return out
+
+
 @kernels.register("matmul_4bit_interleaved")
 def matmul_4bit_interleaved(A, B, shapeB, absmax, code, blocksize, bias=None, exact=True):
-    N, K = shapeB
-    if bias is not None and bias.dtype not in native.DTYPES:
-        bias = bias.float()
-    out = torch.empty(*A.shape[:-1], N, dtype=A.dtype)  # sizes as arguments: half the cost of a tuple
-    # plain addresses (ctypes converts ints for void* arguments): this runs once per layer and token
-    native.check(
-        native.lib().lowbit_matmul_4bit_interleaved(
-            native.DTYPES[A.dtype], A.data_ptr(), A.numel() // K, K, B.data_ptr(), B.nbytes, absmax.data_ptr(),
-            absmax.numel(), code.data_ptr(), code.numel(), N, blocksize, None if bias is None else bias.data_ptr(),
-            0 if bias is None else bias.numel(), 0 if bias is None else native.DTYPES[bias.dtype],
-            native.PRECISIONS["float32" if exact else "fast"],
-            native.DTYPES[out.dtype], out.data_ptr(), native.num_threads(),
-        ),
-        "lowbit_matmul_4bit_interleaved",
-    )  # fmt: skip
-    return out
+    return BoundProduct(B, shapeB, absmax, code, blocksize)(A, bias, exact)
+
+
+matmul_4bit_interleaved.bind = BoundProduct  # registry.bind_weight
