@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import torch
 
 import lowbit
+from lowbit.backends.cpu import native
+from lowbit.core import registry
 
 #: Backends that run ops on CPU tensors here: reference, the native cpu backend when built, and
 #: triton under Triton's interpreter (TRITON_INTERPRET=1, `nox -s triton`).
@@ -37,6 +41,24 @@ def randn(*shape, dtype=torch.float32, generator=None, scale=1.0) -> torch.Tenso
 def subprocess_env(**extra: str) -> dict[str, str]:
     """os.environ for a child Python that must import the lowbit under test (a source checkout or
     an installed wheel), even when it runs a script from another folder."""
-    parent = os.path.dirname(os.path.dirname(os.path.abspath(lowbit.__file__)))
-    path = os.pathsep.join(p for p in (parent, os.environ.get("PYTHONPATH", "")) if p)
+    path = os.pathsep.join(p for p in (LOWBIT_PARENT, os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+#: The folder that holds the lowbit under test (a source checkout or site-packages).
+LOWBIT_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(lowbit.__file__)))
+#: Variables that choose lowbit's backend and native build: a child starts without them, then
+#: gets the ones a test gives.
+_STEERING = (registry.ENV_BACKEND, native.ENV_LIBRARY, native.ENV_ISA)
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """``python -c code`` in a fresh process with ``env`` (UserWarnings always shown), for what is
+    read at import: environment variables, the native library's loading."""
+    environment = {k: v for k, v in os.environ.items() if k not in _STEERING}
+    environment.update(env)
+    # run beside the lowbit under test, so that `-c` imports that one and not a checkout in cwd
+    return subprocess.run(
+        [sys.executable, "-W", "always::UserWarning", "-c", code],
+        capture_output=True, text=True, env=environment, timeout=120, cwd=LOWBIT_PARENT,
+    )  # fmt: skip

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,20 +18,9 @@ import lowbit
 from lowbit.backends import native_library
 from lowbit.backends.cpu import native
 from lowbit.core import registry
-from support import NATIVE_CPU_BACKENDS
+from support import NATIVE_CPU_BACKENDS, run_python
 
-LOWBIT_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(lowbit.__file__)))
 PROBE = "import lowbit; print('ACTIVE', lowbit.backends.active('cpu'))"
-
-
-def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if k not in (registry.ENV_BACKEND, native.ENV_LIBRARY)}
-    environment.update(env)
-    # run beside the lowbit under test, so that `-c` imports that one and not a checkout in cwd
-    return subprocess.run(
-        [sys.executable, "-W", "always::UserWarning", "-c", code],
-        capture_output=True, text=True, env=environment, timeout=120, cwd=LOWBIT_PARENT,
-    )  # fmt: skip
 
 
 def test_forced_reference_is_reported_as_forced():

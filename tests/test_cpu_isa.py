@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import threading
 
 import pytest
@@ -18,19 +17,11 @@ import torch
 
 import lowbit.functional as F
 from lowbit.backends.cpu import native
+from support import run_python
 
 pytestmark = pytest.mark.skipif(native.load_error() is not None, reason="native CPU library not built")
 
 ISAS = list(native.ISAS)
-
-
-def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if k not in ("LOWBIT_BACKEND", native.ENV_ISA)}
-    environment.update(env)
-    return subprocess.run(
-        [sys.executable, "-W", "always::UserWarning", "-c", code],
-        capture_output=True, text=True, env=environment, timeout=120,
-    )  # fmt: skip
 
 
 def test_default_is_the_widest_supported_isa():
