@@ -49,7 +49,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 LOWBIT_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(lowbit.__file__)))
 #: Variables that choose lowbit's backend and native build: a child starts without them, then
 #: gets the ones a test gives.
-_STEERING = (registry.ENV_BACKEND, native.ENV_LIBRARY, native.ENV_ISA)
+_STEERING = (registry.ENV_BACKEND, native.ENV_LIBRARY, native.ENV_ISA, native.ENV_FASTCALL)
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:

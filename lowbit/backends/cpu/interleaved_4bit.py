@@ -47,7 +47,7 @@ class BoundProduct:
         self.B, self.absmax, self.code, self.blocksize = B, absmax, code, blocksize
         self.N, self.K = shapeB
         self.B_len, self.absmax_len, self.code_len = B.nbytes, absmax.numel(), code.numel()
-        self.function = native.lib().lowbit_matmul_4bit_interleaved
+        self.function = native.matmul_4bit_interleaved_function()
 
     def __call__(self, A, bias=None, exact=True):
         N, K = self.N, self.K

@@ -16,11 +16,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import importlib.machinery
 import importlib.metadata
+import importlib.util
 import os
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Optional
 
 import torch
@@ -31,6 +35,10 @@ ABI_VERSION = 4  # must equal LOWBIT_ABI_VERSION in csrc/capi/lowbit_capi.h
 LIBRARY_NAME = "liblowbit_cpu.so"
 ENV_LIBRARY = "LOWBIT_CPU_LIBRARY"
 ENV_ISA = "LOWBIT_CPU_ISA"
+#: The CPython extension that calls the decode product without ctypes (csrc/capi/lowbit_fastcall.cpp).
+FASTCALL_MODULE = "_lowbit_fastcall"
+#: ``LOWBIT_CPU_FASTCALL=0`` calls through ctypes even where the extension is built.
+ENV_FASTCALL = "LOWBIT_CPU_FASTCALL"
 
 # enums of csrc/capi/lowbit_capi.h
 _STATUS = {0: "ok", 1: "invalid argument", 2: "unsupported"}
@@ -128,6 +136,43 @@ def _load() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
     return lib, None
 
 
+@functools.lru_cache(maxsize=1)
+def _fastcall() -> tuple[Optional[ModuleType], str]:
+    """The extension module, found beside the library (else in ``lowbit/_native/``), or None and
+    why not. Optional: without it the same function is called through ctypes."""
+    if os.environ.get(ENV_FASTCALL, "").strip() == "0":
+        return None, f"{ENV_FASTCALL}=0"
+    suffix = importlib.machinery.EXTENSION_SUFFIXES
+    folders = dict.fromkeys([library_path().parent, Path(__file__).resolve().parents[2] / "_native"])
+    found = [folder / (FASTCALL_MODULE + s) for folder in folders for s in suffix if (folder / (FASTCALL_MODULE + s)).is_file()]
+    if not found:
+        return None, f"{FASTCALL_MODULE} is not built (no Python >= 3.10 headers at build time?)"
+    problem = native_library.elf_problem(found[0]) if sys.platform.startswith("linux") else None
+    if problem is not None:
+        return None, f"{found[0]}: {problem}"
+    try:
+        spec = importlib.util.spec_from_file_location(FASTCALL_MODULE, found[0])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except ImportError as err:  # another CPython's build, or a broken file
+        return None, f"{found[0]} failed to import: {err}"
+    if getattr(module, "ABI_VERSION", None) != ABI_VERSION:
+        return None, f"{found[0]} was built for ABI version {getattr(module, 'ABI_VERSION', None)}, not {ABI_VERSION}"
+    return module, str(found[0])
+
+
+@functools.lru_cache(maxsize=1)
+def matmul_4bit_interleaved_function() -> Callable[..., int]:
+    """``lowbit_matmul_4bit_interleaved`` as the decode path calls it (its 19 arguments as Python
+    ints, None or 0 for NULL; returns the status): through the extension where it loaded, saving
+    ctypes' conversions (~1.5 us a call), else through ctypes."""
+    function = lib().lowbit_matmul_4bit_interleaved
+    module = _fastcall()[0]
+    if module is None:
+        return function
+    return functools.partial(module.matmul_4bit_interleaved, ctypes.cast(function, ctypes.c_void_p).value)
+
+
 def load_error() -> Optional[str]:
     return _load()[1]
 
@@ -149,6 +194,8 @@ def details() -> dict[str, Any]:
         info["cpu_features"] = " ".join(cpu_features()) or "none"
         info["build"] = library.lowbit_build_info().decode()
         info["abi_version"] = ABI_VERSION
+        module, where = _fastcall()
+        info["decode_call"] = f"{FASTCALL_MODULE} ({where})" if module is not None else f"ctypes ({where})"
     return info
 
 
