@@ -132,7 +132,7 @@ class InterleavedProduct:
     fake tensors go through the op.
     """
 
-    __slots__ = ("B", "shapeB", "absmax", "code", "blocksize", "device_type", "kernel", "bound")
+    __slots__ = ("B", "shapeB", "absmax", "code", "blocksize", "device_type", "binding")
 
     def __init__(self, B: torch.Tensor, quant_state: QuantState):
         # Eager calls get B's bytes as a plain tensor: every attribute read of the parameter
@@ -145,7 +145,9 @@ class InterleavedProduct:
         self.blocksize = quant_state.blocksize
         # A's (_check_arguments); building a device object costs 0.2 us
         self.device_type = "cpu" if self.B.is_cpu else self.B.device.type
-        self.kernel = self.bound = None  # bound on the first call, to the backend that runs it
+        # (kernel, the kernel bound to this weight), made on the first call: one attribute, so that a
+        # thread never pairs one backend's kernel with another's binding
+        self.binding: tuple = (None, None)
 
     def __call__(self, A: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         if not checks.has_data(A):  # traced, or fake tensors: the op (its fake kernel), no pointers
@@ -160,10 +162,11 @@ class InterleavedProduct:
                 raise ValueError(f"matmul_4bit: bias must have {self.shapeB[0]} values, got {bias.numel()}")
             bias = bias.contiguous()
         kernel = registry.kernel_for("matmul_4bit_interleaved", self.device_type)
-        if kernel is not self.kernel:  # the first call, or another backend runs the device now
-            self.bound = registry.bind_weight(kernel, self.B, self.shapeB, self.absmax, self.code, self.blocksize)
-            self.kernel = kernel
-        return self.bound(A, bias, _cpu_precision[0] == "float32")
+        binding = self.binding
+        if binding[0] is not kernel:  # the first call, or another backend runs the device now
+            binding = (kernel, registry.bind_weight(kernel, self.B, self.shapeB, self.absmax, self.code, self.blocksize))
+            self.binding = binding
+        return binding[1](A, bias, _cpu_precision[0] == "float32")
 
 
 def _check_arguments(A, B, quant_state, bias) -> None:

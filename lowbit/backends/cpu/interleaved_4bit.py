@@ -64,7 +64,7 @@ class BoundProduct:
         else:
             rows, out = shape.numel() // K, torch.empty(*shape[:-1], N, dtype=dtype)
         dtype_code = native.DTYPES[dtype]
-        # plain addresses: ctypes converts ints for void* arguments
+        # plain addresses: both calls (native.matmul_4bit_interleaved_function) take ints for void*
         status = self.function(
             dtype_code, A.data_ptr(), rows, K, self.B.data_ptr(), self.B_len,
             self.absmax.data_ptr(), self.absmax_len, self.code.data_ptr(), self.code_len, N, self.blocksize,

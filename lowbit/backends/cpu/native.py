@@ -142,9 +142,9 @@ def _fastcall() -> tuple[Optional[ModuleType], str]:
     why not. Optional: without it the same function is called through ctypes."""
     if os.environ.get(ENV_FASTCALL, "").strip() == "0":
         return None, f"{ENV_FASTCALL}=0"
-    suffix = importlib.machinery.EXTENSION_SUFFIXES
     folders = dict.fromkeys([library_path().parent, Path(__file__).resolve().parents[2] / "_native"])
-    found = [folder / (FASTCALL_MODULE + s) for folder in folders for s in suffix if (folder / (FASTCALL_MODULE + s)).is_file()]
+    names = [FASTCALL_MODULE + suffix for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    found = [folder / name for folder in folders for name in names if (folder / name).is_file()]
     if not found:
         return None, f"{FASTCALL_MODULE} is not built (no Python >= 3.10 headers at build time?)"
     problem = native_library.elf_problem(found[0]) if sys.platform.startswith("linux") else None
