@@ -158,6 +158,35 @@ def test_functional_api_reads_the_interleaved_layout():
         F.interleave_4bit(*F.quantize_4bit(torch.randn(4, 96)))  # K % 64 != 0
 
 
+def test_functional_calls_reuse_the_product_kept_on_the_state_while_it_holds():
+    """matmul_4bit keeps the product of an interleaved weight on its state (decoding calls it with
+    the same weight every token) and makes a new one whenever B or the state's tensors change."""
+    g = torch.Generator().manual_seed(3)
+    packed, state = F.interleave_4bit(*F.quantize_4bit(torch.randn(48, 256, generator=g)))
+    x = torch.randn(2, 256, generator=g)
+
+    def product(B=packed):
+        return lowbit.matmul_4bit(x, B, quant_state=state)
+
+    want = product()
+    kept = state.decode_product
+    assert kept is not None and torch.equal(product(), want) and state.decode_product is kept
+    # other bytes under the same state: another B object, a new product that reads them
+    other = F.interleave_4bit(*F.quantize_4bit(torch.randn(48, 256, generator=g)))[0]
+    assert not torch.equal(product(other), want) and state.decode_product is not kept
+    assert torch.equal(product(other), lowbit.matmul_4bit(x, other, quant_state=copy.copy(state)))  # a fresh one
+    # the state's absmax replaced: the product follows it
+    state.absmax = state.absmax * 2
+    assert torch.equal(product(), want * 2)
+    # pickles and copies of the state carry no product, and work
+    for twin in (pickle.loads(pickle.dumps(state)), copy.deepcopy(state), copy.copy(state)):
+        assert twin.decode_product is None and twin == state
+        assert torch.equal(lowbit.matmul_4bit(x, packed, quant_state=twin), want * 2)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    assert torch.load(io.BytesIO(buffer.getvalue()), weights_only=False).decode_product is None
+
+
 def test_interleaved_product_takes_a_strided_bias_and_refuses_a_wrong_size():
     """The eager fast path calls the kernel directly: a non-contiguous bias gives the result of
     its contiguous copy, as the op dispatcher would, and a bias of the wrong size is refused."""

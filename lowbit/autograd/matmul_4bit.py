@@ -20,6 +20,7 @@ Paths:
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -132,7 +133,27 @@ class InterleavedProduct:
     fake tensors go through the op.
     """
 
-    __slots__ = ("B", "shapeB", "absmax", "code", "blocksize", "device_type", "binding")
+    __slots__ = ("B", "shapeB", "absmax", "code", "blocksize", "device_type", "binding", "source", "state_fields")
+
+    @staticmethod
+    def of(B: torch.Tensor, quant_state: QuantState) -> InterleavedProduct:
+        """The product of ``B`` with its state, kept on the state (``QuantState.decode_product``):
+        decoding calls ``matmul_4bit`` with the same weight and state every token. A kept one is
+        used while it was made from this very B and the state still holds the same tensors."""
+        product = quant_state.decode_product
+        if product is None or not product.made_from(B, quant_state):
+            product = quant_state.decode_product = InterleavedProduct(B, quant_state)
+        return product
+
+    def made_from(self, B: torch.Tensor, quant_state: QuantState) -> bool:
+        absmax, code, shape, blocksize = self.state_fields
+        return (
+            self.source() is B
+            and absmax is quant_state.absmax  # identity: == would compare the tensors' values
+            and code is quant_state.code
+            and shape == quant_state.shape
+            and blocksize == quant_state.blocksize
+        )
 
     def __init__(self, B: torch.Tensor, quant_state: QuantState):
         # Eager calls get B's bytes as a plain tensor: every attribute read of the parameter
@@ -148,6 +169,9 @@ class InterleavedProduct:
         # (kernel, the kernel bound to this weight), made on the first call: one attribute, so that a
         # thread never pairs one backend's kernel with another's binding
         self.binding: tuple = (None, None)
+        # what ``of`` compares (B weakly: the state must not keep its parameter alive)
+        self.source = weakref.ref(B)
+        self.state_fields = (quant_state.absmax, quant_state.code, quant_state.shape, quant_state.blocksize)
 
     def __call__(self, A: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         if not checks.has_data(A):  # traced, or fake tensors: the op (its fake kernel), no pointers
@@ -242,7 +266,7 @@ def matmul_4bit(
         # as a new tensor object
         return to_out(MatMul4Bit.apply(A, B, None, bias, quant_state), out)
     if quant_state.interleaved and A.numel() > 0:
-        return to_out(InterleavedProduct(B, quant_state)(A.contiguous(), bias), out)
+        return to_out(InterleavedProduct.of(B, quant_state)(A.contiguous(), bias), out)
     if 0 < A.numel() <= gemv_max_rows(A.device) * k_in:  # a few tokens: fused dequantize-dot, no dense weight
         # bias joins the float32 sums before the one rounding to A's dtype
         return to_out(product_4bit(A.contiguous(), B, quant_state, bias), out)

@@ -82,6 +82,11 @@ class QuantState:
     decode to the same float32 and the values cannot tell them apart.
     """
 
+    #: The product of an interleaved weight with this state, kept by ``autograd.matmul_4bit`` for
+    #: the calls after the first (it checks it was made from the same objects); never saved or
+    #: copied (``__getstate__``).
+    decode_product: Any = None
+
     valid_quant_types = formats.QUANT_TYPES
     valid_qs_type_keys = [f"bitsandbytes__{t}" for t in formats.QUANT_TYPES]
     valid_qs_keys = sorted(_VALID_KEYS)
@@ -137,6 +142,13 @@ class QuantState:
         return [self.absmax, self.shape, self.dtype, self.blocksize, nested, self.quant_type][idx]
 
     # -- serialization -------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling and copying: every field, without ``decode_product`` (it holds a binding to
+        this process's library and a view of the weight, which is not the state's to save)."""
+        fields = dict(self.__dict__)
+        fields.pop("decode_product", None)
+        return fields
+
     def as_dict(self, packed: bool = False) -> dict[str, Any]:
         """The state as a flat dict; with ``packed=True`` only tensors (safetensors-ready)."""
         if self.interleaved:
