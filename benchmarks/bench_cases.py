@@ -647,7 +647,36 @@ def decode_stack(libs: Libs, stack: DecodeStack, with_standard_bnb: bool = False
         # moves between cases (2x within minutes on a 2-vCPU EPYC), so a rate taken once would not do
         src = bench_machine.huge_page_ones(stack.layers * lowbit_per_layer // 4)
         impls.append(Impl("torch", SIDE_READ_LABEL, lambda: src.sum(), bytes_read=src.nbytes))
+        impls.append(libs.impl("lowbit", NATIVE_STACK_LABEL, lambda: lowbit_native_stack(libs, stack, x), check=check,
+                               bytes_read=stack.layers * lowbit_per_layer))  # fmt: skip
     return impls
+
+
+#: The decode row that takes Python out: what lowbit's per-call Python costs is its difference.
+NATIVE_STACK_LABEL = "the same products through the C ABI, arguments prepared: no Python between layers"
+
+
+def lowbit_native_stack(libs: Libs, stack: DecodeStack, x: torch.Tensor) -> Callable[[], Any]:
+    """lowbit's layers called as its decode path calls the library (the same function, the same
+    arguments), but with every argument computed beforehand and the outputs preallocated."""
+    import lowbit.backends.cpu.native as native
+
+    layers = stack.per_layer(lambda packed, state: lowbit_layer(libs, packed, state))
+    outs = [torch.empty(x.shape[0], N, dtype=x.dtype) for _ in layers]
+    call, dtype = native.matmul_4bit_interleaved_function(), native.DTYPES[x.dtype]
+    calls = [
+        (dtype, a.data_ptr(), x.shape[0], K, B.data_ptr(), B.nbytes, s.absmax.data_ptr(), s.absmax.numel(),
+         s.code.data_ptr(), s.code.numel(), N, s.blocksize, None, 0, 0, native.PRECISIONS["fast"], dtype,
+         o.data_ptr(), torch.get_num_threads())
+        for a, (B, s), o in zip([x, *outs[:-1]], layers, outs)
+    ]  # fmt: skip
+
+    def run(keep_alive: Any = layers) -> tuple[torch.Tensor, torch.Tensor]:  # the pointers are theirs
+        for arguments in calls:
+            native.check(call(*arguments), "lowbit_matmul_4bit_interleaved")
+        return outs[0], outs[-1]
+
+    return run
 
 
 def placement(libs: Libs, nested: bool) -> list[Impl]:

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from bench_cases import SIDE_READ_LABEL
+from bench_cases import NATIVE_STACK_LABEL, SIDE_READ_LABEL
 from bench_core import LIBS, CaseResult, ImplResult
 from bench_machine import isa_of
 
@@ -278,7 +278,9 @@ def notes_text(results: list[CaseResult], read: CaseResult, copy: CaseResult, in
         f"decodes (the '{SIDE_READ_LABEL}' rows: torch ÷ lowbit there is lowbit's share of it): a shared host's "
         "bandwidth moves between cases, so there '% of read' compares each decode's median with that median, the "
         "rate of the same minutes (elsewhere with the fastest call); copy bandwidth is taken once, at its fastest "
-        "call.",
+        f"call. Each 1-token decode case also times lowbit's stack without Python ('{NATIVE_STACK_LABEL}'): the "
+        "library function its decode path calls, with every argument computed beforehand; the difference between "
+        "lowbit's two rows is what its Python costs per layer.",
         f"- Copy bandwidth: `dst.copy_(src)` on {copy.impls[0].bytes_read // 2 >> 20 if copy.impls else '?'} MiB "
         "buffers (≥ 4× LLC), counted as bytes read + bytes written (2× the buffer) per second. Write-allocate "
         "caches also read the destination before overwriting it, so the memory bus carries up to 3× the buffer; "
