@@ -104,6 +104,7 @@ class ImplResult:
     verdict: Optional[Verdict] = None
     kernels: dict[str, str] = dataclasses.field(default_factory=dict)  # lowbit op -> backend
     bytes_read: Optional[int] = None
+    round_ms: list[float] = dataclasses.field(default_factory=list)  # the median of each round's block
 
     @property
     def gbps(self) -> Optional[float]:
@@ -243,6 +244,7 @@ def run_case(case: Case, budget: Budget) -> CaseResult:
 
     reps = {index: budget.reps_for(seconds) for index, seconds in estimate.items()}
     samples: dict[int, list[float]] = {index: [] for index in reps}
+    rounds: dict[int, list[float]] = {index: [] for index in reps}  # per round, that block's median
     gc.collect()
     gc.disable()
     try:
@@ -253,8 +255,9 @@ def run_case(case: Case, budget: Budget) -> CaseResult:
                     continue
                 try:
                     _rewarm(impls[index].fn, estimate[index], budget)
-                    for _ in range(share):
-                        samples[index].append(_timed(impls[index].fn)[0])
+                    block = [_timed(impls[index].fn)[0] for _ in range(share)]
+                    samples[index] += block
+                    rounds[index].append(statistics.median(block) * 1e3)
                 except Exception as err:  # noqa: BLE001
                     results[index].status, results[index].reason = "error", _describe(err)
                     del samples[index]
@@ -268,6 +271,7 @@ def run_case(case: Case, budget: Budget) -> CaseResult:
         result.status, result.reps = "ok", len(ms)
         result.median_ms, result.min_ms = statistics.median(ms), ms[0]
         result.q1_ms, result.q3_ms = quartiles[0], quartiles[2]
+        result.round_ms = rounds[index]
     del impls
     gc.collect()
     return CaseResult(case.name, case.group, results, time.perf_counter() - start)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import statistics
 from pathlib import Path
 from typing import Any, Optional
 
@@ -222,17 +223,30 @@ def bandwidth_table(results: list[CaseResult], read: CaseResult, copy: CaseResul
     for case in results:
         if case.group != "bandwidth":
             continue
-        side = next((r.gbps for r in case.impls if r.label == SIDE_READ_LABEL and r.gbps), None)
+        side = next((r for r in case.impls if r.label == SIDE_READ_LABEL and r.gbps), None)
         for result in case.impls:
             if result.gbps is None or result.label == SIDE_READ_LABEL:
                 continue
+            of_read = f"{side_share(result, side):.0%}" if side else share(result.gbps, read_gbps)
             lines.append(
                 f"| {short_case(case.name)}: {SHORT[result.lib]} {result.label}"
                 f"{' ✗' if wrong(result) else ''} "
                 f"| {result.bytes_read / 2**20:.0f} | {fmt_ms(result.median_ms)} | {result.gbps:.1f} "
-                f"| {share(result.gbps, side or read_gbps)} | {share(result.gbps, copy_gbps)} |"
+                f"| {of_read} | {share(result.gbps, copy_gbps)} |"
             )
     return "\n".join(lines)
+
+
+def side_share(result: ImplResult, side: ImplResult) -> float:
+    """``result``'s rate as a share of the side-by-side read's: per round (its block and the read's
+    block of the same rotation, seconds apart), then the median over the rounds. A shared host's
+    bandwidth can change within a case; a round compares blocks of the same minutes."""
+    if len(result.round_ms) != len(side.round_ms) or not result.round_ms:
+        return result.gbps / side.gbps  # a result without rounds (an older results.json)
+    ratios = [
+        (result.bytes_read / mine) / (side.bytes_read / theirs) for mine, theirs in zip(result.round_ms, side.round_ms)
+    ]
+    return statistics.median(ratios)
 
 
 def notes_text(results: list[CaseResult], read: CaseResult, copy: CaseResult, info: dict[str, Any]) -> list[str]:
@@ -276,8 +290,9 @@ def notes_text(results: list[CaseResult], read: CaseResult, copy: CaseResult, in
         "read, taken at its fastest call (the machine's capability, which load only lowers). Each 1-token decode case "
         "also times `src.sum()` over as many bytes as lowbit's stack, in huge pages, in the same rotation as the "
         f"decodes (the '{SIDE_READ_LABEL}' rows: torch ÷ lowbit there is lowbit's share of it): a shared host's "
-        "bandwidth moves between cases, so there '% of read' compares each decode's median with that median, the "
-        "rate of the same minutes (elsewhere with the fastest call); copy bandwidth is taken once, at its fastest "
+        "bandwidth moves between cases, and even within one, so there '% of read' compares each decode with that "
+        "read round by round (the median of a round's block against the read's block of the same rotation, then the "
+        "median of those ratios; elsewhere with the fastest call); copy bandwidth is taken once, at its fastest "
         f"call. Each 1-token decode case also times lowbit's stack without Python ('{NATIVE_STACK_LABEL}'): the "
         "library function its decode path calls, with every argument computed beforehand; the difference between "
         "lowbit's two rows is what its Python costs per layer.",
