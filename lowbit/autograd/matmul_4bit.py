@@ -139,7 +139,10 @@ class InterleavedProduct:
     def of(B: torch.Tensor, quant_state: QuantState) -> InterleavedProduct:
         """The product of ``B`` with its state, kept on the state (``QuantState.decode_product``):
         decoding calls ``matmul_4bit`` with the same weight and state every token. A kept one is
-        used while it was made from this very B and the state still holds the same tensors."""
+        used while it was made from this very B and the state still holds the same tensors.
+        Traced code makes its own (a trace must not write to the state)."""
+        if torch.compiler.is_compiling():
+            return InterleavedProduct(B, quant_state)
         product = quant_state.decode_product
         if product is None or not product.made_from(B, quant_state):
             product = quant_state.decode_product = InterleavedProduct(B, quant_state)
@@ -169,7 +172,8 @@ class InterleavedProduct:
         # (kernel, the kernel bound to this weight), made on the first call: one attribute, so that a
         # thread never pairs one backend's kernel with another's binding
         self.binding: tuple = (None, None)
-        # what ``of`` compares (B weakly: the state must not keep its parameter alive)
+        # what ``of`` compares; B weakly: a Params4bit holds its state, and a product kept there
+        # must not hold the parameter back (self.B, its bytes as a plain tensor, keeps the bytes)
         self.source = weakref.ref(B)
         self.state_fields = (quant_state.absmax, quant_state.code, quant_state.shape, quant_state.blocksize)
 

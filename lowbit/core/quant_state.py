@@ -84,7 +84,7 @@ class QuantState:
 
     #: The product of an interleaved weight with this state, kept by ``autograd.matmul_4bit`` for
     #: the calls after the first (it checks it was made from the same objects); never saved or
-    #: copied (``__getstate__``).
+    #: copied (``__getstate__``). It holds the weight's bytes while the state lives.
     decode_product: Any = None
 
     valid_quant_types = formats.QUANT_TYPES
