@@ -658,15 +658,17 @@ NATIVE_STACK_LABEL = "the same products through the C ABI, arguments prepared: n
 
 def lowbit_native_stack(libs: Libs, stack: DecodeStack, x: torch.Tensor) -> Callable[[], Any]:
     """lowbit's layers called as its decode path calls the library (the same function, the same
-    arguments), but with every argument computed beforehand and the outputs preallocated."""
+    arguments, the CPU precision in force), but with every argument computed beforehand and the
+    outputs preallocated."""
     import lowbit.backends.cpu.native as native
+    from lowbit.autograd.matmul_4bit import cpu_precision
 
     layers = stack.per_layer(lambda packed, state: lowbit_layer(libs, packed, state))
     outs = [torch.empty(x.shape[0], N, dtype=x.dtype) for _ in layers]
     call, dtype = native.matmul_4bit_interleaved_function(), native.DTYPES[x.dtype]
     calls = [
         (dtype, a.data_ptr(), x.shape[0], K, B.data_ptr(), B.nbytes, s.absmax.data_ptr(), s.absmax.numel(),
-         s.code.data_ptr(), s.code.numel(), N, s.blocksize, None, 0, 0, native.PRECISIONS["fast"], dtype,
+         s.code.data_ptr(), s.code.numel(), N, s.blocksize, None, 0, 0, native.PRECISIONS[cpu_precision()], dtype,
          o.data_ptr(), torch.get_num_threads())
         for a, (B, s), o in zip([x, *outs[:-1]], layers, outs)
     ]  # fmt: skip
