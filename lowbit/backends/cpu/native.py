@@ -35,6 +35,8 @@ ABI_VERSION = 4  # must equal LOWBIT_ABI_VERSION in csrc/capi/lowbit_capi.h
 LIBRARY_NAME = "liblowbit_cpu.so"
 ENV_LIBRARY = "LOWBIT_CPU_LIBRARY"
 ENV_ISA = "LOWBIT_CPU_ISA"
+#: Where ``pip install`` (and ``cmake --install --prefix .`` in a checkout) puts the native builds.
+_PACKAGE_NATIVE = Path(__file__).resolve().parents[2] / "_native"
 #: The CPython extension that calls the decode product without ctypes (csrc/capi/lowbit_fastcall.cpp).
 FASTCALL_MODULE = "_lowbit_fastcall"
 #: ``LOWBIT_CPU_FASTCALL=0`` calls through ctypes even where the extension is built.
@@ -98,7 +100,7 @@ def library_path() -> Path:
     override = os.environ.get(ENV_LIBRARY)
     if override:
         return Path(override)
-    beside_package = Path(__file__).resolve().parents[2] / "_native" / LIBRARY_NAME
+    beside_package = _PACKAGE_NATIVE / LIBRARY_NAME
     if beside_package.is_file():
         return beside_package
     try:
@@ -142,7 +144,7 @@ def _fastcall() -> tuple[Optional[ModuleType], str]:
     why not. Optional: without it the same function is called through ctypes."""
     if os.environ.get(ENV_FASTCALL, "").strip() == "0":
         return None, f"{ENV_FASTCALL}=0"
-    folders = dict.fromkeys([library_path().parent, Path(__file__).resolve().parents[2] / "_native"])
+    folders = dict.fromkeys([library_path().parent, _PACKAGE_NATIVE])
     names = [FASTCALL_MODULE + suffix for suffix in importlib.machinery.EXTENSION_SUFFIXES]
     found = [folder / name for folder in folders for name in names if (folder / name).is_file()]
     if not found:
