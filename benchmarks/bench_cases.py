@@ -656,6 +656,21 @@ def decode_stack(libs: Libs, stack: DecodeStack, with_standard_bnb: bool = False
 NATIVE_STACK_LABEL = "the same products through the C ABI, arguments prepared: no Python between layers"
 
 
+def stack_arguments(x: torch.Tensor, layers: list[Any], outs: list[torch.Tensor], precision: str) -> list[tuple]:
+    """The arguments of ``lowbit_matmul_4bit_interleaved`` for each layer (packed weight, state) of a
+    stack in the interleaved layout: ``x`` into the first, each output into the next. The tensors
+    must outlive the calls (the tuples hold their addresses)."""
+    import lowbit.backends.cpu.native as native
+
+    dtype = native.DTYPES[x.dtype]
+    return [
+        (dtype, a.data_ptr(), x.shape[0], K, B.data_ptr(), B.nbytes, s.absmax.data_ptr(), s.absmax.numel(),
+         s.code.data_ptr(), s.code.numel(), N, s.blocksize, None, 0, 0, native.PRECISIONS[precision], dtype,
+         o.data_ptr(), torch.get_num_threads())
+        for a, (B, s), o in zip([x, *outs[:-1]], layers, outs)
+    ]  # fmt: skip
+
+
 def lowbit_native_stack(libs: Libs, stack: DecodeStack, x: torch.Tensor) -> Callable[[], Any]:
     """lowbit's layers called as its decode path calls the library (the same function, the same
     arguments, the CPU precision in force), but with every argument computed beforehand and the
@@ -665,13 +680,7 @@ def lowbit_native_stack(libs: Libs, stack: DecodeStack, x: torch.Tensor) -> Call
 
     layers = stack.per_layer(lambda packed, state: lowbit_layer(libs, packed, state))
     outs = [torch.empty(x.shape[0], N, dtype=x.dtype) for _ in layers]
-    call, dtype = native.matmul_4bit_interleaved_function(), native.DTYPES[x.dtype]
-    calls = [
-        (dtype, a.data_ptr(), x.shape[0], K, B.data_ptr(), B.nbytes, s.absmax.data_ptr(), s.absmax.numel(),
-         s.code.data_ptr(), s.code.numel(), N, s.blocksize, None, 0, 0, native.PRECISIONS[cpu_precision()], dtype,
-         o.data_ptr(), torch.get_num_threads())
-        for a, (B, s), o in zip([x, *outs[:-1]], layers, outs)
-    ]  # fmt: skip
+    call, calls = native.matmul_4bit_interleaved_function(), stack_arguments(x, layers, outs, cpu_precision())
 
     def run(keep_alive: Any = layers) -> tuple[torch.Tensor, torch.Tensor]:  # the pointers are theirs
         for arguments in calls:

@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_machine  # noqa: E402
+from bench_cases import K, N, stack_arguments  # noqa: E402
 
 from lowbit import functional as F  # noqa: E402
 from lowbit.backends.cpu import native  # noqa: E402
 
-N = K = 4096
 LAYERS = 20
 PASSES = 9
 
@@ -69,12 +69,7 @@ def main() -> None:
     layers = [F.interleave_4bit(packed.clone(), state) for _ in range(LAYERS)]
     x = torch.randn(args.rows, K, dtype=torch.bfloat16)
     outs = [torch.empty(args.rows, N, dtype=torch.bfloat16) for _ in layers]
-    calls = [
-        (native.DTYPES[torch.bfloat16], a.data_ptr(), args.rows, K, B.data_ptr(), B.nbytes, s.absmax.data_ptr(),
-         s.absmax.numel(), s.code.data_ptr(), s.code.numel(), N, s.blocksize, None, 0, 0, native.PRECISIONS["fast"],
-         native.DTYPES[torch.bfloat16], out.data_ptr(), torch.get_num_threads())
-        for a, (B, s), out in zip([x, *outs[:-1]], layers, outs)
-    ]  # fmt: skip
+    calls = stack_arguments(x, layers, outs, "fast")
     src = bench_machine.huge_page_ones(sum(B.nbytes + s.absmax.nbytes for B, s in layers) // 4)
     names = args.libraries  # as given: builds of one library share its file name
     stacks = {}
