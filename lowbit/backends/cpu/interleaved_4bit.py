@@ -68,7 +68,7 @@ class BoundProduct:
         status = self.function(
             dtype_code, A.data_ptr(), rows, K, self.B.data_ptr(), self.B_len,
             self.absmax.data_ptr(), self.absmax_len, self.code.data_ptr(), self.code_len, N, self.blocksize,
-            bias_ptr, bias_len, bias_dtype, _PRECISION[exact], dtype_code, out.data_ptr(), torch.get_num_threads(),
+            bias_ptr, bias_len, bias_dtype, _PRECISION[exact], dtype_code, out.data_ptr(), native.num_threads(),
         )  # fmt: skip
         if status:
             native.check(status, "lowbit_matmul_4bit_interleaved")
