@@ -6,9 +6,12 @@ standard bytes again, bit for bit. Kernel parity per ISA is in test_parity.py.""
 from __future__ import annotations
 
 import copy
+import ctypes
 import io
 import math
 import pickle
+import sys
+import time
 
 import pytest
 import torch
@@ -479,6 +482,42 @@ def test_the_plan_reads_the_weight_where_its_storage_is_now():
         assert storage.data_ptr() != old
         layer.weight.data.copy_(saved)
         assert torch.equal(layer(x), want)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="maps and unmaps memory through libc's mmap")
+@pytest.mark.parametrize("precision", ["fast", "float32"])
+def test_a_product_computes_as_before_once_the_layer_that_followed_it_is_unmapped(precision):
+    """A product's idle workers prefetch the layer that followed it the last time
+    (csrc/cpu/call_order.h). Once that layer's memory is unmapped the hint points at nothing:
+    the prefetch must not fault, and nothing else may change."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                               ctypes.c_int, ctypes.c_int, ctypes.c_long]  # fmt: skip
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    prot_read_write, map_private_anonymous = 0x3, 0x22
+    # 1024 x 2048: the product splits across two threads (its grain is 2^20 weights a thread)
+    first, second = (F.interleave_4bit(*F.quantize_4bit(torch.randn(1024, 2048), quant_type="nf4")) for _ in range(2))
+    size = second[0].nbytes
+    address = libc.mmap(None, size, prot_read_write, map_private_anonymous, -1, 0)
+    assert address not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+    mapped = torch.frombuffer((ctypes.c_uint8 * size).from_address(address), dtype=torch.uint8)
+    mapped = mapped.view_as(second[0]).copy_(second[0])
+    x = torch.randn(1, 2048)
+    threads, previous = torch.get_num_threads(), lowbit.set_cpu_precision(precision)
+    torch.set_num_threads(2)
+    try:
+        want = lowbit.matmul_4bit(x, *first)
+        for _ in range(3):  # the first product learns that the mapped one follows it
+            lowbit.matmul_4bit(x, *first)
+            assert torch.equal(lowbit.matmul_4bit(x, mapped, second[1]), lowbit.matmul_4bit(x, *second))
+        del mapped
+        assert libc.munmap(address, size) == 0
+        assert torch.equal(lowbit.matmul_4bit(x, *first), want)
+        time.sleep(0.01)  # the worker prefetches its share of the unmapped layer meanwhile
+        assert torch.equal(lowbit.matmul_4bit(x, *first), want)
+    finally:
+        torch.set_num_threads(threads)
+        lowbit.set_cpu_precision(previous)
 
 
 def test_bad_input_after_the_plan_is_refused_as_before():

@@ -29,6 +29,7 @@
 #include <utility>
 
 #include "block_absmax.h"
+#include "call_order.h"
 #include "cpu_kernels.h"
 #include "dispatch.h"
 #include "parallel.h"
@@ -723,7 +724,7 @@ inline bool finite_code(const float *code) {
 /* The fast-precision product (see above) for a finite code; false when the scratch for A cannot
  * be allocated. */
 bool matmul_fixed(const Gemm &g, int32_t a_dtype, const void *A, int64_t M, const float *code, int64_t blocksize,
-                  int num_threads, int64_t grain) {
+                  int num_threads, int64_t grain, const NextStream &next) {
     const int64_t K = g.K, chunk = std::min(blocksize, kChunk);
     /* the int16 pairs (M * K halves of a float) and M * K / chunk factors */
     float *scratch = thread_scratch(static_cast<size_t>((M * K + 1) / 2 + M * (K / chunk)));
@@ -742,7 +743,7 @@ bool matmul_fixed(const Gemm &g, int32_t a_dtype, const void *A, int64_t M, cons
     const auto run = [&](auto avx_vnni) {
         parallel_for(0, (g.N + kGroup - 1) / kGroup, num_threads, grain, [&](int64_t g0, int64_t g1) {
             groups_fixed<decltype(avx_vnni)::value>(g, table, pairs, scale, chunk, M, g0, g1);
-        });
+        }, &next);
     };
     /* the avx512 build instantiates one variant only */
     avx_vnni_available() ? run(std::bool_constant<kHasAvxVnniPath>{}) : run(std::false_type{});
@@ -771,6 +772,15 @@ bool matmul_4bit_interleaved(int32_t a_dtype, const void *A, int64_t M, int64_t 
                              int32_t bias_dtype, bool fast, int32_t out_dtype, void *out, int num_threads) {
     const int64_t grain = group_grain(M, K);
     const int64_t groups_total = (N + kGroup - 1) / kGroup;
+    /* what this product streams; the workers, once their chunks are done, prefetch what the
+     * product that followed it last time on this thread streams (call_order.h) */
+    NextStream stream;
+    stream.count = 2;
+    stream.base[0] = absmax;
+    stream.bytes[0] = N * (K / blocksize) * static_cast<int64_t>(sizeof(float));
+    stream.base[1] = B;
+    stream.bytes[1] = N * (K / 2);
+    const NextStream next = follow(B, stream);
     Gemm g{B, absmax, N, K, K / blocksize, blocksize / fmt::kInterleaveWordWeights, nullptr, bias, bias_dtype,
            out_dtype, out, Vec::table16(code)}; /* A: set below, for the float32 path */
 #if defined(LOWBIT_INTERLEAVED_AMX)
@@ -782,13 +792,13 @@ bool matmul_4bit_interleaved(int32_t a_dtype, const void *A, int64_t M, int64_t 
             using E = decltype(tag);
             pack_tiles<E>(static_cast<const typename E::T *>(A), M, K, packed);
         });
-        parallel_for(0, groups_total, num_threads, grain, [&](int64_t g0, int64_t g1) { groups_amx(g, packed, M, g0, g1); });
+        parallel_for(0, groups_total, num_threads, grain, [&](int64_t g0, int64_t g1) { groups_amx(g, packed, M, g0, g1); }, &next);
         return true;
     }
 #endif
 #if defined(LOWBIT_INTERLEAVED_FIXED)
     if (fast && fixed_available() && finite_code(code))
-        return matmul_fixed(g, a_dtype, A, M, code, blocksize, num_threads, grain);
+        return matmul_fixed(g, a_dtype, A, M, code, blocksize, num_threads, grain, next);
 #endif
     (void)fast; /* the scalar build has no fast path: float32 products satisfy that contract too */
     const float *a = static_cast<const float *>(A); /* one row: already in order */
@@ -802,7 +812,7 @@ bool matmul_4bit_interleaved(int32_t a_dtype, const void *A, int64_t M, int64_t 
         a = packed;
     }
     g.A = a;
-    parallel_for(0, groups_total, num_threads, grain, [&](int64_t g0, int64_t g1) { groups(g, M, g0, g1); });
+    parallel_for(0, groups_total, num_threads, grain, [&](int64_t g0, int64_t g1) { groups(g, M, g0, g1); }, &next);
     return true;
 }
 

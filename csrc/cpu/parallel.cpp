@@ -24,6 +24,13 @@
  * be started. After fork() the child gets a new, empty pool (the parent's threads do not exist
  * there). The pool and its threads are never destroyed: they live until the process exits, so
  * no thread is joined or destroyed during static destruction.
+ *
+ * A call may name the memory the next one will stream (NextStream: the next layer, learned by
+ * call_order.h). Between two layers of a model the caller runs Python for 7-13 us while memory
+ * idles; a worker that has finished its chunks spends that time prefetching the part of the next
+ * layer its first chunk will read (up to kNextStreamBytes), so that the next call starts on
+ * lines already in its cache. Measured on AMD Zen 5 (2 threads, one token through 20 NF4
+ * 4096 x 4096 layers through lowbit.matmul_4bit): 1.5-3 % less time a layer at ~50 GB/s.
  */
 #include "parallel.h"
 
@@ -63,6 +70,13 @@ constexpr uint64_t kItemMask = (uint64_t{1} << kItemBits) - 1;
 /* How long a worker stays awake for the next job, and the caller for the last chunks, before
  * sleeping on a condition variable. */
 constexpr std::chrono::microseconds kSpin{200};
+/* What a worker prefetches of the next call's stream at most: more than one core's share of the
+ * memory bandwidth brings in during a layer's Python (with a 20-us busy wait between layers,
+ * 128 KiB and 2-4 MiB gained alike), and well within an L2. */
+constexpr int64_t kNextStreamBytes = int64_t{512} << 10;
+/* Between two checks for a new job, a worker prefetches this many bytes (~100 ns of reading). */
+constexpr int64_t kNextStreamStep = 4096;
+constexpr int64_t kLine = 64;
 
 /* Until ready() or kSpin has passed, yielding the core meanwhile; whether ready() held. */
 template <class Ready>
@@ -90,6 +104,7 @@ struct Job {
     RangeFn fn = nullptr;
     void *ctx = nullptr;
     int64_t begin = 0, items = 0, threads = 1, min_chunk = 1;
+    NextStream next; /* for the workers to prefetch once their chunks are done */
 
     /* Chunk k of `threads` equal ones (the first items % threads one item longer). */
     Chunk equal_chunk(int64_t k) const {
@@ -103,6 +118,24 @@ struct Job {
         return std::min(left, std::max(min_chunk, left / (kGuidedShare * threads)));
     }
 };
+
+/* Prefetches `share` (worker_share) into L2 a line at a time until it is done or ready(). */
+template <class Ready>
+void prefetch_share(const NextStream &share, Ready &&ready) {
+    for (int r = 0; r < share.count; ++r) {
+        const char *base = static_cast<const char *>(share.base[r]);
+        for (int64_t step = 0; step < share.bytes[r]; step += kNextStreamStep) {
+            if (ready()) return;
+            for (int64_t line = step; line < std::min(share.bytes[r], step + kNextStreamStep); line += kLine) {
+#if defined(__GNUC__) || defined(__clang__)
+                __builtin_prefetch(base + line, 0, 2); /* never faults, wherever `base` points now */
+#else
+                (void)base;
+#endif
+            }
+        }
+    }
+}
 
 /* Runs equal chunks 1..threads-1 on short-lived threads (those that fail to start run here) and
  * chunk 0 here. */
@@ -206,6 +239,7 @@ class Pool {
                 job = job_;
             }
             run_chunks(job, generation);
+            if (job.next.count > 0) prefetch_share(worker_share(job.next, index, job.threads, kNextStreamBytes), published);
         }
     }
 
@@ -244,8 +278,29 @@ Pool *pool() {
 
 } // namespace
 
+NextStream worker_share(const NextStream &next, int64_t worker, int64_t threads, int64_t budget) {
+    double left = 1.0; /* of each range, after the chunks taken before the worker's */
+    for (int64_t k = 0; k < worker; ++k) left *= 1.0 - 1.0 / static_cast<double>(threads);
+    int64_t total = 0;
+    for (int r = 0; r < next.count; ++r) total += next.bytes[r];
+    const double fraction = total > budget ? static_cast<double>(budget) / static_cast<double>(total) : 1.0;
+    NextStream share;
+    share.count = next.count;
+    for (int r = 0; r < next.count; ++r) {
+        const int64_t bytes = next.bytes[r];
+        if (bytes <= 0) continue;
+        const int64_t from = std::min(bytes, static_cast<int64_t>((1.0 - left) * static_cast<double>(bytes)));
+        const auto past_line = static_cast<int64_t>((reinterpret_cast<uintptr_t>(next.base[r]) + static_cast<uintptr_t>(from)) %
+                                                    static_cast<uintptr_t>(kLine));
+        const int64_t line = from - past_line; /* the start of the line holding byte `from` */
+        share.base[r] = static_cast<const char *>(next.base[r]) + line;
+        share.bytes[r] = std::min(bytes - line, static_cast<int64_t>(fraction * static_cast<double>(bytes)) + (from - line));
+    }
+    return share;
+}
+
 void parallel_for_impl(int64_t begin, int64_t end, int num_threads, int64_t grain, RangeFn fn,
-                       void *ctx) {
+                       void *ctx, const NextStream *next) {
     if (end <= begin) return;
     const int64_t items = end - begin;
     if (grain < 1) grain = 1;
@@ -263,6 +318,7 @@ void parallel_for_impl(int64_t begin, int64_t end, int num_threads, int64_t grai
         return;
     }
     job.min_chunk = std::max<int64_t>(1, grain / kChunksPerThread);
+    if (next != nullptr) job.next = *next;
     Pool *p = pool();
     if (items <= static_cast<int64_t>(kItemMask) && p != nullptr && p->run(job, threads - 1)) return;
     run_on_new_threads(job);

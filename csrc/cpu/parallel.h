@@ -35,17 +35,36 @@ inline int64_t block_grain(int64_t blocksize) {
 
 using RangeFn = void (*)(void *ctx, int64_t lo, int64_t hi);
 
+/* Memory the next call is expected to stream, each range read front to back as that call's
+ * items are (the next layer's absmax and weights: call_order.h). A worker with no chunk left
+ * prefetches its share of it (worker_share) until a new job comes. Only a hint: the addresses
+ * are never dereferenced, so they may be stale. */
+struct NextStream {
+    static constexpr int kMaxRanges = 2;
+    const void *base[kMaxRanges] = {};
+    int64_t bytes[kMaxRanges] = {};
+    int count = 0;
+};
+
+/* What worker `worker` (1..threads-1) of a call on `threads` threads prefetches of `next`: in
+ * each range, the same fraction, together at most `budget` bytes (give or take a line a range),
+ * from where the worker's first chunk is likely to start. The chunks are taken in order, each
+ * 1 / threads of what is left (parallel.cpp): the caller usually takes the first, so chunk
+ * `worker` starts 1 - (1 - 1 / threads)^worker of the way in. */
+NextStream worker_share(const NextStream &next, int64_t worker, int64_t threads, int64_t budget);
+
 /* Non-template core (parallel.cpp). */
 void parallel_for_impl(int64_t begin, int64_t end, int num_threads, int64_t grain, RangeFn fn,
-                       void *ctx);
+                       void *ctx, const NextStream *next);
 
 template <class F>
-inline void parallel_for(int64_t begin, int64_t end, int num_threads, int64_t grain, F &&fn) {
+inline void parallel_for(int64_t begin, int64_t end, int num_threads, int64_t grain, F &&fn,
+                         const NextStream *next = nullptr) {
     using Fn = typename std::remove_reference<F>::type;
     parallel_for_impl(
         begin, end, num_threads, grain,
         [](void *ctx, int64_t lo, int64_t hi) { (*static_cast<Fn *>(ctx))(lo, hi); },
-        const_cast<void *>(static_cast<const void *>(&fn)));
+        const_cast<void *>(static_cast<const void *>(&fn)), next);
 }
 
 } // namespace cpu

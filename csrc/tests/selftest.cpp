@@ -13,7 +13,9 @@
  *     identical bytes for quantize/dequantize on fuzzed inputs (thresholds, subnormals, NaN/Inf),
  *     the fp16/bf16 narrowing of each ISA against fmt:: (sampled; `--exhaustive`: all floats);
  *   - gemv_4bit on every ISA against a double-precision sum, on every kernel path, with exactly
- *     sized buffers (masked tail loads under ASan), independent of the thread count.
+ *     sized buffers (masked tail loads under ASan), independent of the thread count;
+ *   - what the idle workers prefetch: the product that followed the last time on the same thread
+ *     (call_order.h), and each worker's share of it (parallel.h, worker_share).
  * Most ABI checks run once per supported ISA. Exit status 0 when everything passes; each failure
  * prints one line.
  */
@@ -26,8 +28,10 @@
 #include <cmath>
 #include <memory>
 #include <random>
+#include <thread>
 #include <vector>
 
+#include "call_order.h"
 #include "lowbit_capi.h"
 #include "lowbit_formats.h"
 #include "lowbit_int8.h"
@@ -1285,6 +1289,71 @@ static void test_int8() {
         for (float t : {0.0f, 6.0f, 2.0f}) check_int8_quant(rng, i++ % 3, s[0], s[1], t);
 }
 
+/* A stream of one range: `bytes` from `base`. */
+static lowbit::cpu::NextStream one_range(const void *base, int64_t bytes) {
+    lowbit::cpu::NextStream s;
+    s.count = 1;
+    s.base[0] = base;
+    s.bytes[0] = bytes;
+    return s;
+}
+
+static bool same_stream(const lowbit::cpu::NextStream &a, const lowbit::cpu::NextStream &b) {
+    if (a.count != b.count) return false;
+    for (int r = 0; r < a.count; ++r)
+        if (a.base[r] != b.base[r] || a.bytes[r] != b.bytes[r]) return false;
+    return true;
+}
+
+static void test_call_order() {
+    using lowbit::cpu::follow;
+    static const char layer[3][64] = {};
+    const auto stream = [](int i) { return one_range(layer[i], 100 + i); };
+    CHECK(follow(layer[0], stream(0)).count == 0, "a product never seen before has no successor");
+    CHECK(follow(layer[1], stream(1)).count == 0, "nor has the second");
+    CHECK(follow(layer[2], stream(2)).count == 0, "nor the third");
+    CHECK(same_stream(follow(layer[0], stream(0)), stream(1)), "layer 0 was followed by layer 1");
+    CHECK(same_stream(follow(layer[1], stream(1)), stream(2)), "layer 1 was followed by layer 2");
+    CHECK(same_stream(follow(layer[1], stream(1)), stream(1)), "called again, layer 1 followed itself");
+    CHECK(same_stream(follow(layer[0], stream(0)), stream(1)), "layer 0 still leads to layer 1");
+    std::thread other([&] { /* another thread's order is its own */
+        CHECK(follow(layer[0], stream(0)).count == 0, "a new thread has learned nothing");
+        follow(layer[2], stream(2));
+        CHECK(same_stream(follow(layer[0], stream(0)), stream(2)), "on that thread, layer 0 led to layer 2");
+    });
+    other.join();
+    CHECK(same_stream(follow(layer[2], stream(2)), stream(0)), "here layer 0 followed layer 2");
+    CHECK(same_stream(follow(layer[0], stream(0)), stream(2)), "and layer 2 followed layer 0 (this thread's order)");
+}
+
+static void test_worker_share() {
+    using lowbit::cpu::NextStream;
+    using lowbit::cpu::worker_share;
+    const char *a = reinterpret_cast<const char *>(uintptr_t{1} << 30), *b = a + (int64_t{64} << 20);
+    NextStream next;
+    next.count = 2;
+    next.base[0] = a;
+    next.bytes[0] = int64_t{1} << 20;
+    next.base[1] = b;
+    next.bytes[1] = int64_t{8} << 20;
+    /* two threads: the worker's first chunk starts half-way; a budget of 1/16 of the stream */
+    NextStream s = worker_share(next, 1, 2, int64_t{9} << 16);
+    CHECK(s.count == 2 && s.base[0] == a + (int64_t{1} << 19) && s.bytes[0] == int64_t{1} << 16 &&
+              s.base[1] == b + (int64_t{4} << 20) && s.bytes[1] == int64_t{1} << 19,
+          "2 threads: from the middle of each range, the budget in proportion");
+    /* four threads: worker 2's first chunk starts 1 - (3/4)^2 = 7/16 of the way in */
+    s = worker_share(next, 2, 4, int64_t{1} << 30);
+    CHECK(s.base[0] == a + 7 * (int64_t{1} << 16) && s.bytes[0] == 9 * (int64_t{1} << 16) &&
+              s.base[1] == b + 7 * (int64_t{1} << 19) && s.bytes[1] == 9 * (int64_t{1} << 19),
+          "4 threads, worker 2: from 7/16 to each range's end when the budget exceeds the stream");
+    /* a range that starts off a line: the share starts at the line holding its first byte */
+    next = one_range(a + 100, 1000);
+    s = worker_share(next, 1, 2, 64);
+    CHECK(s.base[0] == a + 576 && s.bytes[0] == 64 + (600 - 576), "off a line: from the line of byte 500");
+    next.bytes[0] = 0;
+    CHECK(worker_share(next, 1, 2, 64).bytes[0] == 0, "an empty range: nothing");
+}
+
 int main(int argc, char **argv) {
     const bool exhaustive = argc > 1 && strcmp(argv[1], "--exhaustive") == 0;
     printf("lowbit self-test; build: %s\n", lowbit_build_info());
@@ -1309,6 +1378,8 @@ int main(int argc, char **argv) {
     test_int8();
     test_optimizer_arguments();
     test_optimizers_isas_and_threads();
+    test_call_order();
+    test_worker_share();
     printf("%ld checks, %d failures\n", g_checks, g_failures);
     return g_failures == 0 ? 0 : 1;
 }
