@@ -139,3 +139,18 @@ def test_broken_fastcall_module_leaves_lowbit_on_ctypes(tmp_path, module_bytes, 
     result = run_python(DECODE, **{native.ENV_LIBRARY: str(library)})
     assert result.returncode == 0, result.stderr
     assert f"CALL ctypes ({broken}: {reason}" in result.stdout and "SAME True" in result.stdout
+
+
+@needs_fastcall
+def test_fastcall_module_built_for_another_abi_version_is_refused(monkeypatch):
+    """The module carries the ABI version it was compiled against (its argument list); one built
+    against another version than the library's is not used."""
+    where = native._fastcall()[1]
+    monkeypatch.setattr(native, "ABI_VERSION", native.ABI_VERSION + 1)
+    native._fastcall.cache_clear()
+    try:
+        module, why = native._fastcall()
+    finally:
+        native._fastcall.cache_clear()  # found again, under the real version, by the next caller
+    assert module is None
+    assert why == f"{where} was built for ABI version {native.ABI_VERSION - 1}, not {native.ABI_VERSION}"
