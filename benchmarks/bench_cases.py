@@ -642,11 +642,11 @@ def decode_stack(libs: Libs, stack: DecodeStack, with_standard_bnb: bool = False
                                                             for _ in range(stack.layers)]),
                   bytes_read=stack.layers * int4.nbytes),
     ]  # fmt: skip
+    # the machine's read rate in the same rotation as the decodes: a shared host's bandwidth moves
+    # between cases (2x within minutes on a 2-vCPU EPYC), so a rate taken once would not do
+    src = bench_machine.huge_page_ones(stack.layers * lowbit_per_layer // 4)
+    impls.append(Impl("torch", SIDE_READ_LABEL, lambda: src.sum(), bytes_read=src.nbytes))
     if stack.rows == 1:  # the bandwidth-bound decode
-        # the machine's read rate in the same rotation as the decodes: a shared host's bandwidth
-        # moves between cases (2x within minutes on a 2-vCPU EPYC), so a rate taken once would not do
-        src = bench_machine.huge_page_ones(stack.layers * lowbit_per_layer // 4)
-        impls.append(Impl("torch", SIDE_READ_LABEL, lambda: src.sum(), bytes_read=src.nbytes))
         impls.append(libs.impl("lowbit", NATIVE_STACK_LABEL, lambda: lowbit_native_stack(libs, stack, x), check=check,
                                bytes_read=stack.layers * lowbit_per_layer))  # fmt: skip
     return impls

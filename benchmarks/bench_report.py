@@ -287,7 +287,7 @@ def notes_text(results: list[CaseResult], read: CaseResult, copy: CaseResult, in
         f"- Read bandwidth: `src.sum()` over {read.impls[0].bytes_read >> 20 if read.impls else '?'} MiB of float32 "
         "(≥ 4× LLC, advised to be huge pages as lowbit's interleaved weights are), torch's vectorized reduction on the "
         "same threads: the rate at which a stream of weights can be "
-        "read, taken at its fastest call (the machine's capability, which load only lowers). Each 1-token decode case "
+        "read, taken at its fastest call (the machine's capability, which load only lowers). Each decode case "
         "also times `src.sum()` over as many bytes as lowbit's stack, in huge pages, in the same rotation as the "
         f"decodes (the '{SIDE_READ_LABEL}' rows: torch ÷ lowbit there is lowbit's share of it): a shared host's "
         "bandwidth moves between cases, and even within one, so there '% of read' compares each decode with that "
