@@ -5,7 +5,8 @@
  * num_threads <= 1 or there is too little work (fewer than 2 * grain items); otherwise it uses
  * at most num_threads threads (the caller among them) and at most items / grain of them; the
  * threads take chunks dynamically, shrinking as the range runs out, to no fewer than grain / 4
- * items (see parallel.cpp). Each chunk runs under FpEnvGuard.
+ * items (see parallel.cpp). Each chunk runs under FpEnvGuard. An optional NextStream names the
+ * memory the next call will read, for the pool's workers to prefetch once they are done.
  *
  * The thread management itself lives in parallel.cpp (a persistent pool of workers), compiled
  * once for the baseline ISA: the template below only wraps `fn` in a plain function pointer, so a
