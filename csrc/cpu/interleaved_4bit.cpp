@@ -772,17 +772,12 @@ bool matmul_4bit_interleaved(int32_t a_dtype, const void *A, int64_t M, int64_t 
                              int32_t bias_dtype, bool fast, int32_t out_dtype, void *out, int num_threads) {
     const int64_t grain = group_grain(M, K);
     const int64_t groups_total = (N + kGroup - 1) / kGroup;
-    /* what this product streams; the workers, once their chunks are done, prefetch what the
-     * product that followed it last time on this thread streams (call_order.h) */
-    NextStream stream;
-    stream.count = 2;
-    stream.base[0] = absmax;
-    stream.bytes[0] = N * (K / blocksize) * static_cast<int64_t>(sizeof(float));
-    stream.base[1] = B;
-    stream.bytes[1] = N * (K / 2);
-    const NextStream next = follow(B, stream);
     Gemm g{B, absmax, N, K, K / blocksize, blocksize / fmt::kInterleaveWordWeights, nullptr, bias, bias_dtype,
            out_dtype, out, Vec::table16(code)}; /* A: set below, for the float32 path */
+    /* this product streams its absmax and weights; the workers, once their chunks are done,
+     * prefetch what the product that followed it last time on this thread streams (call_order.h) */
+    const NextStream next =
+        follow(B, NextStream{{absmax, B}, {N * g.blocks * static_cast<int64_t>(sizeof(float)), N * (K / 2)}, 2});
 #if defined(LOWBIT_INTERLEAVED_AMX)
     if (fast && M >= kAmxMinRows && (cpu_features() & kFeatureAmxBf16) != 0) {
         const int64_t padded = (M + kTileRows - 1) / kTileRows * kTileRows;
