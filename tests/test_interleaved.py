@@ -9,6 +9,7 @@ import copy
 import ctypes
 import io
 import math
+import mmap
 import pickle
 import sys
 import time
@@ -494,11 +495,10 @@ def test_a_product_computes_as_before_once_the_layer_that_followed_it_is_unmappe
     libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
                                                                ctypes.c_int, ctypes.c_int, ctypes.c_long]  # fmt: skip
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    prot_read_write, map_private_anonymous = 0x3, 0x22
     # 1024 x 2048: the product splits across two threads (its grain is 2^20 weights a thread)
     first, second = (F.interleave_4bit(*F.quantize_4bit(torch.randn(1024, 2048), quant_type="nf4")) for _ in range(2))
     size = second[0].nbytes
-    address = libc.mmap(None, size, prot_read_write, map_private_anonymous, -1, 0)
+    address = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
     assert address not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
     mapped = torch.frombuffer((ctypes.c_uint8 * size).from_address(address), dtype=torch.uint8)
     mapped = mapped.view_as(second[0]).copy_(second[0])
